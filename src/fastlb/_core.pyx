@@ -1,0 +1,66 @@
+# cython: language_level=3
+# _core.pyx - the fastlb data plane: one nogil epoll loop per worker process.
+#
+# Everything below run_worker() is C over flat structs: no Python object is created or touched per
+# connection or per event.  The loop lives in the include-only topic files under core/:
+#   core/state.pxi   worker state, connection slab, named connection states and flags
+#   core/pipes.pxi   the per-worker pipe pool (an idle connection holds no pipe)
+#   core/timers.pxi  the timer wheel (connect and idle timeouts)
+#   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
+#   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
+#   core/loop.pxi    accept, event dispatch, signals, the loop itself
+# Errors inside are negative errno values, counted in shared memory; never exceptions.
+
+from libc.errno cimport (
+    EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ETIMEDOUT, errno,
+)
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+
+from flb_atomic cimport *
+from flb_hash cimport FLB_SEED_KEY, flb_hash64
+from linux cimport *
+from shm_layout cimport *
+
+include "core/state.pxi"
+include "core/pipes.pxi"
+include "core/timers.pxi"
+include "core/lb.pxi"
+include "core/conn.pxi"
+include "core/loop.pxi"
+
+
+def run_worker(uintptr_t region_addr, int index, list listen_fds, double shutdown_timeout):
+    """Run worker `index` on the mapped region at `region_addr` until it is told to stop.
+
+    listen_fds[i] is this worker's own (SO_REUSEPORT, non-blocking) listening socket for listener i.
+    Blocks (without the GIL) until SIGTERM/SIGINT and the drain that follows; returns 0, or a
+    negative errno if the loop could not be set up.
+    """
+    cdef int n = len(listen_fds)
+    cdef int *fds = <int *>malloc(sizeof(int) * (n if n > 0 else 1))
+    cdef int i, rc
+    cdef uint32_t shutdown_ms = <uint32_t>(shutdown_timeout * 1000.0)
+    if fds == NULL:
+        raise MemoryError()
+    for i in range(n):
+        fds[i] = listen_fds[i]
+    with nogil:
+        rc = worker_main(<char *>region_addr, index, fds, n, shutdown_ms)
+    free(fds)
+    return rc
+
+
+def pick_benchmark(uintptr_t region_addr, int pool, long iterations):
+    """Call lb_pick() `iterations` times on `pool` from C (no Python per pick); return ns per pick.
+
+    For bench/: it uses a private worker state over the same region, so it measures exactly the
+    code the workers run.
+    """
+    cdef double ns
+    with nogil:
+        ns = lb_bench(<char *>region_addr, pool, iterations)
+    if ns < 0:
+        raise MemoryError()
+    return ns

@@ -1,0 +1,351 @@
+# cython: language_level=3
+# _shm.pyx - the control process's handle on the shared region (layout: includes/shm_layout.h).
+#
+# The control process creates the region (memfd, 0600) before forking the workers, fills the
+# configuration records, and afterwards publishes changes with the rules of shm_layout.h: single
+# 32-bit stores for weights and states, a seqlock for addresses, double-buffered tables flipped
+# with one release-store, and a generation bump (release) after every change.  This module holds
+# the GIL throughout: it runs on configuration changes and status reads, never per connection.
+
+import os
+
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memcpy, memset
+
+from flb_atomic cimport *
+from linux cimport MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from shm_layout cimport *
+
+MAGIC = FLB_SHM_MAGIC
+LAYOUT_VERSION = FLB_LAYOUT_VERSION
+NONE = FLB_NONE
+ALGORITHMS = {
+    "round_robin": FLB_ALG_ROUND_ROBIN,
+    "weighted_round_robin": FLB_ALG_WEIGHTED_ROUND_ROBIN,
+    "least_conn": FLB_ALG_LEAST_CONN,
+    "random": FLB_ALG_RANDOM,
+    "p2c": FLB_ALG_P2C,
+    "maglev": FLB_ALG_MAGLEV,
+    "ring_hash": FLB_ALG_RING_HASH,
+    "least_response_time": FLB_ALG_LEAST_RESPONSE_TIME,
+}
+HASH_KEYS = {"source_ip": FLB_HASH_SOURCE_IP, "source_ip_port": FLB_HASH_SOURCE_IP_PORT,
+             "four_tuple": FLB_HASH_FOUR_TUPLE}
+ADMIN = {"ready": FLB_ADMIN_READY, "drain": FLB_ADMIN_DRAIN, "maint": FLB_ADMIN_MAINT}
+HEALTH = {"up": FLB_HEALTH_UP, "down": FLB_HEALTH_DOWN, "ejected": FLB_HEALTH_EJECTED}
+ALL_DOWN = {"reject": FLB_ALL_DOWN_REJECT, "panic": FLB_ALL_DOWN_PANIC}
+
+RECORD_SIZES = {
+    "header": sizeof(flb_header_t),
+    "listener": sizeof(flb_listener_t),
+    "pool": sizeof(flb_pool_t),
+    "backend": sizeof(flb_backend_t),
+    "worker": sizeof(flb_worker_t),
+}
+
+
+cdef inline uint64_t _align(uint64_t n, uint64_t a):
+    return (n + a - 1) // a * a
+
+
+cdef inline void _set_name(char *dst, str name):
+    cdef bytes b = name.encode()[:FLB_NAME_LEN - 1]
+    memset(dst, 0, FLB_NAME_LEN)
+    memcpy(dst, <char *>b, len(b))
+
+
+cdef class Region:
+    """One shared region: header, listeners, pools, backends, workers, double-buffered tables."""
+
+    cdef char *base
+    cdef readonly uint64_t size
+    cdef readonly int fd
+    cdef flb_header_t *hdr
+
+    def __cinit__(self, int n_listeners, int n_pools, int n_backends, int n_workers, list table_capacity):
+        """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold."""
+        cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off
+        cdef int i
+        cdef flb_pool_t *pools
+        if len(table_capacity) != n_pools:
+            raise ValueError("one table capacity per pool")
+        off = _align(sizeof(flb_header_t), 64)
+        l_off = off
+        off = _align(off + sizeof(flb_listener_t) * n_listeners, 64)
+        p_off = off
+        off = _align(off + sizeof(flb_pool_t) * n_pools, 64)
+        b_off = off
+        off = _align(off + sizeof(flb_backend_t) * n_backends, 64)
+        w_off = off
+        off = _align(off + sizeof(flb_worker_t) * n_workers, 64)
+        wa_off = off
+        off = _align(off + 4 * <uint64_t>n_workers * (n_backends + n_listeners), 4096)
+        t_off = off
+        for cap in table_capacity:
+            off = _align(off + 2 * 4 * <uint64_t>cap, 64)
+        size = _align(off, 4096)
+        self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
+        os.fchmod(self.fd, 0o600)
+        os.ftruncate(self.fd, size)
+        self.base = <char *>mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
+        if <void *>self.base == <void *>-1:
+            self.base = NULL
+            os.close(self.fd)
+            raise OSError("mmap of the shared region failed")
+        self.size = size
+        self.hdr = <flb_header_t *>self.base
+        memset(self.base, 0, size)
+        self.hdr.layout_version = FLB_LAYOUT_VERSION
+        self.hdr.header_size = sizeof(flb_header_t)
+        self.hdr.total_size = size
+        self.hdr.n_listeners = n_listeners
+        self.hdr.n_pools = n_pools
+        self.hdr.n_backends = n_backends
+        self.hdr.n_workers = n_workers
+        self.hdr.listeners_off = l_off
+        self.hdr.pools_off = p_off
+        self.hdr.backends_off = b_off
+        self.hdr.workers_off = w_off
+        self.hdr.tables_off = t_off
+        self.hdr.wactive_off = wa_off
+        self.hdr.listener_size = sizeof(flb_listener_t)
+        self.hdr.pool_size = sizeof(flb_pool_t)
+        self.hdr.backend_size = sizeof(flb_backend_t)
+        self.hdr.worker_size = sizeof(flb_worker_t)
+        pools = <flb_pool_t *>(self.base + p_off)
+        off = t_off
+        for i in range(n_pools):
+            pools[i].table_capacity = table_capacity[i]
+            pools[i].table_off[0] = off
+            pools[i].table_off[1] = off + 4 * <uint64_t>table_capacity[i]
+            off = _align(off + 2 * 4 * <uint64_t>table_capacity[i], 64)
+        flb_fence_rel()
+        self.hdr.magic = FLB_SHM_MAGIC
+
+    def __dealloc__(self):
+        if self.base != NULL:
+            munmap(self.base, self.size)
+            self.base = NULL
+
+    def close(self) -> None:
+        if self.base != NULL:
+            munmap(self.base, self.size)
+            self.base = NULL
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def address(self) -> int:
+        """The mapping's address, for fastlb._core.run_worker() in a forked worker."""
+        return <uintptr_t>self.base
+
+    @property
+    def generation(self) -> int:
+        return flb_load64_acq(&self.hdr.generation)
+
+    def header(self) -> dict:
+        h = self.hdr
+        return {
+            "magic": h.magic, "layout_version": h.layout_version, "header_size": h.header_size,
+            "total_size": h.total_size, "generation": flb_load64_acq(&h.generation),
+            "n_listeners": h.n_listeners, "n_pools": h.n_pools, "n_backends": h.n_backends,
+            "n_workers": h.n_workers, "listeners_off": h.listeners_off, "pools_off": h.pools_off,
+            "backends_off": h.backends_off, "workers_off": h.workers_off, "tables_off": h.tables_off,
+            "listener_size": h.listener_size, "pool_size": h.pool_size,
+            "backend_size": h.backend_size, "worker_size": h.worker_size, "stopping": h.stopping,
+        }
+
+    # --- record access -------------------------------------------------------------------
+
+    cdef flb_listener_t *_listener(self, int i) except NULL:
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_listeners:
+            raise IndexError(f"listener index {i} out of range")
+        return &(<flb_listener_t *>(self.base + self.hdr.listeners_off))[i]
+
+    cdef flb_pool_t *_pool(self, int i) except NULL:
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_pools:
+            raise IndexError(f"pool index {i} out of range")
+        return &(<flb_pool_t *>(self.base + self.hdr.pools_off))[i]
+
+    cdef flb_backend_t *_backend(self, int i) except NULL:
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_backends:
+            raise IndexError(f"backend index {i} out of range")
+        return &(<flb_backend_t *>(self.base + self.hdr.backends_off))[i]
+
+    cdef flb_worker_t *_worker(self, int i) except NULL:
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_workers:
+            raise IndexError(f"worker index {i} out of range")
+        return &(<flb_worker_t *>(self.base + self.hdr.workers_off))[i]
+
+    # --- configuration (before fork, or published afterwards) ------------------------------
+
+    def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
+                     int max_connections, bytes sockaddr) -> None:
+        cdef flb_listener_t *l = self._listener(i)
+        if len(sockaddr) > FLB_ADDR_LEN:
+            raise ValueError("sockaddr too long")
+        _set_name(l.name, name)
+        l.pool = pool
+        l.connect_timeout_ms = connect_timeout_ms
+        l.idle_timeout_ms = idle_timeout_ms
+        l.max_connections = max_connections
+        memset(l.addr, 0, FLB_ADDR_LEN)
+        memcpy(l.addr, <char *>sockaddr, len(sockaddr))
+        l.addrlen = len(sockaddr)
+
+    def set_pool(self, int i, str name, str algorithm, str hash_key, int retries, int first_backend,
+                 int n_backends, str all_down="reject") -> None:
+        cdef flb_pool_t *p = self._pool(i)
+        _set_name(p.name, name)
+        p.algorithm = ALGORITHMS[algorithm]
+        p.hash_key = HASH_KEYS[hash_key]
+        p.retries = retries
+        p.first_backend = first_backend
+        p.n_backends = n_backends
+        p.all_down_policy = ALL_DOWN[all_down]
+
+    def set_backend(self, int i, int pool, str name, bytes sockaddr, int weight, bint in_use=True) -> None:
+        """Write a backend slot (seqlock around name and address); weight is both the configured
+        and the effective weight.  Call publish() afterwards if workers are running."""
+        cdef flb_backend_t *b = self._backend(i)
+        cdef uint32_t s = flb_load32(&b.seq)
+        if len(sockaddr) > FLB_ADDR_LEN:
+            raise ValueError("sockaddr too long")
+        flb_store32(&b.seq, s + 1)
+        flb_fence_rel()
+        b.pool = pool
+        _set_name(b.name, name)
+        memset(b.addr, 0, FLB_ADDR_LEN)
+        memcpy(b.addr, <char *>sockaddr, len(sockaddr))
+        b.addrlen = len(sockaddr)
+        flb_store32_rel(&b.seq, s + 2)
+        flb_store32(&b.weight, weight)
+        flb_store32(&b.eff_weight, weight)
+        flb_store32_rel(&b.in_use, 1 if in_use else 0)
+
+    def set_weight(self, int i, int weight, effective=None) -> None:
+        """Configured weight, and the effective weight the workers use (default: the same)."""
+        cdef flb_backend_t *b = self._backend(i)
+        flb_store32(&b.weight, weight)
+        flb_store32(&b.eff_weight, weight if effective is None else int(effective))
+
+    def set_effective_weight(self, int i, int weight) -> None:
+        flb_store32(&self._backend(i).eff_weight, weight)
+
+    def set_admin(self, int i, str state) -> None:
+        flb_store32(&self._backend(i).admin, ADMIN[state])
+
+    def set_health(self, int i, str state) -> None:
+        flb_store32(&self._backend(i).health, HEALTH[state])
+
+    def set_in_use(self, int i, bint in_use) -> None:
+        flb_store32(&self._backend(i).in_use, 1 if in_use else 0)
+
+    def set_panic(self, int pool, bint panic) -> None:
+        flb_store32(&self._pool(pool).panic, 1 if panic else 0)
+
+    def set_stopping(self) -> None:
+        flb_store32(&self.hdr.stopping, 1)
+
+    def table_spare(self, int pool):
+        """The pool's inactive table buffer (uint32 memoryview) to build the next table into."""
+        cdef flb_pool_t *p = self._pool(pool)
+        cdef uint32_t act = flb_load32_acq(&p.table_active) & 1
+        cdef uint32_t cap = p.table_capacity
+        cdef uint32_t *ptr = <uint32_t *>(self.base + p.table_off[1 - act])
+        if cap == 0:
+            raise ValueError(f"pool {pool} has no table buffers")
+        return <uint32_t[:cap]>ptr
+
+    def table_flip(self, int pool, int length) -> None:
+        """Make the spare buffer (filled with `length` entries) live: one release-store."""
+        cdef flb_pool_t *p = self._pool(pool)
+        cdef uint32_t act = flb_load32_acq(&p.table_active) & 1
+        if length < 0 or <uint32_t>length > p.table_capacity:
+            raise ValueError("table length exceeds the buffer")
+        p.table_len[1 - act] = length
+        flb_store32_rel(&p.table_active, 1 - act)
+
+    def table_live(self, int pool):
+        """The live table (uint32 memoryview of table_len entries)."""
+        cdef flb_pool_t *p = self._pool(pool)
+        cdef uint32_t act = flb_load32_acq(&p.table_active) & 1
+        cdef uint32_t n = p.table_len[act]
+        cdef uint32_t *ptr = <uint32_t *>(self.base + p.table_off[act])
+        if n == 0:
+            return memoryview(b"").cast("I")
+        return <uint32_t[:n]>ptr
+
+    def publish(self) -> int:
+        """Bump the generation (release): workers refresh their pick state within one loop turn."""
+        cdef uint64_t g = flb_load64(&self.hdr.generation) + 1
+        flb_store64_rel(&self.hdr.generation, g)
+        return g
+
+    # --- counters and states (read) --------------------------------------------------------
+
+    def listener(self, int i) -> dict:
+        cdef flb_listener_t *l = self._listener(i)
+        return {
+            "name": l.name.decode(), "pool": l.pool, "connect_timeout_ms": l.connect_timeout_ms,
+            "idle_timeout_ms": l.idle_timeout_ms, "max_connections": l.max_connections,
+            "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
+            "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
+            "accept_errors": flb_load64(&l.accept_errors),
+        }
+
+    def pool(self, int i) -> dict:
+        cdef flb_pool_t *p = self._pool(i)
+        return {
+            "name": p.name.decode(), "algorithm": p.algorithm, "hash_key": p.hash_key,
+            "retries": p.retries, "first_backend": p.first_backend, "n_backends": p.n_backends,
+            "all_down_policy": p.all_down_policy, "panic": flb_load32(&p.panic),
+            "table_active": flb_load32(&p.table_active), "table_capacity": p.table_capacity,
+            "no_backend": flb_load64(&p.no_backend),
+        }
+
+    def backend(self, int i) -> dict:
+        cdef flb_backend_t *b = self._backend(i)
+        return {
+            "name": b.name.decode(), "pool": b.pool, "in_use": flb_load32(&b.in_use),
+            "weight": flb_load32(&b.weight), "eff_weight": flb_load32(&b.eff_weight),
+            "admin": flb_load32(&b.admin), "health": flb_load32(&b.health),
+            "active": flb_sload64(&b.active), "total": flb_load64(&b.total),
+            "bytes_in": flb_load64(&b.bytes_in), "bytes_out": flb_load64(&b.bytes_out),
+            "connect_errors": flb_load64(&b.connect_errors),
+            "connect_timeouts": flb_load64(&b.connect_timeouts), "resets": flb_load64(&b.resets),
+            "consecutive_failures": flb_load64(&b.consecutive_failures),
+            "connect_time_ewma_us": flb_load64(&b.connect_time_ewma_us),
+            "attempts": flb_load64(&b.attempts),
+        }
+
+    def reset_consecutive_failures(self, int i) -> None:
+        flb_store64(&self._backend(i).consecutive_failures, 0)
+
+    def worker(self, int i) -> dict:
+        cdef flb_worker_t *w = self._worker(i)
+        return {
+            "pid": w.pid, "state": w.state, "heartbeat_ms": w.heartbeat_ms, "active": w.active,
+            "accepted": w.accepted, "accept_errors": w.accept_errors, "emfile": w.emfile,
+            "no_backend": w.no_backend, "retries": w.retries, "timeouts_connect": w.timeouts_connect,
+            "timeouts_idle": w.timeouts_idle, "resets": w.resets, "pipes_pooled": w.pipes_pooled,
+            "pipes_in_use": w.pipes_in_use, "splice_errors": w.splice_errors,
+            "conn_capacity": w.conn_capacity, "generation_seen": w.generation_seen,
+        }
+
+    def reset_worker(self, int i) -> None:
+        """A worker died: take its share of the active counters back out of the shared totals and
+        zero its record and row, before a new worker takes index i."""
+        cdef int32_t *row
+        cdef uint32_t k, nb = self.hdr.n_backends, nl = self.hdr.n_listeners
+        self._worker(i)
+        row = <int32_t *>(self.base + self.hdr.wactive_off) + <uint64_t>i * (nb + nl)
+        for k in range(nb):
+            if row[k] != 0:
+                flb_sadd64(&self._backend(k).active, -row[k])
+        for k in range(nl):
+            if row[nb + k] != 0:
+                flb_sadd64(&self._listener(k).active, -row[nb + k])
+        memset(row, 0, 4 * (nb + nl))
+        memset(self._worker(i), 0, sizeof(flb_worker_t))

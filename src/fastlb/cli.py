@@ -1,0 +1,143 @@
+"""The `fastlb` command line: click commands only; each parses its arguments and calls the package."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from fastlb._version import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fastlb")
+def main() -> None:
+    """fastlb: a Layer-4 TCP load balancer (Cython data plane, Python control plane)."""
+
+
+@main.command("check-config")
+@click.argument("config_file", type=click.Path())
+def check_config(config_file: str) -> None:
+    """Validate CONFIG_FILE: exit 0 if it is good, 2 with one line naming file, key and problem if not."""
+    from fastlb.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as exc:
+        click.echo(f"fastlb: {exc}", err=True)
+        sys.exit(2)
+    n_backends = sum(len(p.backends) for p in cfg.pools.values())
+    click.echo(
+        f"{config_file}: OK ({len(cfg.listeners)} listeners, {len(cfg.pools)} pools, {n_backends} backends)"
+    )
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s fastlb[{__import__('os').getpid()}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load_or_exit(config_file: str):  # -> Config
+    from fastlb.config import ConfigError, load_config
+
+    try:
+        return load_config(config_file)
+    except ConfigError as exc:
+        click.echo(f"fastlb: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.option("-c", "--config", "config_file", required=True, type=click.Path(), help="TOML config file.")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker processes (default: config, else CPUs).")
+def serve(config_file: str, workers: int | None) -> None:
+    """Run the load balancer in the foreground until SIGTERM/SIGINT."""
+    cfg = _load_or_exit(config_file)
+    _setup_logging(cfg.global_.log_level)
+    from fastlb.supervisor import serve as run
+
+    sys.exit(run(cfg, workers))
+
+
+def _client(config_file: str | None, socket_path: str | None):  # -> ControlClient
+    from fastlb.control import ControlClient
+
+    if socket_path:
+        return ControlClient(socket_path)
+    if config_file:
+        return ControlClient(_load_or_exit(config_file).global_.control_socket)
+    click.echo("fastlb: give -c CONFIG or --socket PATH to find the running fastlb", err=True)
+    sys.exit(2)
+
+
+def _control_options(f):
+    f = click.option("-c", "--config", "config_file", type=click.Path(), help="Config of the running fastlb.")(f)
+    f = click.option("--socket", "socket_path", type=click.Path(), help="Its control socket.")(f)
+    return f
+
+
+def _run_control(action):  # call, turning ControlError into exit 1 with the reason
+    from fastlb.control import ControlError
+
+    try:
+        return action()
+    except ControlError as exc:
+        click.echo(f"fastlb: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@_control_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_file: str | None, socket_path: str | None, as_json: bool) -> None:
+    """Show pools, backends, states, weights and counters of a running fastlb."""
+    import json
+
+    from fastlb.status import format_status
+
+    st = _run_control(lambda: _client(config_file, socket_path).status())
+    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+@main.command("set-weight")
+@_control_options
+@click.argument("pool")
+@click.argument("backend")
+@click.argument("weight", type=int)
+def set_weight(config_file: str | None, socket_path: str | None, pool: str, backend: str, weight: int) -> None:
+    """Set BACKEND's weight in POOL (0..1000) on a running fastlb; new connections follow at once."""
+    r = _run_control(lambda: _client(config_file, socket_path).set_weight(pool, backend, weight))
+    click.echo(f"{pool}/{backend}: weight {r['previous']} -> {r['weight']}")
+
+
+def _admin_command(name: str, doc: str):
+    @_control_options
+    @click.argument("pool")
+    @click.argument("backend")
+    def cmd(config_file: str | None, socket_path: str | None, pool: str, backend: str) -> None:
+        client = _client(config_file, socket_path)
+        r = _run_control(lambda: getattr(client, name)(pool, backend))
+        click.echo(f"{pool}/{backend}: {r['previous']} -> {r['admin']}")
+
+    cmd.__doc__ = doc
+    main.command(name)(cmd)
+
+
+_admin_command("drain", "Drain BACKEND: no new connections; established ones continue.")
+_admin_command("enable", "Put BACKEND back in service (ready).")
+_admin_command("disable", "Put BACKEND in maintenance: no new connections.")
+
+
+@main.command()
+@click.option("--seconds", type=click.FloatRange(0.5, 60), default=3.0, help="How long to send traffic.")
+@click.option("--workers", type=click.IntRange(1, 64), default=2)
+def demo(seconds: float, workers: int) -> None:
+    """Start three local backends and fastlb in front of them (weights 5:3:2), send traffic, show the split."""
+    from fastlb.demo import run_demo
+
+    sys.exit(run_demo(seconds, workers))

@@ -1,0 +1,271 @@
+# core/conn.pxi - the state machine of one proxied connection:
+#   accepted -> CS_CONNECTING (non-blocking connect; failure or timeout -> next backend, up to
+#   `retries`) -> CS_ESTABLISHED (splice both ways through pooled pipes; EOF becomes
+#   shutdown(SHUT_WR) on the other side once the pipe is drained; an error or reset on either side
+#   resets both) -> closed when both directions are done.
+
+
+cdef inline void backend_failed(flb_backend_t *b, bint timeout) noexcept nogil:
+    if timeout:
+        flb_add64(&b.connect_timeouts, 1)
+    else:
+        flb_add64(&b.connect_errors, 1)
+    flb_add64(&b.consecutive_failures, 1)
+
+
+cdef inline void backend_succeeded(flb_backend_t *b) noexcept nogil:
+    # written only when it changes: keeps the cache line shared between workers clean
+    if flb_load64(&b.consecutive_failures) != 0:
+        flb_store64(&b.consecutive_failures, 0)
+
+
+cdef socklen_t backend_addr(flb_backend_t *b, uint8_t *out) noexcept nogil:
+    """Copy b's address under its seqlock (the control process may be rewriting it)."""
+    cdef uint32_t s1, s2
+    cdef socklen_t n
+    while True:
+        s1 = flb_load32_acq(&b.seq)
+        if s1 & 1:
+            continue
+        n = b.addrlen
+        if n > FLB_ADDR_LEN:
+            n = FLB_ADDR_LEN
+        memcpy(out, b.addr, n)
+        flb_fence_acq()
+        s2 = flb_load32(&b.seq)
+        if s1 == s2:
+            return n
+
+
+cdef void conn_close(Conn *c, bint reset) noexcept nogil:
+    """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
+    cdef linger lg
+    cdef Listener *l = &W.listeners[c.listener]
+    if reset:
+        lg.l_onoff = 1
+        lg.l_linger = 0
+        if c.cfd >= 0:
+            setsockopt(c.cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        if c.bfd >= 0:
+            setsockopt(c.bfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        W.me.resets += 1
+    close_fd(c.cfd)
+    close_fd(c.bfd)
+    c.cfd = -1
+    c.bfd = -1
+    pipe_put(&c.c2b)
+    pipe_put(&c.b2c)
+    if c.backend != FLB_NONE:
+        lb_drop(c.backend)
+        c.backend = FLB_NONE
+    timer_unlink(c)
+    flb_sadd64(&l.shm.active, -1)
+    W.wactive[W.hdr.n_backends + c.listener] -= 1
+    W.active -= 1
+    if l.paused_full:
+        l.paused_full = 0
+        l.pending = 1
+    slab_free(c)
+
+
+cdef int conn_connect(Conn *c) noexcept nogil:
+    """Start a connect to the next backend the pool picks; an attempt that fails at once moves on.
+
+    Returns 0 while a connect is in flight, -1 when no backend can be tried any more (the caller
+    closes the client).
+    """
+    cdef Listener *l = &W.listeners[c.listener]
+    cdef flb_pool_t *p = &W.pools[l.pool]
+    cdef flb_backend_t *b
+    cdef uint32_t idx
+    cdef int fd, rc, e, one = 1
+    cdef uint8_t addr[FLB_ADDR_LEN]
+    cdef socklen_t alen
+    cdef epoll_event ev
+    while c.attempts <= p.retries and c.attempts < MAX_TRIES:
+        idx = lb_pick(c, l.pool)
+        if idx == FLB_NONE:
+            if c.attempts == 0:
+                flb_add64(&p.no_backend, 1)
+                W.me.no_backend += 1
+            return -1
+        c.tried[c.attempts] = idx
+        c.attempts += 1
+        if c.attempts > 1:
+            W.me.retries += 1
+        b = &W.backends[idx]
+        alen = backend_addr(b, addr)
+        fd = socket((<sockaddr *>addr).sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            e = errno
+            if e == EMFILE or e == ENFILE:
+                W.me.emfile += 1
+            return -1
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        flb_add64(&b.attempts, 1)
+        rc = connect(fd, <sockaddr *>addr, alen)
+        e = errno
+        if rc == 0 or e == EINPROGRESS:
+            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+            ev.data.u64 = conn_tag(c, SIDE_BACKEND)
+            if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
+                close_fd(fd)
+                return -1
+            c.bfd = fd
+            c.backend = idx
+            lb_take(idx)
+            c.state = CS_CONNECTING
+            c.flags &= ~(F_B_RD | F_B_WR | F_B_ERR)
+            c.start_us = W.now_us
+            timer_schedule(c, W.now_ms + l.connect_timeout_ms)
+            return 0
+        close_fd(fd)
+        backend_failed(b, False)
+    return -1
+
+
+cdef void conn_connect_failed(Conn *c, bint timeout) noexcept nogil:
+    """The attempt in flight failed: count it, then try the next backend or close the client."""
+    cdef Listener *l = &W.listeners[c.listener]
+    backend_failed(&W.backends[c.backend], timeout)
+    if timeout:
+        W.me.timeouts_connect += 1
+    close_fd(c.bfd)
+    c.bfd = -1
+    lb_drop(c.backend)
+    c.backend = FLB_NONE
+    if conn_connect(c) < 0:
+        flb_add64(&l.shm.rejected, 1)
+        conn_close(c, False)
+
+
+cdef void conn_connected(Conn *c) noexcept nogil:
+    """The connect completed: record its time (moving average, 1/8 weight) and start forwarding."""
+    cdef flb_backend_t *b = &W.backends[c.backend]
+    cdef uint64_t dt = W.now_us - c.start_us
+    cdef uint64_t avg = flb_load64(&b.connect_time_ewma_us)
+    if avg == 0:
+        avg = dt
+    else:
+        avg = avg - avg // 8 + dt // 8
+    flb_store64(&b.connect_time_ewma_us, avg if avg > 0 else 1)
+    flb_add64(&b.total, 1)
+    c.state = CS_ESTABLISHED
+    c.active_ms = W.now_ms
+
+
+cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint16_t eof,
+              uint16_t shut, uint64_t *counter) noexcept nogil:
+    """Move what src has to dst through p (zero-copy).  Returns bytes moved (>= 0) or -errno when
+    the connection must be reset.
+
+    EAGAIN is a state, not an error: from the socket into an EMPTY pipe it means the socket is
+    drained (clear `rd`); with bytes in the pipe it may only mean the pipe is full, so `rd` stays
+    set and we come back once dst has taken some.  EAGAIN into dst clears `wr` until EPOLLOUT.
+    """
+    cdef ssize_t n
+    cdef int64_t moved = 0
+    cdef int progress = 1, rc, e
+    cdef uint32_t cap = <uint32_t>W.pipe_size
+    while progress:
+        progress = 0
+        if (c.flags & rd) and not (c.flags & eof) and p.bytes < cap:
+            if p.rfd < 0:
+                rc = pipe_get(p)
+                if rc < 0:
+                    return rc
+            n = splice(src, NULL, p.wfd, NULL, cap - p.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                p.bytes += <uint32_t>n
+                moved += n
+                progress = 1
+            elif n == 0:
+                c.flags |= eof
+                progress = 1
+            else:
+                e = errno
+                if e == EAGAIN:
+                    if p.bytes == 0:
+                        c.flags &= ~rd
+                elif e == EINTR:
+                    progress = 1
+                else:
+                    return -e
+        if p.bytes > 0 and (c.flags & wr):
+            n = splice(p.rfd, NULL, dst, NULL, p.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                p.bytes -= <uint32_t>n
+                progress = 1
+            else:
+                e = errno
+                if e == EAGAIN:
+                    c.flags &= ~wr
+                elif e == EINTR:
+                    progress = 1
+                else:
+                    W.me.splice_errors += 1
+                    return -e
+    if moved > 0:
+        flb_add64(counter, <uint64_t>moved)
+        c.active_ms = W.now_ms
+    if p.bytes == 0 and p.rfd >= 0:
+        pipe_put(p)
+    if (c.flags & eof) and p.bytes == 0 and not (c.flags & shut):
+        shutdown(dst, SHUT_WR)      # ENOTCONN if the peer is gone: the next splice says so
+        c.flags |= shut
+    return <int>(moved if moved < 0x7FFFFFFF else 0x7FFFFFFF)
+
+
+cdef inline int sock_error(int fd) noexcept nogil:
+    cdef int err = 0
+    cdef socklen_t len_ = sizeof(err)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len_) < 0:
+        return errno
+    return err
+
+
+cdef void conn_run(Conn *c) noexcept nogil:
+    """Advance c as far as its sockets allow (called after an event on either of them)."""
+    cdef flb_backend_t *b
+    cdef int rc
+    if c.state == CS_CONNECTING:
+        if c.flags & F_C_ERR:
+            conn_close(c, True)             # the client went away while we were connecting
+            return
+        if not (c.flags & (F_B_WR | F_B_ERR)):
+            return
+        if (c.flags & F_B_ERR) or sock_error(c.bfd) != 0:
+            conn_connect_failed(c, False)
+            return
+        conn_connected(c)
+    b = &W.backends[c.backend]
+    if c.flags & (F_C_ERR | F_B_ERR):
+        if (c.flags & F_B_ERR) and not (c.flags & F_B_DATA):
+            flb_add64(&b.resets, 1)
+            flb_add64(&b.consecutive_failures, 1)
+        conn_close(c, True)
+        return
+    rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, &b.bytes_in)
+    if rc < 0:
+        conn_close(c, True)
+        return
+    rc = pump(c, c.bfd, c.cfd, &c.b2c, F_B_RD, F_C_WR, F_B_EOF, F_C_SHUT, &b.bytes_out)
+    if rc < 0:
+        if not (c.flags & F_B_DATA):
+            flb_add64(&b.resets, 1)
+            flb_add64(&b.consecutive_failures, 1)
+        conn_close(c, True)
+        return
+    if (rc > 0 or (c.flags & F_B_EOF)) and not (c.flags & F_B_DATA):
+        c.flags |= F_B_DATA             # first byte (or a clean close): the backend works
+        backend_succeeded(b)
+    if (c.flags & (F_B_SHUT | F_C_SHUT)) == (F_B_SHUT | F_C_SHUT) and c.c2b.bytes == 0 and c.b2c.bytes == 0:
+        conn_close(c, False)            # both directions finished
+
+
+cdef void conn_timeout(Conn *c) noexcept nogil:
+    if c.state == CS_CONNECTING:
+        conn_connect_failed(c, True)
+    else:
+        W.me.timeouts_idle += 1
+        conn_close(c, False)

@@ -1,0 +1,193 @@
+# core/state.pxi - worker state, the connection slab (array + free list), named states and flags.
+
+# Connection states: the state machine of one proxied connection.
+cdef enum:
+    CS_FREE = 0          # slot on the free list
+    CS_CONNECTING = 1    # client accepted, non-blocking connect to a backend in flight
+    CS_ESTABLISHED = 2   # both sockets open, forwarding both ways
+
+# Connection flags.  *_RD / *_WR: the socket is known readable / writable (edge-triggered epoll:
+# set by an event, cleared only by EAGAIN).  *_EOF: we read EOF from that side.  *_SHUT: we sent
+# shutdown(SHUT_WR) to that side.
+cdef enum:
+    F_C_RD = 0x001
+    F_C_WR = 0x002
+    F_B_RD = 0x004
+    F_B_WR = 0x008
+    F_C_EOF = 0x010
+    F_B_EOF = 0x020
+    F_B_SHUT = 0x040
+    F_C_SHUT = 0x080
+    F_B_DATA = 0x100     # the backend sent at least one byte
+    F_C_ERR = 0x200      # error seen on the client socket
+    F_B_ERR = 0x400      # error seen on the backend socket
+
+cdef enum:
+    MAX_TRIES = 11       # 1 + the largest `retries` the config accepts
+    MAX_EVENTS = 256
+    ACCEPT_BATCH = 64
+    EMFILE_PAUSE_MS = 100
+    IDLE_POLL_MS = 100   # epoll_wait timeout when nothing is scheduled sooner
+
+# epoll_event.data.u64: a connection is (gen << 32) | (slot << 1) | side; a listener or the
+# signalfd has the top bit set.  The generation drops stale events for a slot reused in one batch.
+cdef enum:
+    SIDE_CLIENT = 0
+    SIDE_BACKEND = 1
+cdef uint64_t TAG_SPECIAL = 1ULL << 63
+cdef uint64_t SPECIAL_SIGNAL = 0xFFFFFFFFULL
+
+
+ctypedef struct Pipe:
+    int rfd                 # -1: no pipe held
+    int wfd
+    uint32_t bytes          # bytes in the pipe, not yet spliced out
+
+
+ctypedef struct Conn:
+    int cfd
+    int bfd
+    uint32_t gen
+    uint16_t state
+    uint16_t flags
+    uint32_t listener
+    uint32_t backend        # global backend index, FLB_NONE while unassigned
+    uint64_t key_hash       # hash of the client key, for the hashing algorithms
+    uint64_t start_us       # connect start (for the connect timeout and the connect-time average)
+    uint64_t active_ms      # last traffic (idle timeout)
+    uint8_t attempts        # connect attempts so far
+    uint32_t tried[MAX_TRIES]
+    Pipe c2b                # client -> backend
+    Pipe b2c                # backend -> client
+    int32_t t_prev          # timer wheel links (slot indices, -1 = none)
+    int32_t t_next
+    int32_t t_slot          # wheel slot, -1 = not scheduled
+    int32_t next_free
+
+
+ctypedef struct Listener:
+    int fd                  # -1 once closed (draining)
+    uint32_t pool
+    uint32_t connect_timeout_ms
+    uint32_t idle_timeout_ms
+    uint32_t max_connections
+    int pending             # may have connections waiting in the accept queue
+    int paused_full         # stopped at max_connections
+    uint64_t paused_until   # ms: EMFILE back-off
+    flb_listener_t *shm
+
+
+ctypedef struct Worker:
+    char *base              # the mapped region
+    flb_header_t *hdr
+    flb_listener_t *shm_listeners
+    flb_pool_t *pools
+    flb_backend_t *backends
+    flb_worker_t *me
+    int32_t *wactive        # this worker's row: active per backend, then per listener
+    int index
+    int ep
+    int sfd                 # signalfd
+    Listener *listeners
+    int n_listeners
+    Conn *conns
+    int32_t n_conns
+    int32_t free_head
+    int64_t active
+    uint64_t now_ms
+    uint64_t now_us
+    uint64_t generation
+    # pipe pool
+    int *pool_fds           # pairs (rfd, wfd)
+    int n_pooled
+    int pool_cap
+    int pipe_size
+    int64_t pipes_in_use
+    # timer wheel
+    int32_t *wheel
+    uint64_t wheel_tick     # last processed tick
+    int64_t n_timers
+    # selection state (per worker)
+    uint32_t *rr            # per pool round-robin cursor
+    int64_t *cw             # per backend smooth-WRR current weight
+    uint64_t rng
+    # lifecycle
+    int stopping
+    uint64_t stop_deadline_ms
+    int pending_accept
+
+
+cdef Worker W
+
+
+cdef inline uint64_t clock_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000ULL + <uint64_t>ts.tv_nsec / 1000ULL
+
+
+cdef inline void clock_update() noexcept nogil:
+    W.now_us = clock_us()
+    W.now_ms = W.now_us / 1000ULL
+
+
+cdef inline int close_fd(int fd) noexcept nogil:
+    # close(2) must not be retried on EINTR on Linux: the fd is gone either way.
+    if fd >= 0:
+        close(fd)
+    return -1
+
+
+cdef int slab_init(int32_t n) noexcept nogil:
+    """Allocate n connection slots, all free.  Returns 0 or -ENOMEM."""
+    cdef int32_t i
+    W.conns = <Conn *>calloc(n, sizeof(Conn))
+    if W.conns == NULL:
+        return -ENOMEM
+    W.n_conns = n
+    for i in range(n):
+        W.conns[i].cfd = -1
+        W.conns[i].bfd = -1
+        W.conns[i].state = CS_FREE
+        W.conns[i].t_slot = -1
+        W.conns[i].next_free = i + 1 if i + 1 < n else -1
+    W.free_head = 0
+    return 0
+
+
+cdef inline Conn *slab_alloc() noexcept nogil:
+    """A zeroed connection slot with a fresh generation, or NULL when the slab is full."""
+    cdef int32_t slot = W.free_head
+    cdef Conn *c
+    cdef uint32_t gen
+    if slot < 0:
+        return NULL
+    c = &W.conns[slot]
+    W.free_head = c.next_free
+    gen = (c.gen + 1) & 0x7FFFFFFF
+    memset(c, 0, sizeof(Conn))
+    c.gen = gen
+    c.cfd = -1
+    c.bfd = -1
+    c.backend = FLB_NONE
+    c.c2b.rfd = -1
+    c.c2b.wfd = -1
+    c.b2c.rfd = -1
+    c.b2c.wfd = -1
+    c.t_prev = -1
+    c.t_next = -1
+    c.t_slot = -1
+    c.next_free = -1
+    return c
+
+
+cdef inline void slab_free(Conn *c) noexcept nogil:
+    cdef int32_t slot = <int32_t>(c - W.conns)
+    c.state = CS_FREE
+    c.gen = (c.gen + 1) & 0x7FFFFFFF
+    c.next_free = W.free_head
+    W.free_head = slot
+
+
+cdef inline uint64_t conn_tag(Conn *c, int side) noexcept nogil:
+    return (<uint64_t>c.gen << 32) | (<uint64_t>(c - W.conns) << 1) | <uint64_t>side

@@ -1,0 +1,201 @@
+/* shm_layout.h - THE shared-memory layout between the fastlb control process and its workers.
+ *
+ * One region, created by the control process (memfd, mode 0600) before it forks the workers,
+ * mapped MAP_SHARED by all of them.  Zero-filled means empty.  All multi-byte fields are native
+ * endian (the region never leaves the host).  Every record is a multiple of 64 bytes so that
+ * counters written by the workers do not share a cache line with configuration read on every pick.
+ *
+ *   offset 0                 flb_header_t          (magic, layout version, generation, offsets)
+ *   header.listeners_off     flb_listener_t[n_listeners]
+ *   header.pools_off         flb_pool_t[n_pools]
+ *   header.backends_off      flb_backend_t[n_backends]   (each pool owns a contiguous slice)
+ *   header.workers_off       flb_worker_t[n_workers]
+ *   header.wactive_off       int32_t[n_workers][n_backends + n_listeners] (per-worker active shares)
+ *   header.tables_off        per pool, two table buffers (double buffer for maglev / ring_hash)
+ *
+ * Publishing rules (writer = control process only):
+ *   - weight, eff_weight, admin, health: single aligned 32-bit stores (never torn).
+ *   - address/name of a backend: seqlock `seq` (odd while writing; readers retry).
+ *   - hash tables: write the inactive buffer, then release-store pool.table_active,
+ *     then bump header.generation (release).  A backend slot is written before any
+ *     table that points at it.
+ *   - workers acquire-load header.generation once per loop turn and refresh their
+ *     local pick state when it moved.
+ * Counters (active, total, bytes, errors) are updated by the workers with atomic adds.
+ *
+ * Bump FLB_LAYOUT_VERSION on any change to this file.
+ */
+#ifndef FLB_SHM_LAYOUT_H
+#define FLB_SHM_LAYOUT_H
+
+#include <stdint.h>
+
+#define FLB_SHM_MAGIC      0x314D48534246534CULL   /* "LSFBSHM1" read as little-endian bytes */
+#define FLB_LAYOUT_VERSION 1u
+#define FLB_NAME_LEN       64
+#define FLB_ADDR_LEN       28                     /* sizeof(struct sockaddr_in6) */
+#define FLB_NONE           0xFFFFFFFFu            /* "no backend" in tables and picks */
+
+/* pool.algorithm */
+enum flb_algorithm {
+    FLB_ALG_ROUND_ROBIN = 0,
+    FLB_ALG_WEIGHTED_ROUND_ROBIN = 1,
+    FLB_ALG_LEAST_CONN = 2,
+    FLB_ALG_RANDOM = 3,
+    FLB_ALG_P2C = 4,
+    FLB_ALG_MAGLEV = 5,
+    FLB_ALG_RING_HASH = 6,
+    FLB_ALG_LEAST_RESPONSE_TIME = 7,
+};
+
+/* pool.hash_key */
+enum flb_hash_key {
+    FLB_HASH_SOURCE_IP = 0,
+    FLB_HASH_SOURCE_IP_PORT = 1,
+    FLB_HASH_FOUR_TUPLE = 2,
+};
+
+/* backend.admin (operator's intent) */
+enum flb_admin {
+    FLB_ADMIN_READY = 0,   /* takes new connections */
+    FLB_ADMIN_DRAIN = 1,   /* no new connections, established ones continue */
+    FLB_ADMIN_MAINT = 2,   /* maintenance: no new connections */
+};
+
+/* backend.health (checker's verdict); zero = up, so a pool without checks is up */
+enum flb_health {
+    FLB_HEALTH_UP = 0,
+    FLB_HEALTH_DOWN = 1,
+    FLB_HEALTH_EJECTED = 2, /* passive ejection (outlier detection) */
+};
+
+/* pool.all_down_policy */
+enum flb_all_down {
+    FLB_ALL_DOWN_REJECT = 0,
+    FLB_ALL_DOWN_PANIC = 1,
+};
+
+typedef struct {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t header_size;        /* sizeof(flb_header_t) */
+    uint64_t total_size;         /* bytes in the region */
+    uint64_t generation;         /* bumped (release) after every published change */
+    uint32_t n_listeners;
+    uint32_t n_pools;
+    uint32_t n_backends;         /* slots, configured + spare */
+    uint32_t n_workers;
+    uint64_t listeners_off;
+    uint64_t pools_off;
+    uint64_t backends_off;
+    uint64_t workers_off;
+    uint64_t tables_off;
+    uint32_t listener_size;      /* sizeof each record, for the Python self-check */
+    uint32_t pool_size;
+    uint32_t backend_size;
+    uint32_t worker_size;
+    uint32_t stopping;           /* 1: control process is shutting down */
+    uint32_t _pad0;
+    uint64_t wactive_off;        /* int32_t[n_workers][n_backends + n_listeners]: each worker's own
+                                    share of the active counters, so the control process can take
+                                    a crashed worker's connections back out of the shared totals */
+    uint64_t _reserved;
+} flb_header_t;                  /* 128 bytes */
+
+typedef struct {
+    /* configuration (control writes before fork; read-only afterwards) */
+    char     name[FLB_NAME_LEN];
+    uint32_t pool;               /* index into pools[] */
+    uint32_t connect_timeout_ms;
+    uint32_t idle_timeout_ms;
+    uint32_t max_connections;    /* across all workers; 0 = unlimited */
+    uint8_t  addr[FLB_ADDR_LEN]; /* struct sockaddr_in / sockaddr_in6 */
+    uint32_t addrlen;
+    uint32_t _pad1[4];
+    /* counters (workers, atomic) - own cache line */
+    int64_t  active;             /* connections open now, all workers */
+    uint64_t accepted;
+    uint64_t rejected;           /* closed without a backend (no backend / retries exhausted) */
+    uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
+    uint64_t accept_errors;
+    uint64_t _cpad[3];
+} flb_listener_t;                /* 192 bytes */
+
+typedef struct {
+    char     name[FLB_NAME_LEN];
+    uint32_t algorithm;          /* enum flb_algorithm */
+    uint32_t hash_key;           /* enum flb_hash_key */
+    uint32_t retries;            /* extra connect attempts on other backends */
+    uint32_t first_backend;      /* slice of backends[]: [first, first + n_backends) */
+    uint32_t n_backends;         /* slots in the slice (in_use or not) */
+    uint32_t all_down_policy;    /* enum flb_all_down */
+    uint32_t table_active;       /* 0/1: live table buffer (acquire-load) */
+    uint32_t table_capacity;     /* uint32 entries each buffer can hold */
+    uint32_t table_len[2];       /* valid uint32 entries in each buffer */
+    uint64_t table_off[2];       /* byte offset of each buffer from the region start */
+    uint32_t panic;              /* 1: every backend down and policy=panic (set by control) */
+    uint32_t _pad1;
+    /* counters (workers, atomic) */
+    uint64_t no_backend;         /* picks that found no eligible backend */
+    uint64_t _cpad[7];
+} flb_pool_t;                    /* 192 bytes */
+
+/* Table formats (uint32 entries):
+ *   maglev:    table_len = M entries, each a global backend index (or FLB_NONE).
+ *   ring_hash: table_len = 2 * points entries: (point hash >> 32, backend index) pairs,
+ *              sorted by point hash ascending. */
+
+typedef struct {
+    /* configuration (control writes; seqlock for name/addr) */
+    uint32_t seq;                /* odd while control rewrites name/addr */
+    uint32_t pool;
+    uint32_t in_use;             /* 0: free slot */
+    uint32_t weight;             /* configured weight (0..1000) */
+    uint32_t eff_weight;         /* weight the workers use (slow start, set-weight); 0 = none */
+    uint32_t admin;              /* enum flb_admin */
+    uint32_t health;             /* enum flb_health */
+    uint32_t addrlen;
+    uint8_t  addr[FLB_ADDR_LEN];
+    uint32_t _pad0;
+    char     name[FLB_NAME_LEN];
+    /* counters (workers, atomic) - own cache lines */
+    int64_t  active;             /* connections assigned now (connecting or established) */
+    uint64_t total;              /* connections established */
+    uint64_t bytes_in;           /* client -> backend */
+    uint64_t bytes_out;          /* backend -> client */
+    uint64_t connect_errors;     /* refused, unreachable, ... */
+    uint64_t connect_timeouts;
+    uint64_t resets;             /* reset before the first byte from the backend */
+    uint64_t consecutive_failures; /* reset to 0 by a successful connect */
+    uint64_t connect_time_ewma_us; /* exponential moving average (1/8) of connect time */
+    uint64_t attempts;           /* connect attempts */
+    uint64_t _cpad[6];
+} flb_backend_t;                 /* 256 bytes */
+
+typedef struct {
+    int32_t  pid;
+    uint32_t state;              /* 0 starting, 1 running, 2 draining, 3 exited */
+    uint64_t heartbeat_ms;       /* CLOCK_MONOTONIC ms, updated every loop turn */
+    int64_t  active;             /* connections in this worker */
+    uint64_t accepted;
+    uint64_t accept_errors;
+    uint64_t emfile;             /* accept4/socket hit the fd limit (worker paused accepting) */
+    uint64_t no_backend;
+    uint64_t retries;            /* connect attempts beyond the first */
+    uint64_t timeouts_connect;
+    uint64_t timeouts_idle;
+    uint64_t resets;             /* connections closed by a reset on either side */
+    uint64_t pipes_pooled;       /* pipes idle in the pool now */
+    uint64_t pipes_in_use;       /* pipes held by connections now */
+    uint64_t splice_errors;
+    uint64_t conn_capacity;      /* slab slots */
+    uint64_t generation_seen;
+} flb_worker_t;                  /* 128 bytes */
+
+_Static_assert(sizeof(flb_header_t) == 128, "header size");
+_Static_assert(sizeof(flb_listener_t) == 192, "listener size");
+_Static_assert(sizeof(flb_pool_t) == 192, "pool size");
+_Static_assert(sizeof(flb_backend_t) == 256, "backend size");
+_Static_assert(sizeof(flb_worker_t) == 128, "worker size");
+
+#endif

@@ -1,0 +1,132 @@
+# shm_layout.pxd - Cython view of shm_layout.h (THE shared-memory layout; see that file for the rules).
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+
+cdef extern from "shm_layout.h" nogil:
+    uint64_t FLB_SHM_MAGIC
+    uint32_t FLB_LAYOUT_VERSION
+    enum:
+        FLB_NAME_LEN
+        FLB_ADDR_LEN
+    uint32_t FLB_NONE
+
+    cdef enum flb_algorithm:
+        FLB_ALG_ROUND_ROBIN
+        FLB_ALG_WEIGHTED_ROUND_ROBIN
+        FLB_ALG_LEAST_CONN
+        FLB_ALG_RANDOM
+        FLB_ALG_P2C
+        FLB_ALG_MAGLEV
+        FLB_ALG_RING_HASH
+        FLB_ALG_LEAST_RESPONSE_TIME
+
+    cdef enum flb_hash_key:
+        FLB_HASH_SOURCE_IP
+        FLB_HASH_SOURCE_IP_PORT
+        FLB_HASH_FOUR_TUPLE
+
+    cdef enum flb_admin:
+        FLB_ADMIN_READY
+        FLB_ADMIN_DRAIN
+        FLB_ADMIN_MAINT
+
+    cdef enum flb_health:
+        FLB_HEALTH_UP
+        FLB_HEALTH_DOWN
+        FLB_HEALTH_EJECTED
+
+    cdef enum flb_all_down:
+        FLB_ALL_DOWN_REJECT
+        FLB_ALL_DOWN_PANIC
+
+    ctypedef struct flb_header_t:
+        uint64_t magic
+        uint32_t layout_version
+        uint32_t header_size
+        uint64_t total_size
+        uint64_t generation
+        uint32_t n_listeners
+        uint32_t n_pools
+        uint32_t n_backends
+        uint32_t n_workers
+        uint64_t listeners_off
+        uint64_t pools_off
+        uint64_t backends_off
+        uint64_t workers_off
+        uint64_t tables_off
+        uint32_t listener_size
+        uint32_t pool_size
+        uint32_t backend_size
+        uint32_t worker_size
+        uint32_t stopping
+        uint64_t wactive_off
+
+    ctypedef struct flb_listener_t:
+        char name[64]
+        uint32_t pool
+        uint32_t connect_timeout_ms
+        uint32_t idle_timeout_ms
+        uint32_t max_connections
+        uint8_t addr[28]
+        uint32_t addrlen
+        int64_t active
+        uint64_t accepted
+        uint64_t rejected
+        uint64_t paused_full
+        uint64_t accept_errors
+
+    ctypedef struct flb_pool_t:
+        char name[64]
+        uint32_t algorithm
+        uint32_t hash_key
+        uint32_t retries
+        uint32_t first_backend
+        uint32_t n_backends
+        uint32_t all_down_policy
+        uint32_t table_active
+        uint32_t table_capacity
+        uint32_t table_len[2]
+        uint64_t table_off[2]
+        uint32_t panic
+        uint64_t no_backend
+
+    ctypedef struct flb_backend_t:
+        uint32_t seq
+        uint32_t pool
+        uint32_t in_use
+        uint32_t weight
+        uint32_t eff_weight
+        uint32_t admin
+        uint32_t health
+        uint32_t addrlen
+        uint8_t addr[28]
+        char name[64]
+        int64_t active
+        uint64_t total
+        uint64_t bytes_in
+        uint64_t bytes_out
+        uint64_t connect_errors
+        uint64_t connect_timeouts
+        uint64_t resets
+        uint64_t consecutive_failures
+        uint64_t connect_time_ewma_us
+        uint64_t attempts
+
+    ctypedef struct flb_worker_t:
+        int32_t pid
+        uint32_t state
+        uint64_t heartbeat_ms
+        int64_t active
+        uint64_t accepted
+        uint64_t accept_errors
+        uint64_t emfile
+        uint64_t no_backend
+        uint64_t retries
+        uint64_t timeouts_connect
+        uint64_t timeouts_idle
+        uint64_t resets
+        uint64_t pipes_pooled
+        uint64_t pipes_in_use
+        uint64_t splice_errors
+        uint64_t conn_capacity
+        uint64_t generation_seen

@@ -1,0 +1,36 @@
+"""Python side of the shared region: sockaddr packing, state names, and the layout self-check.
+
+The layout itself is one C header (includes/shm_layout.h); fastlb._shm.Region is the only code
+that writes it from Python.  This module turns config values into the bytes the records hold and
+record values back into names.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from fastlb import _shm
+from fastlb.config import Address
+
+ADMIN_NAMES = {v: k for k, v in _shm.ADMIN.items()}
+HEALTH_NAMES = {v: k for k, v in _shm.HEALTH.items()}
+ALGORITHM_NAMES = {v: k for k, v in _shm.ALGORITHMS.items()}
+
+# The sizes docs/shared-memory.md documents; a mismatch means the header changed without the docs
+# (and without a layout version bump).
+EXPECTED_RECORD_SIZES = {"header": 128, "listener": 192, "pool": 192, "backend": 256, "worker": 128}
+
+
+def sockaddr_bytes(addr: Address) -> bytes:
+    """struct sockaddr_in / sockaddr_in6 for addr, as connect(2) and bind(2) take it."""
+    port = socket.htons(addr.port)
+    if addr.family == socket.AF_INET:
+        return struct.pack("=HH4s8x", socket.AF_INET, port, socket.inet_pton(socket.AF_INET, addr.host))
+    return struct.pack("=HHI16sI", socket.AF_INET6, port, 0, socket.inet_pton(socket.AF_INET6, addr.host), 0)
+
+
+def check_layout() -> None:
+    """Raise RuntimeError if the compiled layout differs from the documented one."""
+    if _shm.RECORD_SIZES != EXPECTED_RECORD_SIZES:
+        raise RuntimeError(f"shared-memory layout mismatch: {_shm.RECORD_SIZES} != {EXPECTED_RECORD_SIZES}")

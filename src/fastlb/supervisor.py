@@ -1,0 +1,397 @@
+"""The control process of `fastlb serve`: shared memory, workers, the control socket, publishing.
+
+It creates the shared region from the config, forks one worker per CPU (each runs the nogil loop
+of fastlb._core), restarts a worker that dies, answers the control socket (status, weights,
+drain), and on SIGTERM/SIGINT stops accepting, lets connections finish up to shutdown_timeout
+and exits 0.  Everything per connection happens in the workers; this process only writes
+configuration and states into shared memory and reads counters back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from fastlb import _core
+from fastlb._shm import Region
+from fastlb.config import Config, PoolConfig
+from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
+from fastlb.tables import publish_table, table_capacity
+
+log = logging.getLogger("fastlb")
+
+SPARE_SLOTS_MIN = 8            # backend slots kept free per pool for backends added at runtime
+READY_TIMEOUT = 15.0           # seconds for all workers to open their listeners
+RESTART_BACKOFF_MAX = 5.0
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+class StartupError(Exception):
+    """fastlb serve cannot start (a listener cannot bind, a worker fails at once)."""
+
+
+@dataclass
+class BackendSlot:
+    index: int                 # global slot in the region
+    pool: str
+    name: str
+    weight: int                # configured (or set-weight) weight
+    admin: str = "ready"       # ready | drain | maint
+    health: str = "up"         # up | down | ejected
+
+
+@dataclass
+class PoolState:
+    index: int
+    config: PoolConfig
+    first: int
+    n_slots: int
+    slots: dict[str, BackendSlot] = field(default_factory=dict)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about READY=1 / STOPPING=1; a no-op without NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify %s failed: %s", message, exc)
+
+
+def _listen_socket(family: int, sockaddr: tuple, backlog: int) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(sockaddr)
+        s.listen(backlog)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+class Supervisor:
+    """Owns the region and the workers; one instance per `fastlb serve`."""
+
+    def __init__(self, config: Config, workers: int | None = None) -> None:
+        check_layout()
+        self.config = config
+        self.n_workers = workers or config.global_.workers
+        self.shutdown_timeout = config.global_.shutdown_timeout
+        self.pools: dict[str, PoolState] = {}
+        self.pids: dict[int, int] = {}           # pid -> worker index
+        self.restarts: dict[int, int] = {}       # worker index -> consecutive quick deaths
+        self.started_at: dict[int, float] = {}
+        self.stopping = False
+        self.ready = False
+        self.startup_failure: str | None = None
+        self.exit_code = 0
+        self._control_server: asyncio.AbstractServer | None = None
+        self.region = self._build_region()
+
+    # --- shared memory -----------------------------------------------------------------------
+
+    def _build_region(self) -> Region:
+        cfg = self.config
+        first = 0
+        caps = []
+        for i, (name, pc) in enumerate(cfg.pools.items()):
+            n_slots = len(pc.backends) + max(SPARE_SLOTS_MIN, len(pc.backends))
+            self.pools[name] = PoolState(i, pc, first, n_slots)
+            caps.append(table_capacity(pc.algorithm, n_slots, pc.maglev_table_size, pc.ring_vnodes))
+            first += n_slots
+        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps)
+        for ps in self.pools.values():
+            pc = ps.config
+            region.set_pool(ps.index, pc.name, pc.algorithm, pc.hash_key, pc.retries, ps.first,
+                            ps.n_slots, pc.all_down)
+            for k, bc in enumerate(pc.backends):
+                slot = BackendSlot(ps.first + k, pc.name, bc.name, bc.weight)
+                ps.slots[bc.name] = slot
+                region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
+        for i, lc in enumerate(cfg.listeners.values()):
+            region.set_listener(i, lc.name, self.pools[lc.pool].index, int(lc.connect_timeout * 1000),
+                                int(lc.idle_timeout * 1000), lc.max_connections, sockaddr_bytes(lc.bind))
+        self.region = region
+        for ps in self.pools.values():
+            self._publish_table(ps)
+        region.publish()
+        return region
+
+    def _publish_table(self, ps: PoolState) -> None:
+        pc = ps.config
+        if pc.algorithm not in ("maglev", "ring_hash"):
+            return
+        names, weights = [], []
+        for slot in ps.slots.values():
+            names.append(slot.name)
+            ok = slot.admin == "ready" and slot.health == "up"
+            weights.append(slot.weight if ok else 0)
+        # slot order == index order: maglev entries are first + position in this list
+        publish_table(self.region, ps.index, pc.algorithm, ps.first, names, weights,
+                      pc.maglev_table_size, pc.ring_vnodes)
+
+    def publish_backend(self, slot: BackendSlot) -> None:
+        """Write a backend's weight and states into shared memory, rebuild its pool's table, publish."""
+        self.region.set_weight(slot.index, slot.weight)
+        self.region.set_admin(slot.index, slot.admin)
+        self.region.set_health(slot.index, slot.health)
+        self._publish_table(self.pools[slot.pool])
+        self.region.publish()
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def check_binds(self) -> None:
+        """Fail early, with the listener's name, if an address cannot be bound."""
+        for lc in self.config.listeners.values():
+            try:
+                _listen_socket(lc.bind.family, lc.bind.sockaddr(), 1).close()
+            except OSError as exc:
+                raise StartupError(f"listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}") from None
+
+    def spawn(self, index: int) -> int:
+        self.region.reset_worker(index)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            code = 70
+            try:
+                code = self._worker_child(index)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self.pids[pid] = index
+        self.started_at[index] = time.monotonic()
+        log.info("worker %d started (pid %d)", index, pid)
+        return pid
+
+    def _worker_child(self, index: int) -> int:
+        # signals stay blocked from before fork(): the loop takes them through a signalfd
+        with contextlib.suppress(OSError):
+            with open("/proc/self/comm", "w") as f:
+                f.write(f"fastlb-w{index}")
+        signal.set_wakeup_fd(-1)
+        socks = []
+        for lc in self.config.listeners.values():
+            try:
+                socks.append(_listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog))
+            except OSError as exc:
+                print(f"fastlb: worker {index}: listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}",
+                      file=sys.stderr, flush=True)
+                return 3
+        fds = [s.detach() for s in socks]
+        rc = _core.run_worker(self.region.address, index, fds, self.shutdown_timeout)
+        if rc < 0:
+            print(f"fastlb: worker {index}: data plane stopped: {os.strerror(-rc)}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    def workers_ready(self) -> bool:
+        for pid, index in self.pids.items():
+            w = self.region.worker(index)
+            if w["pid"] != pid or w["state"] != 1:
+                return False
+        return len(self.pids) == self.n_workers
+
+    def reap(self) -> None:
+        """Collect dead workers; restart them (with back-off if they keep dying) unless stopping."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.pids.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                log.info("worker %d (pid %d) exited (%s)", index, pid, _describe_exit(code))
+                self.region.reset_worker(index)
+                continue
+            if not self.ready:
+                self.startup_failure = f"worker {index} failed to start ({_describe_exit(code)})"
+                continue
+            log.error("worker %d (pid %d) died (%s); restarting it", index, pid, _describe_exit(code))
+            quick = time.monotonic() - self.started_at.get(index, 0.0) < 5.0
+            self.restarts[index] = self.restarts.get(index, 0) + 1 if quick else 0
+            delay = min(RESTART_BACKOFF_MAX, 0.1 * (2 ** self.restarts[index])) if quick else 0.0
+            asyncio.get_running_loop().call_later(delay, self._restart, index)
+
+    def _restart(self, index: int) -> None:
+        if not self.stopping and index not in self.pids.values():
+            self.spawn(index)
+
+    # --- the control process's loop ------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.check_binds()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_shutdown, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: reload is not supported yet; ignored"))
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        for i in range(self.n_workers):
+            self.spawn(i)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.workers_ready():
+            if self.stopping:
+                break
+            if self.startup_failure or time.monotonic() > deadline:
+                self.begin_shutdown(None)
+                raise StartupError(self.startup_failure or "workers did not open their listeners in time")
+            await asyncio.sleep(0.01)
+        self.ready = True
+        await self._start_control_socket()
+        if not self.stopping:
+            listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
+            log.info("ready: %d workers, listeners: %s", self.n_workers, listeners)
+            sd_notify("READY=1")
+        while self.pids or not self.stopping:
+            await asyncio.sleep(0.05)
+            if self.stopping and time.monotonic() > self._kill_deadline:
+                for pid in list(self.pids):
+                    log.warning("worker pid %d still running after shutdown_timeout; killing it", pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self._kill_deadline = float("inf")
+        await self._stop_control_socket()
+        log.info("stopped")
+        return self.exit_code
+
+    def begin_shutdown(self, sig: signal.Signals | None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._kill_deadline = time.monotonic() + self.shutdown_timeout + 5.0
+        name = sig.name if sig is not None else "startup failure"
+        log.info("%s: stop accepting, letting connections finish (up to %.1fs)", name, self.shutdown_timeout)
+        sd_notify("STOPPING=1")
+        self.region.set_stopping()
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    # --- control socket ------------------------------------------------------------------------
+
+    async def _start_control_socket(self) -> None:
+        path = self.config.global_.control_socket
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            old_umask = os.umask(0o177)
+            try:
+                self._control_server = await asyncio.start_unix_server(self._serve_client, path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, 0o600)
+            self._control_path = path
+        except OSError as exc:
+            log.error("control socket %s: %s (runtime control disabled)", path, exc)
+
+    async def _stop_control_socket(self) -> None:
+        if self._control_server is not None:
+            self._control_server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._control_path)
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from fastlb.control import handle_request
+
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(b'{"ok": false, "error": "request too long"}\n')
+                    break
+                if not line:
+                    break
+                reply = handle_request(self, line)
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    # --- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        r = self.region
+        pools = []
+        for ps in self.pools.values():
+            backends = []
+            for slot in ps.slots.values():
+                b = r.backend(slot.index)
+                backends.append({
+                    "name": slot.name, "state": _state_name(b), "admin": ADMIN_NAMES[b["admin"]],
+                    "health": HEALTH_NAMES[b["health"]], "weight": b["weight"],
+                    "effective_weight": b["eff_weight"], "active": b["active"], "total": b["total"],
+                    "bytes_in": b["bytes_in"], "bytes_out": b["bytes_out"],
+                    "connect_errors": b["connect_errors"], "connect_timeouts": b["connect_timeouts"],
+                    "resets": b["resets"], "consecutive_failures": b["consecutive_failures"],
+                    "connect_time_us": b["connect_time_ewma_us"],
+                })
+            p = r.pool(ps.index)
+            pools.append({"name": ps.config.name, "algorithm": ps.config.algorithm,
+                          "no_backend": p["no_backend"], "panic": bool(p["panic"]), "backends": backends})
+        listeners = []
+        for i, lc in enumerate(self.config.listeners.values()):
+            li = r.listener(i)
+            listeners.append({"name": lc.name, "bind": str(lc.bind), "pool": lc.pool, "active": li["active"],
+                              "accepted": li["accepted"], "rejected": li["rejected"],
+                              "paused_full": li["paused_full"], "accept_errors": li["accept_errors"]})
+        workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
+        return {"pid": os.getpid(), "generation": r.generation, "listeners": listeners, "pools": pools,
+                "workers": workers}
+
+
+def _state_name(b: dict) -> str:
+    if b["admin"] != 0:
+        return ADMIN_NAMES[b["admin"]]
+    if b["health"] != 0:
+        return HEALTH_NAMES[b["health"]]
+    return "up"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def serve(config: Config, workers: int | None = None) -> int:
+    """Run `fastlb serve` until stopped; returns the process exit code."""
+    sup = Supervisor(config, workers)
+    try:
+        return asyncio.run(sup.run())
+    except StartupError as exc:
+        log.error("%s", exc)
+        for pid in list(sup.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return 1
