@@ -242,6 +242,10 @@ cdef class Region:
     def set_in_use(self, int i, bint in_use) -> None:
         flb_store32(&self._backend(i).in_use, 1 if in_use else 0)
 
+    def set_close_conns(self, int i, bint close) -> None:
+        """Ask the workers to close backend i's connections (they act on the next publish())."""
+        flb_store32(&self._backend(i).close_conns, 1 if close else 0)
+
     def set_panic(self, int pool, bint panic) -> None:
         flb_store32(&self._pool(pool).panic, 1 if panic else 0)
 
@@ -317,7 +321,7 @@ cdef class Region:
             "connect_timeouts": flb_load64(&b.connect_timeouts), "resets": flb_load64(&b.resets),
             "consecutive_failures": flb_load64(&b.consecutive_failures),
             "connect_time_ewma_us": flb_load64(&b.connect_time_ewma_us),
-            "attempts": flb_load64(&b.attempts),
+            "attempts": flb_load64(&b.attempts), "close_conns": flb_load32(&b.close_conns),
         }
 
     def reset_consecutive_failures(self, int i) -> None:

@@ -16,7 +16,8 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fastlb.supervisor import BackendSlot, Supervisor
+    from fastlb.backends import BackendSlot
+    from fastlb.supervisor import Supervisor
 
 MAX_WEIGHT = 1000
 MAX_REQUEST = 64 * 1024
@@ -82,13 +83,10 @@ def _find(sup: Supervisor, req: dict[str, Any]) -> BackendSlot:
     pool, backend = req.get("pool"), req.get("backend")
     if not isinstance(pool, str) or not isinstance(backend, str):
         raise ControlError("'pool' and 'backend' must be strings")
-    ps = sup.pools.get(pool)
-    if ps is None:
-        raise ControlError(f"unknown pool {pool!r} (pools: {', '.join(sup.pools)})")
-    slot = ps.slots.get(backend)
-    if slot is None:
-        raise ControlError(f"unknown backend {backend!r} in pool {pool!r} (backends: {', '.join(ps.slots)})")
-    return slot
+    try:
+        return sup.backends.find(pool, backend)
+    except KeyError as exc:
+        raise ControlError(exc.args[0]) from None
 
 
 def handle_request(sup: Supervisor, line: bytes) -> dict[str, Any]:
@@ -111,14 +109,12 @@ def handle_request(sup: Supervisor, line: bytes) -> dict[str, Any]:
             if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= MAX_WEIGHT:
                 raise ControlError(f"weight must be an integer 0..{MAX_WEIGHT}, got {w!r}")
             old = slot.weight
-            slot.weight = w
-            sup.publish_backend(slot)
+            sup.backends.set_weight(slot, w)
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "weight": w, "previous": old}
         if cmd in ADMIN_FOR:
             slot = _find(sup, req)
             old = slot.admin
-            slot.admin = ADMIN_FOR[cmd]
-            sup.publish_backend(slot)
+            sup.backends.set_admin(slot, ADMIN_FOR[cmd])
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
         raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable)")
     except ControlError as exc:

@@ -19,13 +19,14 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 
 from fastlb import _core
 from fastlb._shm import Region
-from fastlb.config import Config, PoolConfig
+from fastlb.backends import BackendManager, BackendSlot, PoolState
+from fastlb.config import Config, ConfigError, load_config
+from fastlb.health import HealthChecker
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
-from fastlb.tables import publish_table, table_capacity
+from fastlb.tables import table_capacity
 
 log = logging.getLogger("fastlb")
 
@@ -37,25 +38,6 @@ WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 class StartupError(Exception):
     """fastlb serve cannot start (a listener cannot bind, a worker fails at once)."""
-
-
-@dataclass
-class BackendSlot:
-    index: int                 # global slot in the region
-    pool: str
-    name: str
-    weight: int                # configured (or set-weight) weight
-    admin: str = "ready"       # ready | drain | maint
-    health: str = "up"         # up | down | ejected
-
-
-@dataclass
-class PoolState:
-    index: int
-    config: PoolConfig
-    first: int
-    n_slots: int
-    slots: dict[str, BackendSlot] = field(default_factory=dict)
 
 
 def sd_notify(message: str) -> None:
@@ -106,7 +88,10 @@ class Supervisor:
         self.startup_failure: str | None = None
         self.exit_code = 0
         self._control_server: asyncio.AbstractServer | None = None
+        self._kill_deadline = float("inf")
         self.region = self._build_region()
+        self.backends = BackendManager(self.region, self.pools)
+        self.checker: HealthChecker | None = None
 
     # --- shared memory -----------------------------------------------------------------------
 
@@ -125,38 +110,13 @@ class Supervisor:
             region.set_pool(ps.index, pc.name, pc.algorithm, pc.hash_key, pc.retries, ps.first,
                             ps.n_slots, pc.all_down)
             for k, bc in enumerate(pc.backends):
-                slot = BackendSlot(ps.first + k, pc.name, bc.name, bc.weight)
+                slot = BackendSlot(ps.first + k, pc.name, bc.name, str(bc.address), bc.weight)
                 ps.slots[bc.name] = slot
                 region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
         for i, lc in enumerate(cfg.listeners.values()):
             region.set_listener(i, lc.name, self.pools[lc.pool].index, int(lc.connect_timeout * 1000),
                                 int(lc.idle_timeout * 1000), lc.max_connections, sockaddr_bytes(lc.bind))
-        self.region = region
-        for ps in self.pools.values():
-            self._publish_table(ps)
-        region.publish()
         return region
-
-    def _publish_table(self, ps: PoolState) -> None:
-        pc = ps.config
-        if pc.algorithm not in ("maglev", "ring_hash"):
-            return
-        names, weights = [], []
-        for slot in ps.slots.values():
-            names.append(slot.name)
-            ok = slot.admin == "ready" and slot.health == "up"
-            weights.append(slot.weight if ok else 0)
-        # slot order == index order: maglev entries are first + position in this list
-        publish_table(self.region, ps.index, pc.algorithm, ps.first, names, weights,
-                      pc.maglev_table_size, pc.ring_vnodes)
-
-    def publish_backend(self, slot: BackendSlot) -> None:
-        """Write a backend's weight and states into shared memory, rebuild its pool's table, publish."""
-        self.region.set_weight(slot.index, slot.weight)
-        self.region.set_admin(slot.index, slot.admin)
-        self.region.set_health(slot.index, slot.health)
-        self._publish_table(self.pools[slot.pool])
-        self.region.publish()
 
     # --- workers -----------------------------------------------------------------------------
 
@@ -251,7 +211,7 @@ class Supervisor:
         self.check_binds()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: reload is not supported yet; ignored"))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for i in range(self.n_workers):
             self.spawn(i)
@@ -265,6 +225,10 @@ class Supervisor:
             await asyncio.sleep(0.01)
         self.ready = True
         await self._start_control_socket()
+        tasks = [asyncio.create_task(self._tick_loop())]
+        targets = self.backends.check_targets()
+        self.checker = HealthChecker(targets, self.backends.on_check_transition)
+        tasks.append(asyncio.create_task(self.checker.run()))
         if not self.stopping:
             listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
             log.info("ready: %d workers, listeners: %s", self.n_workers, listeners)
@@ -277,9 +241,38 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 self._kill_deadline = float("inf")
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._stop_control_socket()
         log.info("stopped")
         return self.exit_code
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                self.backends.tick()
+            except Exception:
+                log.exception("periodic backend update failed")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; a bad one changes nothing and says why."""
+        path = self.config.file
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        listeners_old = [(lc.name, str(lc.bind), lc.pool) for lc in self.config.listeners.values()]
+        listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
+        restart = [] if listeners_old == listeners_new else ["listeners"]
+        restart += self.backends.reload(new)
+        if self.checker is not None:
+            self.checker.set_targets(self.backends.check_targets())
+        if restart:
+            log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
+        log.info("reloaded %s", path)
 
     def begin_shutdown(self, sig: signal.Signals | None) -> None:
         if self.stopping:
@@ -345,7 +338,7 @@ class Supervisor:
         pools = []
         for ps in self.pools.values():
             backends = []
-            for slot in ps.slots.values():
+            for slot in list(ps.slots.values()):
                 b = r.backend(slot.index)
                 backends.append({
                     "name": slot.name, "state": _state_name(b), "admin": ADMIN_NAMES[b["admin"]],
@@ -355,10 +348,12 @@ class Supervisor:
                     "connect_errors": b["connect_errors"], "connect_timeouts": b["connect_timeouts"],
                     "resets": b["resets"], "consecutive_failures": b["consecutive_failures"],
                     "connect_time_us": b["connect_time_ewma_us"],
+                    "draining": slot.admin == "drain", "removed": slot.removed,
                 })
             p = r.pool(ps.index)
             pools.append({"name": ps.config.name, "algorithm": ps.config.algorithm,
-                          "no_backend": p["no_backend"], "panic": bool(p["panic"]), "backends": backends})
+                          "no_backend": p["no_backend"], "panic": bool(p["panic"]),
+                          "all_down": ps.all_down, "all_down_policy": ps.config.all_down, "backends": backends})
         listeners = []
         for i, lc in enumerate(self.config.listeners.values()):
             li = r.listener(i)

@@ -131,6 +131,23 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
     conn_run(c)
 
 
+cdef void close_condemned() noexcept nogil:
+    """Close the connections of backends whose drain deadline passed (backend.close_conns)."""
+    cdef uint32_t i
+    cdef int32_t k
+    cdef int any_ = 0
+    for i in range(W.hdr.n_backends):
+        if flb_load32(&W.backends[i].close_conns):
+            any_ = 1
+            break
+    if not any_:
+        return
+    for k in range(W.n_conns):
+        if W.conns[k].state != CS_FREE and W.conns[k].backend != FLB_NONE \
+                and flb_load32(&W.backends[W.conns[k].backend].close_conns):
+            conn_close(&W.conns[k], False)
+
+
 cdef int housekeeping() noexcept nogil:
     """Once per loop turn: shared-memory generation, heartbeat and gauges, paused listeners.
     Returns 1 when a listener has work waiting (poll without blocking)."""
@@ -140,6 +157,7 @@ cdef int housekeeping() noexcept nogil:
     if g != W.generation:
         W.generation = g
         lb_refresh()
+        close_condemned()
         W.me.generation_seen = g
     W.me.heartbeat_ms = W.now_ms
     W.me.active = W.active
@@ -167,6 +185,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     cdef sigset_t mask
     cdef epoll_event ev
     cdef int i, rc
+    cdef uint32_t k
     cdef int32_t capacity
     cdef Pipe first
     cdef flb_listener_t *sl
@@ -227,8 +246,8 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     if W.rr == NULL or W.cw == NULL or W.listeners == NULL:
         return -ENOMEM
     # start the round-robin cursors at different places in different workers
-    for i in range(W.hdr.n_pools):
-        W.rr[i] = <uint32_t>index
+    for k in range(W.hdr.n_pools):
+        W.rr[k] = <uint32_t>index
     W.ep = epoll_create1(EPOLL_CLOEXEC)
     if W.ep < 0:
         return -errno

@@ -156,7 +156,8 @@ typedef struct {
     uint32_t health;             /* enum flb_health */
     uint32_t addrlen;
     uint8_t  addr[FLB_ADDR_LEN];
-    uint32_t _pad0;
+    uint32_t close_conns;        /* 1: workers close this backend's connections (drain_timeout passed);
+                                    looked at when the generation moves */
     char     name[FLB_NAME_LEN];
     /* counters (workers, atomic) - own cache lines */
     int64_t  active;             /* connections assigned now (connecting or established) */

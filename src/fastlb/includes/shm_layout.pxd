@@ -100,6 +100,7 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t health
         uint32_t addrlen
         uint8_t addr[28]
+        uint32_t close_conns
         char name[64]
         int64_t active
         uint64_t total

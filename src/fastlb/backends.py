@@ -1,0 +1,311 @@
+"""The control process's view of every backend: what the operator said (weight, ready/drain/maint),
+what the checks say (up/down, passive ejection), slow start, drain deadlines, panic, reloads - and
+publishing the result into shared memory for the workers.
+
+One rule turns the inputs into what the workers see: a backend takes new connections when its
+admin state is ready, its health is up (or its pool is in panic) and its effective weight is > 0.
+The effective weight is the weight, ramped over `slow_start` after the backend (re)enters service.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from fastlb._shm import Region
+from fastlb.config import Config, PoolConfig
+from fastlb.health import CheckTarget, OutlierTracker
+from fastlb.shm import sockaddr_bytes
+from fastlb.tables import publish_table
+
+log = logging.getLogger("fastlb")
+
+SLOW_START_FLOOR = 0.05        # slow start begins at 5% of the weight (never below 1)
+
+
+@dataclass
+class BackendSlot:
+    index: int                 # global slot in the region
+    pool: str
+    name: str
+    address: str
+    weight: int                # configured, or the last set-weight
+    admin: str = "ready"       # ready | drain | maint
+    check_up: bool = True      # active health checks' verdict
+    ejected: bool = False      # passive ejection (outlier detection)
+    removed: bool = False      # gone from the config: draining, then the slot is freed
+    slow_start_from: float | None = None   # monotonic time the ramp began
+    drain_since: float | None = None
+    drain_closed: bool = False             # drain_timeout passed: workers told to close
+    eff_weight: int = 0
+
+    @property
+    def health(self) -> str:
+        if not self.check_up:
+            return "down"
+        return "ejected" if self.ejected else "up"
+
+
+@dataclass
+class PoolState:
+    index: int
+    config: PoolConfig
+    first: int
+    n_slots: int
+    slots: dict[str, BackendSlot] = field(default_factory=dict)
+    outlier: OutlierTracker | None = None
+    all_down: bool = False
+
+    def free_slot(self) -> int | None:
+        used = {s.index for s in self.slots.values()}
+        for i in range(self.first, self.first + self.n_slots):
+            if i not in used:
+                return i
+        return None
+
+
+class BackendManager:
+    """Owns the backend records of the region after the supervisor created it."""
+
+    def __init__(self, region: Region, pools: dict[str, PoolState]) -> None:
+        self.region = region
+        self.pools = pools
+        for ps in pools.values():
+            ps.outlier = OutlierTracker(ps.config.outlier_detection, len(ps.config.backends))
+            for slot in ps.slots.values():
+                slot.eff_weight = slot.weight
+        self.publish_all()
+
+    # --- publishing ----------------------------------------------------------------------------
+
+    def _effective(self, ps: PoolState, slot: BackendSlot, now: float) -> int:
+        ramp = ps.config.slow_start
+        if slot.slow_start_from is None or ramp <= 0 or slot.weight == 0:
+            return slot.weight
+        frac = (now - slot.slow_start_from) / ramp
+        if frac >= 1.0:
+            slot.slow_start_from = None
+            return slot.weight
+        return max(1, round(slot.weight * max(SLOW_START_FLOOR, frac)))
+
+    def _write_pool(self, ps: PoolState, now: float) -> None:
+        """Weights, states, panic and the hash table of one pool (without the generation bump)."""
+        r = self.region
+        for slot in ps.slots.values():
+            slot.eff_weight = self._effective(ps, slot, now)
+            r.set_weight(slot.index, slot.weight, slot.eff_weight)
+            r.set_admin(slot.index, slot.admin)
+            r.set_health(slot.index, slot.health)
+        live = [s for s in ps.slots.values() if not s.removed]
+        all_down = bool(live) and all(s.health != "up" for s in live)
+        if all_down != ps.all_down:
+            ps.all_down = all_down
+            if all_down:
+                what = ("panic: spreading new connections over all backends, ignoring health"
+                        if ps.config.all_down == "panic" else "rejecting new connections")
+                log.error("pool %s: every backend is down; %s", ps.config.name, what)
+            else:
+                log.info("pool %s: a backend is up again; panic/reject over", ps.config.name)
+        r.set_panic(ps.index, all_down and ps.config.all_down == "panic")
+        if ps.config.algorithm in ("maglev", "ring_hash"):
+            names, weights = [], []
+            for i in range(ps.first, ps.first + ps.n_slots):
+                slot = next((s for s in ps.slots.values() if s.index == i), None)
+                if slot is None:
+                    names.append(f"\x00free-{i}")
+                    weights.append(0)
+                    continue
+                names.append(slot.name)
+                ok = slot.admin == "ready" and (slot.health == "up" or (all_down and ps.config.all_down == "panic"))
+                weights.append(slot.eff_weight if ok else 0)
+            publish_table(r, ps.index, ps.config.algorithm, ps.first, names, weights,
+                          ps.config.maglev_table_size, ps.config.ring_vnodes)
+
+    def publish_pool(self, ps: PoolState) -> None:
+        self._write_pool(ps, time.monotonic())
+        self.region.publish()
+
+    def publish_all(self) -> None:
+        now = time.monotonic()
+        for ps in self.pools.values():
+            self._write_pool(ps, now)
+        self.region.publish()
+
+    # --- operator actions ----------------------------------------------------------------------
+
+    def find(self, pool: str, backend: str) -> BackendSlot:
+        ps = self.pools.get(pool)
+        if ps is None:
+            raise KeyError(f"unknown pool {pool!r} (pools: {', '.join(self.pools)})")
+        slot = ps.slots.get(backend)
+        if slot is None or slot.removed:
+            names = ", ".join(n for n, s in ps.slots.items() if not s.removed)
+            raise KeyError(f"unknown backend {backend!r} in pool {pool!r} (backends: {names})")
+        return slot
+
+    def set_weight(self, slot: BackendSlot, weight: int) -> None:
+        slot.weight = weight
+        log.info("pool %s backend %s: weight %d", slot.pool, slot.name, weight)
+        self.publish_pool(self.pools[slot.pool])
+
+    def set_admin(self, slot: BackendSlot, admin: str) -> None:
+        old = slot.admin
+        if old == admin:
+            return
+        slot.admin = admin
+        now = time.monotonic()
+        if admin == "drain":
+            slot.drain_since = now
+        else:
+            slot.drain_since = None
+            if slot.drain_closed:
+                slot.drain_closed = False
+                self.region.set_close_conns(slot.index, False)
+        if admin == "ready":
+            slot.slow_start_from = now
+        log.info("pool %s backend %s: %s -> %s (%d connections open)", slot.pool, slot.name, old, admin,
+                 self.region.backend(slot.index)["active"])
+        self.publish_pool(self.pools[slot.pool])
+
+    # --- health ----------------------------------------------------------------------------------
+
+    def check_targets(self) -> list[CheckTarget]:
+        targets = []
+        for ps in self.pools.values():
+            hc = ps.config.health_check
+            if hc is None:
+                continue
+            for slot in ps.slots.values():
+                if slot.removed:
+                    continue
+                host, _, port = slot.address.rpartition(":")
+                targets.append(CheckTarget(ps.config.name, slot.name, host.strip("[]"), int(port), hc,
+                                           up=slot.check_up))
+        return targets
+
+    def on_check_transition(self, target: CheckTarget, up: bool, reason: str) -> None:
+        ps = self.pools.get(target.pool)
+        slot = ps.slots.get(target.backend) if ps else None
+        if slot is None or slot.removed:
+            return
+        # fastlb.health has logged the transition with its reason
+        slot.check_up = up
+        if up:
+            slot.slow_start_from = time.monotonic()
+        self.publish_pool(ps)
+
+    # --- periodic work -----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Every ~100 ms: passive ejection, slow-start ramps, drain deadlines and completions."""
+        now = time.monotonic()
+        for ps in self.pools.values():
+            changed = False
+            tracker = ps.outlier
+            if tracker is not None and tracker.enabled:
+                for name in tracker.expire(now):
+                    slot = ps.slots.get(name)
+                    if slot is not None and slot.ejected:
+                        slot.ejected = False
+                        slot.slow_start_from = now
+                        changed = True
+                        log.info("pool %s backend %s: ejection over, back in service", ps.config.name, name)
+                for slot in ps.slots.values():
+                    if slot.removed or slot.ejected:
+                        continue
+                    failures = self.region.backend(slot.index)["consecutive_failures"]
+                    if tracker.observe(slot.name, failures, now):
+                        slot.ejected = True
+                        changed = True
+                        log.warning("pool %s backend %s: EJECTED after %d consecutive failures, for %.1fs",
+                                    ps.config.name, slot.name, failures, (tracker.ejected_until(slot.name) or now) - now)
+            for slot in list(ps.slots.values()):
+                if slot.slow_start_from is not None:
+                    changed = True
+                if slot.admin == "drain" and slot.drain_since is not None:
+                    changed |= self._drain_progress(ps, slot, now)
+            if changed:
+                self._write_pool(ps, now)
+                self.region.publish()
+
+    def _drain_progress(self, ps: PoolState, slot: BackendSlot, now: float) -> bool:
+        active = self.region.backend(slot.index)["active"]
+        if active <= 0:
+            log.info("pool %s backend %s: drain finished", ps.config.name, slot.name)
+            slot.drain_since = None
+            if slot.drain_closed:
+                slot.drain_closed = False
+                self.region.set_close_conns(slot.index, False)
+            if slot.removed:
+                self.region.set_in_use(slot.index, False)
+                del ps.slots[slot.name]
+                log.info("pool %s backend %s: removed", ps.config.name, slot.name)
+            return True
+        if not slot.drain_closed and now - slot.drain_since >= ps.config.drain_timeout:
+            slot.drain_closed = True
+            self.region.set_close_conns(slot.index, True)
+            log.warning("pool %s backend %s: drain_timeout (%.1fs) passed; closing its %d remaining connections",
+                        ps.config.name, slot.name, ps.config.drain_timeout, active)
+            return True
+        return False
+
+    # --- reload ----------------------------------------------------------------------------------
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply the backend changes of a new config (weights, added, removed, address); returns the
+        changes that need a restart instead (listeners, pool settings), which are not applied."""
+        needs_restart = []
+        now = time.monotonic()
+        for name, pc in new.pools.items():
+            ps = self.pools.get(name)
+            if ps is None:
+                needs_restart.append(f"new pool {name}")
+                continue
+            old = ps.config
+            for key in ("algorithm", "hash_key", "retries", "maglev_table_size", "ring_vnodes", "all_down"):
+                if getattr(old, key) != getattr(pc, key):
+                    needs_restart.append(f"pools.{name}.{key}")
+            wanted = {b.name: b for b in pc.backends}
+            for bname, slot in list(ps.slots.items()):
+                if bname not in wanted and not slot.removed:
+                    slot.removed = True
+                    if slot.admin != "drain":
+                        slot.admin = "drain"
+                        slot.drain_since = now
+                    log.info("pool %s backend %s: removed from the config; draining", name, bname)
+            for bc in pc.backends:
+                slot = ps.slots.get(bc.name)
+                if slot is not None and not slot.removed:
+                    if slot.weight != bc.weight:
+                        log.info("pool %s backend %s: weight %d -> %d (reload)", name, bc.name, slot.weight, bc.weight)
+                        slot.weight = bc.weight
+                    if slot.address != str(bc.address):
+                        self.region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight)
+                        slot.address = str(bc.address)
+                        log.info("pool %s backend %s: address now %s (reload)", name, bc.name, bc.address)
+                    continue
+                if slot is not None and slot.removed:
+                    del ps.slots[bc.name]      # re-added before its drain finished: a fresh slot
+                    self.region.set_in_use(slot.index, False)
+                index = ps.free_slot()
+                if index is None:
+                    needs_restart.append(f"pools.{name}.backends: no free slot for {bc.name}")
+                    continue
+                self.region.set_backend(index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
+                ps.slots[bc.name] = BackendSlot(index, name, bc.name, str(bc.address), bc.weight,
+                                                slow_start_from=now)
+                log.info("pool %s backend %s: added (%s, weight %d)", name, bc.name, bc.address, bc.weight)
+            ps.config = _merge_pool(old, pc)
+            if ps.outlier is not None:
+                ps.outlier.config = ps.config.outlier_detection
+                ps.outlier.set_pool_size(len(pc.backends), [b.name for b in pc.backends])
+        self.publish_all()
+        return needs_restart
+
+
+def _merge_pool(old: PoolConfig, new: PoolConfig) -> PoolConfig:
+    """The pool as it now runs: settings that need a restart from old, the rest from new."""
+    return replace(new, algorithm=old.algorithm, hash_key=old.hash_key, retries=old.retries,
+                   maglev_table_size=old.maglev_table_size, ring_vnodes=old.ring_vnodes, all_down=old.all_down)
+
