@@ -94,7 +94,10 @@ def run_demo(seconds: float, workers: int) -> int:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(os.path.join(tmp, "notify.sock"))
         env = dict(os.environ, NOTIFY_SOCKET=os.path.join(tmp, "notify.sock"))
-        proc = subprocess.Popen([sys.executable, "-m", "fastlb", "serve", "-c", cfg_path], env=env)
+        log_path = os.path.join(tmp, "fastlb.log")
+        log_file = open(log_path, "w")  # noqa: SIM115 - closed below, after the process ends
+        proc = subprocess.Popen([sys.executable, "-m", "fastlb", "serve", "-c", cfg_path], env=env,
+                                stderr=log_file)
         try:
             _wait_ready(notify, proc, 15.0)
             print(f"fastlb is ready on 127.0.0.1:{lb_port}; sending traffic for {seconds:.1f}s "
@@ -108,6 +111,9 @@ def run_demo(seconds: float, workers: int) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
+            log_file.close()
+            with open(log_path) as f:
+                log_text = f.read()
     print(format_status(st))
     total = sum(b["total"] for b in st["pools"][0]["backends"]) or 1
     print("\nshare of connections (configured weights 5:3:2 = 50% / 30% / 20%):")
@@ -116,4 +122,7 @@ def run_demo(seconds: float, workers: int) -> int:
               f"{b['bytes_in']:>12,d} bytes in  {b['bytes_out']:>12,d} bytes out")
     print(f"\nclients: {stats['ok']} echoed correctly, {stats['bad']} wrong bytes, {stats['failed']} failed; "
           f"fastlb exited with code {code}")
-    return 0 if stats["bad"] == 0 and stats["failed"] == 0 and code == 0 and stats["ok"] > 0 else 1
+    good = stats["bad"] == 0 and stats["failed"] == 0 and code == 0 and stats["ok"] > 0
+    if not good:
+        print(f"\nfastlb's log:\n{log_text}", file=sys.stderr)
+    return 0 if good else 1
