@@ -152,6 +152,9 @@ class Supervisor:
             with open("/proc/self/comm", "w") as f:
                 f.write(f"fastlb-w{index}")
         signal.set_wakeup_fd(-1)
+        # drop every descriptor inherited from the control process (its event loop, the control
+        # socket, health-check connections in flight): the worker holds only its own sockets
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         socks = []
         for lc in self.config.listeners.values():
             try:

@@ -172,6 +172,10 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
         if (c.flags & rd) and not (c.flags & eof) and p.bytes < cap:
             if p.rfd < 0:
                 rc = pipe_get(p)
+                if rc == -EMFILE or rc == -ENFILE or rc == -ENOMEM:
+                    W.me.emfile += 1
+                    conn_starve(c)          # back-pressure, not an error: nothing is lost
+                    break
                 if rc < 0:
                     return rc
             n = splice(src, NULL, p.wfd, NULL, cap - p.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)

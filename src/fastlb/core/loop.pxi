@@ -22,8 +22,9 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
                 l.paused_full = 1
                 flb_add64(&l.shm.paused_full, 1)
             return
-        if W.free_head < 0:
+        if W.free_head < 0 or fds_short():
             flb_sadd64(&l.shm.active, -1)
+            W.me.emfile += 1
             l.paused_until = W.now_ms + EMFILE_PAUSE_MS
             return
         plen = sizeof(peer)
@@ -131,6 +132,22 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
     conn_run(c)
 
 
+cdef void retry_starved() noexcept nogil:
+    """Run the connections that waited for a pipe again (they re-park if still short)."""
+    cdef int32_t n = W.n_starved, k, slot
+    cdef uint32_t gen
+    cdef Conn *c
+    for k in range(n):
+        slot = W.starved[W.starved_head]
+        gen = W.starved_gen[W.starved_head]
+        W.starved_head = (W.starved_head + 1) % W.n_conns
+        W.n_starved -= 1
+        c = &W.conns[slot]
+        if c.state == CS_ESTABLISHED and c.gen == gen:
+            c.flags &= ~F_STARVED
+            conn_run(c)
+
+
 cdef void close_condemned() noexcept nogil:
     """Close the connections of backends whose drain deadline passed (backend.close_conns)."""
     cdef uint32_t i
@@ -222,12 +239,18 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
             setrlimit(RLIMIT_NOFILE, &rl)
             getrlimit(RLIMIT_NOFILE, &rl)
         capacity = <int32_t>(rl.rlim_cur // 2 + 16 if rl.rlim_cur < 2000000 else 1000000)
+        W.nofile = <int64_t>rl.rlim_cur
     else:
         capacity = 10000
+        W.nofile = 20000
     rc = slab_init(capacity)
     if rc < 0:
         return rc
     W.me.conn_capacity = <uint64_t>capacity
+    W.starved = <int32_t *>malloc(sizeof(int32_t) * capacity)
+    W.starved_gen = <uint32_t *>malloc(sizeof(uint32_t) * capacity)
+    if W.starved == NULL or W.starved_gen == NULL:
+        return -ENOMEM
     rc = pipes_init()
     if rc < 0:
         return rc
@@ -304,7 +327,7 @@ cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdow
     while True:
         if work:
             timeout = 0
-        elif W.n_timers > 0 or W.stopping:
+        elif W.n_timers > 0 or W.stopping or W.n_starved > 0:
             timeout = TICK_MS
         else:
             timeout = IDLE_POLL_MS
@@ -321,6 +344,8 @@ cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdow
             if W.listeners[li].pending and W.listeners[li].fd >= 0 and not W.listeners[li].paused_full \
                     and W.listeners[li].paused_until == 0:
                 accept_ready(&W.listeners[li], li)
+        if W.n_starved > 0:
+            retry_starved()
         timers_run()
         work = housekeeping()
         if W.stopping and (W.active == 0 or W.now_ms >= W.stop_deadline_ms):

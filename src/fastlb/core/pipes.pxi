@@ -55,6 +55,23 @@ cdef void pipe_put(Pipe *p) noexcept nogil:
     W.pipes_in_use -= 1
 
 
+cdef inline bint fds_short() noexcept nogil:
+    """Would one more connection leave too few descriptors for the pipes of those we have?"""
+    return (W.active + 1) * 2 + (W.pipes_in_use + W.n_pooled) * 2 + FD_RESERVE + W.n_listeners >= W.nofile
+
+
+cdef void conn_starve(Conn *c) noexcept nogil:
+    """No descriptor for a pipe: park c (its data stays in the socket) and retry it every loop turn."""
+    cdef int32_t pos
+    if c.flags & F_STARVED or W.n_starved >= W.n_conns:
+        return
+    c.flags |= F_STARVED
+    pos = (W.starved_head + W.n_starved) % W.n_conns
+    W.starved[pos] = <int32_t>(c - W.conns)
+    W.starved_gen[pos] = c.gen
+    W.n_starved += 1
+
+
 cdef void pipes_release_pool() noexcept nogil:
     """Close every pooled pipe (EMFILE relief and exit)."""
     cdef int i

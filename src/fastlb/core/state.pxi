@@ -21,12 +21,14 @@ cdef enum:
     F_B_DATA = 0x100     # the backend sent at least one byte
     F_C_ERR = 0x200      # error seen on the client socket
     F_B_ERR = 0x400      # error seen on the backend socket
+    F_STARVED = 0x800    # waits for a pipe (fd limit reached): retried every loop turn
 
 cdef enum:
     MAX_TRIES = 11       # 1 + the largest `retries` the config accepts
     MAX_EVENTS = 256
     ACCEPT_BATCH = 64
     EMFILE_PAUSE_MS = 100
+    FD_RESERVE = 16      # descriptors kept free for pipes of established connections
     IDLE_POLL_MS = 100   # epoll_wait timeout when nothing is scheduled sooner
 
 # epoll_event.data.u64: a connection is (gen << 32) | (slot << 1) | side; a listener or the
@@ -94,6 +96,11 @@ ctypedef struct Worker:
     int32_t n_conns
     int32_t free_head
     int64_t active
+    int64_t nofile          # RLIMIT_NOFILE
+    int32_t *starved        # ring of (slot) of connections waiting for a pipe
+    uint32_t *starved_gen
+    int32_t starved_head
+    int32_t n_starved
     uint64_t now_ms
     uint64_t now_us
     uint64_t generation
