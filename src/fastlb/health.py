@@ -51,33 +51,50 @@ _REASON_BYTES = 64
 # thousands of TIME_WAIT sockets on the balancer; HAProxy's checks do the same.
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _CHECK_TYPES = frozenset({"tcp", "http", "send_expect"})
-_STATUS_LINE = re.compile(rb"HTTP/\d\.\d (\d{3})(?:[ \t][^\r\n]*)?\r?\n")
+_STATUS_LINE = re.compile(rb"HTTP/\d\.\d (\d{3})(?:[ \t][^\r\n]*)?(?:\r?\n|\Z)")
 
 
 class HealthCheckConfig(Protocol):
-    """What this module reads from ``fastlb.config.HealthCheckConfig`` (one per pool)."""
+    """What this module reads from ``fastlb.config.HealthCheckConfig`` (one per pool).
+    Read-only members, so frozen dataclasses match."""
 
-    type: str  # "tcp" | "http" | "send_expect"
-    interval: float
-    timeout: float
-    rise: int
-    fall: int
-    port: int | None
-    address: str | None
-    send: bytes
-    expect: bytes
-    path: str
-    host: str | None
-    expect_status: tuple[int, int]
-    expect_body: str | None
+    @property
+    def type(self) -> str: ...  # "tcp" | "http" | "send_expect"
+    @property
+    def interval(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def rise(self) -> int: ...
+    @property
+    def fall(self) -> int: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def address(self) -> str | None: ...
+    @property
+    def send(self) -> bytes: ...
+    @property
+    def expect(self) -> bytes: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def expect_status(self) -> tuple[int, int]: ...
+    @property
+    def expect_body(self) -> str | None: ...
 
 
 class OutlierConfig(Protocol):
     """What this module reads from ``fastlb.config.OutlierConfig`` (one per pool)."""
 
-    consecutive_failures: int
-    base_ejection_time: float
-    max_ejection_percent: int
+    @property
+    def consecutive_failures(self) -> int: ...  # 0 = disabled
+    @property
+    def base_ejection_time(self) -> float: ...
+    @property
+    def max_ejection_percent(self) -> int: ...
 
 
 @dataclass(eq=False)
@@ -160,11 +177,11 @@ async def _resolve(host: str, port: int) -> tuple[int, tuple]:
 
 
 async def _recv_until(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, done: Callable[[bytes], bool], limit: int
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, done: Callable[[bytearray], bool], limit: int
 ) -> bytes:
     """Read until done(data), EOF, or ``limit`` bytes. Returns what was read (maybe b"")."""
     buf = bytearray()
-    while len(buf) < limit and not done(bytes(buf)):
+    while len(buf) < limit and not done(buf):
         chunk = await loop.sock_recv(sock, min(65536, limit - len(buf)))
         if not chunk:
             break
@@ -172,16 +189,16 @@ async def _recv_until(
     return bytes(buf[:limit])
 
 
+def _bracket(host: str) -> str:
+    """IPv6 literals in brackets (as in URLs and Host headers), everything else as is."""
+    host = host.removeprefix("[").removesuffix("]")
+    return f"[{host}]" if ":" in host else host
+
+
 def _host_header(target: CheckTarget, host: str, port: int) -> str:
     if target.config.host:
         return target.config.host
-    if host.startswith("["):
-        name = host
-    elif ":" in host:
-        name = f"[{host}]"
-    else:
-        name = host
-    return name if port == 80 else f"{name}:{port}"
+    return _bracket(host) if port == 80 else f"{_bracket(host)}:{port}"
 
 
 async def _http(
@@ -429,7 +446,7 @@ class HealthChecker:
                 {
                     "pool": t.pool,
                     "backend": t.backend,
-                    "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                    "address": f"{_bracket(host)}:{port}",
                     "type": t.config.type,
                     "up": t.up,
                     "last_reason": t.last_reason,
