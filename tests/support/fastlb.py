@@ -1,0 +1,283 @@
+"""`fastlb serve` as a real process for the end-to-end tests: config, sd_notify readiness, workers, teardown."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from .helpers import LOCALHOST, connect, free_port, wait_until
+
+UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def toml_value(v) -> str:
+    """The few TOML forms the tests need: strings, integers, booleans, lists, inline tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def toml_table(header: str, items: dict) -> str:
+    lines = [f"[{header}]"] + [f"{k} = {toml_value(v)}" for k, v in items.items()]
+    return "\n".join(lines) + "\n"
+
+
+class FastLB:
+    """One `fastlb serve` with one listener "web" on a free port, forwarding to pool "web".
+
+    backends: [(name, "HOST:PORT", weight or None), ...]. listener/pool/global_ add or override keys.
+    nofile: RLIMIT_NOFILE (soft and hard) for the serve process and so its workers.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        backends: list[tuple[str, str, int | None]],
+        *,
+        workers: int = 1,
+        algorithm: str = "weighted_round_robin",
+        listener: dict | None = None,
+        pool: dict | None = None,
+        global_: dict | None = None,
+        host: str = LOCALHOST,
+        nofile: int | None = None,
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        # unix socket paths must fit in 107 bytes: fall back to a short directory if needed
+        if len(str(workdir / "control.sock")) > 100:
+            workdir = Path(tempfile.mkdtemp(prefix="flb-", dir="/tmp"))
+        self.dir = workdir
+        self.workers = workers
+        self.nofile = nofile
+        self.host = host
+        self.port = free_port(host)
+        self.config_path = workdir / "fastlb.toml"
+        self.log_path = workdir / "fastlb.log"
+        self.notify_path = workdir / "notify.sock"
+        bind = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        g = {"workers": workers, "control_socket": str(workdir / "control.sock"), "shutdown_timeout": "30s"}
+        g.update(global_ or {})
+        lst = {"bind": bind, "pool": "web", "connect_timeout": "2s", "idle_timeout": "5m"}
+        lst.update(listener or {})
+        entries = []
+        for name, address, weight in backends:
+            e = {"name": name, "address": address}
+            if weight is not None:
+                e["weight"] = weight
+            entries.append(e)
+        pl = {"algorithm": algorithm, "backends": entries}
+        pl.update(pool or {})
+        self.config_text = (
+            toml_table("global", g)
+            + "\n"
+            + toml_table("listeners.web", lst)
+            + "\n"
+            + toml_table("pools.web", pl)
+        )
+        self.config_path.write_text(self.config_text)
+        self.proc: subprocess.Popen | None = None
+        self.notify_sock: socket.socket | None = None
+        self.notifications: list[tuple[float, int, str]] = []  # (monotonic time, sender pid, text)
+        self._known: dict[int, psutil.Process] = {}  # every process seen in the tree, for teardown
+        self._log = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # --- start and readiness ---------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> FastLB:
+        """Start `fastlb serve` and wait for READY=1 on NOTIFY_SOCKET (no port polling)."""
+        ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        ns.bind(str(self.notify_path))
+        ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.notify_sock = ns
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        nofile = self.nofile
+
+        def preexec() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fastlb",
+                "serve",
+                "-c",
+                str(self.config_path),
+                "--workers",
+                str(self.workers),
+            ],
+            cwd=self.dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: teardown can kill the whole tree
+            preexec_fn=preexec if nofile is not None else None,
+        )
+        self.wait_notify("READY=1", timeout)
+        self.workers_now()  # remember the worker pids for teardown
+        return self
+
+    def _recv_notifications(self, wait: float) -> None:
+        assert self.notify_sock is not None
+        r, _, _ = select.select([self.notify_sock], [], [], wait)
+        while r:
+            msg, anc, _, _ = self.notify_sock.recvmsg(4096, socket.CMSG_SPACE(UCRED.size))
+            pid = -1
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = UCRED.unpack(data[: UCRED.size])[0]
+            self.notifications.append((time.monotonic(), pid, msg.decode(errors="replace")))
+            r, _, _ = select.select([self.notify_sock], [], [], 0)
+
+    def notified(self, text: str) -> tuple[float, int, str] | None:
+        """The first datagram received so far with `text` on one of its lines, or None."""
+        self._recv_notifications(0)
+        for note in self.notifications:
+            if text in note[2].split("\n"):
+                return note
+        return None
+
+    def wait_notify(self, text: str, timeout: float) -> tuple[float, int, str]:
+        """Wait for a datagram with the line `text`; fail at once (with the log) if fastlb exits."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            note = self.notified(text)
+            if note:
+                return note
+            if self.proc.poll() is not None and self.notified(text) is None:
+                raise AssertionError(
+                    f"fastlb exited with {self.proc.returncode} before sending {text}; log:\n{self.log_text()}"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"no {text} from fastlb within {timeout:.0f}s (got {[n[2] for n in self.notifications]}); "
+                    f"log:\n{self.log_text()}"
+                )
+            self._recv_notifications(min(left, 0.05))
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def workers_now(self) -> list[psutil.Process]:
+        """Live (non-zombie) child processes of the serve process: the workers."""
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        live = []
+        for k in kids:
+            try:
+                if k.status() != psutil.STATUS_ZOMBIE:
+                    live.append(k)
+                    self._known.setdefault(k.pid, k)
+            except psutil.NoSuchProcess:
+                pass
+        return live
+
+    def worker_pids(self) -> set[int]:
+        return {p.pid for p in self.workers_now()}
+
+    def wait_workers(self, n: int, timeout: float = 10.0, exclude: set[int] = frozenset()) -> set[int]:
+        """Wait until exactly n live workers run, none of them in `exclude`; their pids."""
+
+        def ok():
+            pids = self.worker_pids()
+            return pids if len(pids) == n and not (pids & exclude) else None
+
+        return wait_until(ok, timeout, lambda: f"{n} workers (have {sorted(self.worker_pids())})")
+
+    def the_worker(self) -> psutil.Process:
+        ws = self.workers_now()
+        assert len(ws) == 1, f"expected one worker, found {[w.pid for w in ws]}"
+        return ws[0]
+
+    def established_per_worker(self) -> dict[int, int]:
+        """Worker pid -> client connections (ESTABLISHED, local port = the listener's) it holds."""
+        counts = {}
+        for w in self.workers_now():
+            try:
+                conns = w.net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                continue
+            counts[w.pid] = sum(
+                1
+                for c in conns
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port
+            )
+        return counts
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        return connect(self.addr, timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"fastlb still running {timeout:.0f}s later; log:\n{self.log_text()}"
+            ) from None
+
+    def log_text(self, limit: int = 20000) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text if len(text) <= limit else "...\n" + text[-limit:]
+
+    def stop(self) -> None:
+        """Teardown: SIGKILL the serve process, its process group and every worker ever seen."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.workers_now()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        for p in self._known.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.is_running():  # is_running() also guards against a reused pid
+                    p.kill()
+        if self.notify_sock is not None:
+            self.notify_sock.close()
+        if self._log is not None:
+            self._log.close()
