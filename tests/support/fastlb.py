@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -21,6 +22,7 @@ import psutil
 from .helpers import LOCALHOST, connect, free_port, wait_until
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+PR_SET_PDEATHSIG = 1
 
 
 def toml_value(v) -> str:
@@ -122,8 +124,13 @@ class FastLB:
         self.notify_sock = ns
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
         nofile = self.nofile
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
 
         def preexec() -> None:
+            # if the test process dies (killed by a timeout), fastlb dies too; its workers follow
+            # the control process. (PDEATHSIG fires when the forking *thread* exits: start fastlb
+            # from the test's main thread.)
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
@@ -145,7 +152,7 @@ class FastLB:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: teardown can kill the whole tree
-            preexec_fn=preexec if nofile is not None else None,
+            preexec_fn=preexec,
         )
         self.wait_notify("READY=1", timeout)
         self.workers_now()  # remember the worker pids for teardown

@@ -234,7 +234,6 @@ def echo_all(socks: list[socket.socket], payloads: list[bytes], timeout: float) 
     Returns the indexes whose echo differed; AssertionError if not all answered within timeout."""
     deadline = Deadline(timeout)
     sel = selectors.DefaultSelector()
-    want = {}
     got: dict[int, bytearray] = {}
     bad = []
     try:
@@ -243,7 +242,6 @@ def echo_all(socks: list[socket.socket], payloads: list[bytes], timeout: float) 
             sent = s.send(p)  # payloads are small: the socket buffer takes them whole
             if sent != len(p):
                 raise AssertionError(f"short send on connection {i}: {sent} of {len(p)}")
-            want[s.fileno()] = (i, p)
             got[i] = bytearray()
             sel.register(s, selectors.EVENT_READ, i)
         left = len(socks)

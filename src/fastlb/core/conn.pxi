@@ -152,6 +152,11 @@ cdef void conn_connected(Conn *c) noexcept nogil:
     flb_add64(&b.total, 1)
     c.state = CS_ESTABLISHED
     c.active_ms = W.now_ms
+    # the wheel holds c at its connect deadline; the idle deadline may come sooner
+    if W.listeners[c.listener].idle_timeout_ms != 0:
+        timer_schedule(c, c.active_ms + W.listeners[c.listener].idle_timeout_ms)
+    else:
+        timer_unlink(c)
 
 
 cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint16_t eof,

@@ -42,10 +42,13 @@ cdef inline bint less_loaded(uint32_t a, uint32_t b) noexcept nogil:
 
 
 cdef uint32_t pick_round_robin(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t panic) noexcept nogil:
+    # a retry looks from the cursor on without moving it: the next connection then starts on the
+    # backend the retry went to, instead of every connection paying for the same dead one first
     cdef uint32_t k, idx, n = p.n_backends
     for k in range(n):
-        idx = p.first_backend + W.rr[pi] % n
-        W.rr[pi] += 1
+        idx = p.first_backend + (W.rr[pi] + (k if c.attempts > 0 else 0)) % n
+        if c.attempts == 0:
+            W.rr[pi] += 1
         if candidate(c, idx, panic):
             return idx
     return FLB_NONE
