@@ -104,14 +104,23 @@ def status(config_file: str | None, socket_path: str | None, as_json: bool) -> N
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 
 
-@main.command("set-weight")
+@main.command("set-weight", context_settings={"ignore_unknown_options": True})
 @_control_options
 @click.argument("pool")
 @click.argument("backend")
-@click.argument("weight", type=int)
-def set_weight(config_file: str | None, socket_path: str | None, pool: str, backend: str, weight: int) -> None:
+@click.argument("weight")
+def set_weight(config_file: str | None, socket_path: str | None, pool: str, backend: str, weight: str) -> None:
     """Set BACKEND's weight in POOL (0..1000) on a running fastlb; new connections follow at once."""
-    r = _run_control(lambda: _client(config_file, socket_path).set_weight(pool, backend, weight))
+    from fastlb.control import MAX_WEIGHT
+
+    try:
+        w = int(weight, 10)
+    except ValueError:
+        w = -1
+    if not 0 <= w <= MAX_WEIGHT:
+        click.echo(f"fastlb: weight must be an integer 0..{MAX_WEIGHT}, got {weight!r}", err=True)
+        sys.exit(1)
+    r = _run_control(lambda: _client(config_file, socket_path).set_weight(pool, backend, w))
     click.echo(f"{pool}/{backend}: weight {r['previous']} -> {r['weight']}")
 
 
