@@ -203,6 +203,7 @@ cdef class Region:
         p.retries = retries
         p.first_backend = first_backend
         p.n_backends = n_backends
+        p.scan_len = n_backends          # narrowed by set_scan_len() once the used slots are known
         p.all_down_policy = ALL_DOWN[all_down]
 
     def set_backend(self, int i, int pool, str name, bytes sockaddr, int weight, bint in_use=True) -> None:
@@ -245,6 +246,13 @@ cdef class Region:
     def set_close_conns(self, int i, bint close) -> None:
         """Ask the workers to close backend i's connections (they act on the next publish())."""
         flb_store32(&self._backend(i).close_conns, 1 if close else 0)
+
+    def set_scan_len(self, int pool, int n) -> None:
+        """How many slots from the pool's first hold all its in-use backends (publish() after)."""
+        cdef flb_pool_t *p = self._pool(pool)
+        if n < 0 or <uint32_t>n > p.n_backends:
+            raise ValueError("scan length outside the pool's slots")
+        flb_store32(&p.scan_len, n)
 
     def set_panic(self, int pool, bint panic) -> None:
         flb_store32(&self._pool(pool).panic, 1 if panic else 0)
@@ -306,6 +314,7 @@ cdef class Region:
             "retries": p.retries, "first_backend": p.first_backend, "n_backends": p.n_backends,
             "all_down_policy": p.all_down_policy, "panic": flb_load32(&p.panic),
             "table_active": flb_load32(&p.table_active), "table_capacity": p.table_capacity,
+            "scan_len": flb_load32(&p.scan_len),
             "no_backend": flb_load64(&p.no_backend),
         }
 

@@ -92,6 +92,7 @@ class BackendManager:
     def _write_pool(self, ps: PoolState, now: float) -> None:
         """Weights, states, panic and the hash table of one pool (without the generation bump)."""
         r = self.region
+        r.set_scan_len(ps.index, max((s.index - ps.first + 1 for s in ps.slots.values()), default=0))
         for slot in ps.slots.values():
             slot.eff_weight = self._effective(ps, slot, now)
             r.set_weight(slot.index, slot.weight, slot.eff_weight)

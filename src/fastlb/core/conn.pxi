@@ -220,17 +220,12 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
     if p.bytes == 0 and p.rfd >= 0:
         pipe_put(p)
     if (c.flags & eof) and p.bytes == 0 and not (c.flags & shut):
-        shutdown(dst, SHUT_WR)      # ENOTCONN if the peer is gone: the next splice says so
+        # the last direction to finish needs no shutdown: close() right after sends the FIN
+        if (c.flags & (F_C_SHUT | F_B_SHUT)) == 0 or c.c2b.bytes + c.b2c.bytes > 0 \
+                or (c.flags & (F_C_EOF | F_B_EOF)) != (F_C_EOF | F_B_EOF):
+            shutdown(dst, SHUT_WR)  # ENOTCONN if the peer is gone: the next splice says so
         c.flags |= shut
     return <int>(moved if moved < 0x7FFFFFFF else 0x7FFFFFFF)
-
-
-cdef inline int sock_error(int fd) noexcept nogil:
-    cdef int err = 0
-    cdef socklen_t len_ = sizeof(err)
-    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len_) < 0:
-        return errno
-    return err
 
 
 cdef void conn_run(Conn *c) noexcept nogil:
@@ -243,7 +238,8 @@ cdef void conn_run(Conn *c) noexcept nogil:
             return
         if not (c.flags & (F_B_WR | F_B_ERR)):
             return
-        if (c.flags & F_B_ERR) or sock_error(c.bfd) != 0:
+        # a failed connect always raises EPOLLERR (with EPOLLHUP): no SO_ERROR read needed
+        if c.flags & F_B_ERR:
             conn_connect_failed(c, False)
             return
         conn_connected(c)

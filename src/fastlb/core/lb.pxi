@@ -41,10 +41,17 @@ cdef inline bint less_loaded(uint32_t a, uint32_t b) noexcept nogil:
     return na * flb_load32(&W.backends[b].eff_weight) < nb * flb_load32(&W.backends[a].eff_weight)
 
 
+cdef inline uint32_t scan_len(flb_pool_t *p) noexcept nogil:
+    cdef uint32_t n = flb_load32(&p.scan_len)
+    return n if n <= p.n_backends else p.n_backends
+
+
 cdef uint32_t pick_round_robin(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t panic) noexcept nogil:
     # a retry looks from the cursor on without moving it: the next connection then starts on the
     # backend the retry went to, instead of every connection paying for the same dead one first
-    cdef uint32_t k, idx, n = p.n_backends
+    cdef uint32_t k, idx, n = scan_len(p)
+    if n == 0:
+        return FLB_NONE
     for k in range(n):
         idx = p.first_backend + (W.rr[pi] + (k if c.attempts > 0 else 0)) % n
         if c.attempts == 0:
@@ -59,7 +66,7 @@ cdef uint32_t pick_smooth_wrr(Conn *c, flb_pool_t *p, uint32_t panic) noexcept n
     # pays the total.  5:3:2 gives a b a c a b a b a c - no bursts to the heavy backend.
     cdef uint32_t idx, best = FLB_NONE
     cdef int64_t total = 0
-    for idx in range(p.first_backend, p.first_backend + p.n_backends):
+    for idx in range(p.first_backend, p.first_backend + scan_len(p)):
         if not candidate(c, idx, panic):
             continue
         W.cw[idx] += flb_load32(&W.backends[idx].eff_weight)
@@ -73,9 +80,11 @@ cdef uint32_t pick_smooth_wrr(Conn *c, flb_pool_t *p, uint32_t panic) noexcept n
 
 cdef uint32_t pick_least_conn(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t panic) noexcept nogil:
     # start at a rotating offset so that ties spread instead of piling on the first backend
-    cdef uint32_t k, idx, best = FLB_NONE, n = p.n_backends
+    cdef uint32_t k, idx, best = FLB_NONE, n = scan_len(p)
     cdef uint32_t start = W.rr[pi]
     W.rr[pi] += 1
+    if n == 0:
+        return FLB_NONE
     for k in range(n):
         idx = p.first_backend + (start + k) % n
         if candidate(c, idx, panic) and (best == FLB_NONE or less_loaded(idx, best)):
@@ -85,15 +94,15 @@ cdef uint32_t pick_least_conn(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t pani
 
 cdef uint32_t pick_weighted_random(Conn *c, flb_pool_t *p, uint32_t panic, uint32_t skip) noexcept nogil:
     """A candidate drawn with probability proportional to its weight, never `skip`."""
-    cdef uint32_t idx
+    cdef uint32_t idx, end = p.first_backend + scan_len(p)
     cdef uint64_t total = 0, r
-    for idx in range(p.first_backend, p.first_backend + p.n_backends):
+    for idx in range(p.first_backend, end):
         if idx != skip and candidate(c, idx, panic):
             total += flb_load32(&W.backends[idx].eff_weight)
     if total == 0:
         return FLB_NONE
     r = rng_next() % total
-    for idx in range(p.first_backend, p.first_backend + p.n_backends):
+    for idx in range(p.first_backend, end):
         if idx != skip and candidate(c, idx, panic):
             if r < flb_load32(&W.backends[idx].eff_weight):
                 return idx
@@ -166,11 +175,13 @@ cdef uint32_t pick_ring_hash(Conn *c, flb_pool_t *p, uint32_t panic) noexcept no
 cdef uint32_t pick_least_response_time(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t panic) noexcept nogil:
     # score = (connect-time moving average + 1us) * (active + 1) / weight: the fastest backend
     # wins until its own load evens it out; ties go to fewer active connections.
-    cdef uint32_t k, idx, best = FLB_NONE, n = p.n_backends
+    cdef uint32_t k, idx, best = FLB_NONE, n = scan_len(p)
     cdef uint32_t start = W.rr[pi]
     cdef double score, best_score = 0.0
     cdef flb_backend_t *b
     W.rr[pi] += 1
+    if n == 0:
+        return FLB_NONE
     for k in range(n):
         idx = p.first_backend + (start + k) % n
         if not candidate(c, idx, panic):

@@ -8,7 +8,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
     ends; they wait in the kernel backlog, never accept-and-drop) and at the fd limit (paused for
     EMFILE_PAUSE_MS: no spinning, the backlog keeps them).
     """
-    cdef int k, fd, e, one = 1
+    cdef int k, fd, e
     cdef sockaddr_storage peer
     cdef socklen_t plen
     cdef Conn *c
@@ -53,7 +53,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         W.active += 1
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
         if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
             c.key_hash = lb_key_hash(p.hash_key, &peer, fd)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET

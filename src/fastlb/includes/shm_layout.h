@@ -134,7 +134,8 @@ typedef struct {
     uint32_t table_len[2];       /* valid uint32 entries in each buffer */
     uint64_t table_off[2];       /* byte offset of each buffer from the region start */
     uint32_t panic;              /* 1: every backend down and policy=panic (set by control) */
-    uint32_t _pad1;
+    uint32_t scan_len;           /* slots [first, first + scan_len) hold every in-use backend:
+                                    the scanning algorithms look no further */
     /* counters (workers, atomic) */
     uint64_t no_backend;         /* picks that found no eligible backend */
     uint64_t _cpad[7];

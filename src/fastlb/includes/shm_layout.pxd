@@ -88,6 +88,7 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t table_len[2]
         uint64_t table_off[2]
         uint32_t panic
+        uint32_t scan_len
         uint64_t no_backend
 
     ctypedef struct flb_backend_t:
