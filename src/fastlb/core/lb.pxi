@@ -1,8 +1,12 @@
 # core/lb.pxi - backend selection.  One entry point, lb_pick(), a switch on the pool's algorithm;
-# lb_take()/lb_drop() at exactly the assign and release points.  Everything a pick reads is in
-# shared memory (weights, admin and health states, active counts of all workers, hash tables built
-# by the control process); only the round-robin cursors and smooth-WRR current weights are per
-# worker.  A pick never returns a backend the connection already tried (retries go elsewhere).
+# lb_take()/lb_drop() at exactly the assign and release points.
+#
+# What may take new connections changes only when the control process publishes (weights, admin and
+# health states, panic), so each worker keeps a view per pool - the eligible backends with their
+# weights and prefix sums - rebuilt by lb_refresh() when the generation moves.  Picks scan that
+# compact local array (or binary-search it, for the weighted random draws) and read shared memory
+# only for what the other workers change all the time: active counts and connect times.  The hash
+# tables are read in place.  A pick never returns a backend the connection already tried.
 
 
 cdef inline bint be_ok(flb_backend_t *b, uint32_t panic) noexcept nogil:
@@ -22,10 +26,6 @@ cdef inline bint conn_tried(Conn *c, uint32_t idx) noexcept nogil:
     return False
 
 
-cdef inline bint candidate(Conn *c, uint32_t idx, uint32_t panic) noexcept nogil:
-    return be_ok(&W.backends[idx], panic) and not conn_tried(c, idx)
-
-
 cdef inline uint64_t rng_next() noexcept nogil:
     # xorshift64*: per-worker, seeded from pid and time; quality is ample for load spreading
     W.rng ^= W.rng >> 12
@@ -34,11 +34,12 @@ cdef inline uint64_t rng_next() noexcept nogil:
     return W.rng * 0x2545F4914F6CDD1DULL
 
 
-cdef inline bint less_loaded(uint32_t a, uint32_t b) noexcept nogil:
-    """Is backend a less loaded than b, active connections relative to weight ((n+1)/w, as HAProxy)?"""
-    cdef uint64_t na = <uint64_t>(flb_sload64(&W.backends[a].active) + 1)
-    cdef uint64_t nb = <uint64_t>(flb_sload64(&W.backends[b].active) + 1)
-    return na * flb_load32(&W.backends[b].eff_weight) < nb * flb_load32(&W.backends[a].eff_weight)
+cdef inline bint less_loaded(PoolView *v, uint32_t a, uint32_t b) noexcept nogil:
+    """Is view entry a less loaded than entry b: active connections (all workers) relative to
+    weight, (n + 1) / w as HAProxy does?"""
+    cdef uint64_t na = <uint64_t>(flb_sload64(&W.backends[v.idx[a]].active) + 1)
+    cdef uint64_t nb = <uint64_t>(flb_sload64(&W.backends[v.idx[b]].active) + 1)
+    return na * v.w[b] < nb * v.w[a]
 
 
 cdef inline uint32_t scan_len(flb_pool_t *p) noexcept nogil:
@@ -46,79 +47,174 @@ cdef inline uint32_t scan_len(flb_pool_t *p) noexcept nogil:
     return n if n <= p.n_backends else p.n_backends
 
 
-cdef uint32_t pick_round_robin(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t panic) noexcept nogil:
+cdef int lb_setup() noexcept nogil:
+    """Allocate the per-pool views and the eligibility map.  Returns 0 or -ENOMEM."""
+    cdef uint32_t pi, cap
+    cdef PoolView *v
+    W.views = <PoolView *>calloc(W.hdr.n_pools + 1, sizeof(PoolView))
+    W.ok = <uint8_t *>calloc(W.hdr.n_backends + 1, 1)
+    W.rr = <uint32_t *>calloc(W.hdr.n_pools + 1, sizeof(uint32_t))
+    if W.views == NULL or W.ok == NULL or W.rr == NULL:
+        return -ENOMEM
+    for pi in range(W.hdr.n_pools):
+        v = &W.views[pi]
+        cap = W.pools[pi].n_backends + 1
+        v.idx = <uint32_t *>calloc(cap, sizeof(uint32_t))
+        v.w = <uint32_t *>calloc(cap, sizeof(uint32_t))
+        v.cum = <uint64_t *>calloc(cap, sizeof(uint64_t))
+        v.cw = <int64_t *>calloc(cap, sizeof(int64_t))
+        if v.idx == NULL or v.w == NULL or v.cum == NULL or v.cw == NULL:
+            return -ENOMEM
+        W.rr[pi] = <uint32_t>W.index      # workers start their round-robin at different places
+    return 0
+
+
+cdef void lb_free() noexcept nogil:
+    cdef uint32_t pi
+    if W.views != NULL:
+        for pi in range(W.hdr.n_pools):
+            free(W.views[pi].idx)
+            free(W.views[pi].w)
+            free(W.views[pi].cum)
+            free(W.views[pi].cw)
+    free(W.views)
+    free(W.ok)
+    free(W.rr)
+    W.views = NULL
+    W.ok = NULL
+    W.rr = NULL
+
+
+cdef void lb_refresh() noexcept nogil:
+    """The control process published a change: rebuild every pool's view (and restart the
+    smooth-WRR rounds).  Called after the acquire-load that saw the new generation."""
+    cdef uint32_t pi, idx, n, wt, panic
+    cdef uint64_t total
+    cdef flb_pool_t *p
+    cdef PoolView *v
+    for pi in range(W.hdr.n_pools):
+        p = &W.pools[pi]
+        v = &W.views[pi]
+        panic = flb_load32(&p.panic)
+        n = 0
+        total = 0
+        for idx in range(p.first_backend, p.first_backend + p.n_backends):
+            W.ok[idx] = 0
+        for idx in range(p.first_backend, p.first_backend + scan_len(p)):
+            if not be_ok(&W.backends[idx], panic):
+                continue
+            wt = flb_load32(&W.backends[idx].eff_weight)
+            if wt == 0:
+                continue                  # changed since be_ok(): the next publish brings it back
+            W.ok[idx] = 1
+            total += wt
+            v.idx[n] = idx
+            v.w[n] = wt
+            v.cum[n] = total
+            v.cw[n] = 0
+            n += 1
+        v.n = n
+        v.total = total
+
+
+cdef uint32_t pick_round_robin(Conn *c, PoolView *v, uint32_t pi) noexcept nogil:
     # a retry looks from the cursor on without moving it: the next connection then starts on the
     # backend the retry went to, instead of every connection paying for the same dead one first
-    cdef uint32_t k, idx, n = scan_len(p)
-    if n == 0:
-        return FLB_NONE
-    for k in range(n):
-        idx = p.first_backend + (W.rr[pi] + (k if c.attempts > 0 else 0)) % n
+    cdef uint32_t k, j
+    for k in range(v.n):
+        j = (W.rr[pi] + (k if c.attempts > 0 else 0)) % v.n
         if c.attempts == 0:
             W.rr[pi] += 1
-        if candidate(c, idx, panic):
-            return idx
+        if not conn_tried(c, v.idx[j]):
+            return v.idx[j]
     return FLB_NONE
 
 
-cdef uint32_t pick_smooth_wrr(Conn *c, flb_pool_t *p, uint32_t panic) noexcept nogil:
+cdef uint32_t pick_smooth_wrr(Conn *c, PoolView *v) noexcept nogil:
     # nginx's smooth weighted round robin: every candidate gains its weight, the richest wins and
     # pays the total.  5:3:2 gives a b a c a b a b a c - no bursts to the heavy backend.
-    cdef uint32_t idx, best = FLB_NONE
-    cdef int64_t total = 0
-    for idx in range(p.first_backend, p.first_backend + scan_len(p)):
-        if not candidate(c, idx, panic):
+    cdef uint32_t j
+    cdef int64_t best = -1, total = 0
+    for j in range(v.n):
+        if c.attempts > 0 and conn_tried(c, v.idx[j]):
             continue
-        W.cw[idx] += flb_load32(&W.backends[idx].eff_weight)
-        total += flb_load32(&W.backends[idx].eff_weight)
-        if best == FLB_NONE or W.cw[idx] > W.cw[best]:
-            best = idx
-    if best != FLB_NONE:
-        W.cw[best] -= total
-    return best
+        v.cw[j] += v.w[j]
+        total += v.w[j]
+        if best < 0 or v.cw[j] > v.cw[best]:
+            best = j
+    if best < 0:
+        return FLB_NONE
+    v.cw[best] -= total
+    return v.idx[best]
 
 
-cdef uint32_t pick_least_conn(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t panic) noexcept nogil:
+cdef uint32_t pick_least_conn(Conn *c, PoolView *v, uint32_t pi) noexcept nogil:
     # start at a rotating offset so that ties spread instead of piling on the first backend
-    cdef uint32_t k, idx, best = FLB_NONE, n = scan_len(p)
+    cdef uint32_t k, j
+    cdef int64_t best = -1
     cdef uint32_t start = W.rr[pi]
     W.rr[pi] += 1
-    if n == 0:
-        return FLB_NONE
-    for k in range(n):
-        idx = p.first_backend + (start + k) % n
-        if candidate(c, idx, panic) and (best == FLB_NONE or less_loaded(idx, best)):
-            best = idx
-    return best
+    for k in range(v.n):
+        j = (start + k) % v.n
+        if c.attempts > 0 and conn_tried(c, v.idx[j]):
+            continue
+        if best < 0 or less_loaded(v, j, <uint32_t>best):
+            best = j
+    return FLB_NONE if best < 0 else v.idx[best]
 
 
-cdef uint32_t pick_weighted_random(Conn *c, flb_pool_t *p, uint32_t panic, uint32_t skip) noexcept nogil:
-    """A candidate drawn with probability proportional to its weight, never `skip`."""
-    cdef uint32_t idx, end = p.first_backend + scan_len(p)
-    cdef uint64_t total = 0, r
-    for idx in range(p.first_backend, end):
-        if idx != skip and candidate(c, idx, panic):
-            total += flb_load32(&W.backends[idx].eff_weight)
+cdef int64_t draw_weighted(Conn *c, PoolView *v, int64_t skip) noexcept nogil:
+    """A view entry drawn with probability proportional to its weight, never `skip` nor an entry
+    the connection tried; -1 if none.  Binary search over the prefix sums: O(log n)."""
+    cdef uint64_t r, total
+    cdef uint32_t lo, hi, mid, j
+    if v.total == 0:
+        return -1
+    if c.attempts == 0 and skip < 0:
+        r = rng_next() % v.total
+        lo = 0
+        hi = v.n - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if v.cum[mid] > r:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+    # with exclusions (retries, the second p2c choice): a linear pass over what is left
+    total = 0
+    for j in range(v.n):
+        if j != skip and not conn_tried(c, v.idx[j]):
+            total += v.w[j]
     if total == 0:
-        return FLB_NONE
+        return -1
     r = rng_next() % total
-    for idx in range(p.first_backend, end):
-        if idx != skip and candidate(c, idx, panic):
-            if r < flb_load32(&W.backends[idx].eff_weight):
-                return idx
-            r -= flb_load32(&W.backends[idx].eff_weight)
-    return FLB_NONE
+    for j in range(v.n):
+        if j != skip and not conn_tried(c, v.idx[j]):
+            if r < v.w[j]:
+                return j
+            r -= v.w[j]
+    return -1
 
 
-cdef uint32_t pick_p2c(Conn *c, flb_pool_t *p, uint32_t panic) noexcept nogil:
-    cdef uint32_t a = pick_weighted_random(c, p, panic, FLB_NONE)
-    cdef uint32_t b
-    if a == FLB_NONE:
-        return a
-    b = pick_weighted_random(c, p, panic, a)
-    if b != FLB_NONE and less_loaded(b, a):
-        return b
-    return a
+cdef uint32_t pick_random(Conn *c, PoolView *v) noexcept nogil:
+    cdef int64_t j = draw_weighted(c, v, -1)
+    return FLB_NONE if j < 0 else v.idx[j]
+
+
+cdef uint32_t pick_p2c(Conn *c, PoolView *v) noexcept nogil:
+    # two weighted draws; the one with fewer active connections for its weight wins.  The second
+    # draw first tries the cheap way and only excludes the first choice explicitly if it repeats.
+    cdef int64_t a = draw_weighted(c, v, -1)
+    cdef int64_t b
+    if a < 0:
+        return FLB_NONE
+    b = draw_weighted(c, v, -1)
+    if b == a:
+        b = draw_weighted(c, v, a)
+    if b >= 0 and less_loaded(v, <uint32_t>b, <uint32_t>a):
+        return v.idx[b]
+    return v.idx[a]
 
 
 cdef inline uint32_t *table_live(flb_pool_t *p, uint32_t *length) noexcept nogil:
@@ -129,11 +225,12 @@ cdef inline uint32_t *table_live(flb_pool_t *p, uint32_t *length) noexcept nogil
     return <uint32_t *>(W.base + p.table_off[act])
 
 
-cdef inline bint in_pool(flb_pool_t *p, uint32_t idx) noexcept nogil:
-    return idx >= p.first_backend and idx < p.first_backend + p.n_backends
+cdef inline bint table_candidate(Conn *c, flb_pool_t *p, uint32_t idx) noexcept nogil:
+    return idx >= p.first_backend and idx < p.first_backend + p.n_backends and W.ok[idx] \
+        and not conn_tried(c, idx)
 
 
-cdef uint32_t pick_maglev(Conn *c, flb_pool_t *p, uint32_t panic) noexcept nogil:
+cdef uint32_t pick_maglev(Conn *c, flb_pool_t *p) noexcept nogil:
     # table[key % M]; if that backend cannot take it (down since the last rebuild, or already
     # tried) look at the following slots, so every worker still agrees on the fallback.
     cdef uint32_t m, k, idx
@@ -144,12 +241,12 @@ cdef uint32_t pick_maglev(Conn *c, flb_pool_t *p, uint32_t panic) noexcept nogil
     slot = c.key_hash % m
     for k in range(m if m < 64 else 64):
         idx = t[(slot + k) % m]
-        if idx != FLB_NONE and in_pool(p, idx) and candidate(c, idx, panic):
+        if idx != FLB_NONE and table_candidate(c, p, idx):
             return idx
     return FLB_NONE
 
 
-cdef uint32_t pick_ring_hash(Conn *c, flb_pool_t *p, uint32_t panic) noexcept nogil:
+cdef uint32_t pick_ring_hash(Conn *c, flb_pool_t *p) noexcept nogil:
     # (hash32, backend) pairs sorted by hash32: the first point at or after the key, clockwise
     cdef uint32_t m, lo, hi, mid, k, idx
     cdef uint32_t *t = table_live(p, &m)
@@ -167,62 +264,63 @@ cdef uint32_t pick_ring_hash(Conn *c, flb_pool_t *p, uint32_t panic) noexcept no
             hi = mid
     for k in range(npts):
         idx = t[2 * ((lo + k) % npts) + 1]
-        if in_pool(p, idx) and candidate(c, idx, panic):
+        if table_candidate(c, p, idx):
             return idx
     return FLB_NONE
 
 
-cdef uint32_t pick_least_response_time(Conn *c, flb_pool_t *p, uint32_t pi, uint32_t panic) noexcept nogil:
+cdef uint32_t pick_least_response_time(Conn *c, PoolView *v, uint32_t pi) noexcept nogil:
     # score = (connect-time moving average + 1us) * (active + 1) / weight: the fastest backend
     # wins until its own load evens it out; ties go to fewer active connections.
-    cdef uint32_t k, idx, best = FLB_NONE, n = scan_len(p)
+    cdef uint32_t k, j
+    cdef int64_t best = -1
     cdef uint32_t start = W.rr[pi]
     cdef double score, best_score = 0.0
     cdef flb_backend_t *b
     W.rr[pi] += 1
-    if n == 0:
-        return FLB_NONE
-    for k in range(n):
-        idx = p.first_backend + (start + k) % n
-        if not candidate(c, idx, panic):
+    for k in range(v.n):
+        j = (start + k) % v.n
+        if c.attempts > 0 and conn_tried(c, v.idx[j]):
             continue
-        b = &W.backends[idx]
+        b = &W.backends[v.idx[j]]
         score = (<double>flb_load64(&b.connect_time_ewma_us) + 1.0) * <double>(flb_sload64(&b.active) + 1) \
-            / <double>flb_load32(&b.eff_weight)
-        if best == FLB_NONE or score < best_score or (score == best_score and less_loaded(idx, best)):
-            best = idx
+            / <double>v.w[j]
+        if best < 0 or score < best_score or (score == best_score and less_loaded(v, j, <uint32_t>best)):
+            best = j
             best_score = score
-    return best
+    return FLB_NONE if best < 0 else v.idx[best]
 
 
 cdef uint32_t lb_pick(Conn *c, uint32_t pi) noexcept nogil:
     """The backend for c's next connect attempt in pool pi, or FLB_NONE when none can take it."""
     cdef flb_pool_t *p = &W.pools[pi]
-    cdef uint32_t panic = flb_load32(&p.panic)
+    cdef PoolView *v = &W.views[pi]
     cdef uint32_t alg = p.algorithm
     cdef uint32_t idx
+    if v.n == 0:
+        return FLB_NONE
     if alg == FLB_ALG_WEIGHTED_ROUND_ROBIN:
-        return pick_smooth_wrr(c, p, panic)
+        return pick_smooth_wrr(c, v)
     if alg == FLB_ALG_ROUND_ROBIN:
-        return pick_round_robin(c, p, pi, panic)
+        return pick_round_robin(c, v, pi)
     if alg == FLB_ALG_LEAST_CONN:
-        return pick_least_conn(c, p, pi, panic)
+        return pick_least_conn(c, v, pi)
     if alg == FLB_ALG_RANDOM:
-        return pick_weighted_random(c, p, panic, FLB_NONE)
+        return pick_random(c, v)
     if alg == FLB_ALG_P2C:
-        return pick_p2c(c, p, panic)
+        return pick_p2c(c, v)
     if alg == FLB_ALG_LEAST_RESPONSE_TIME:
-        return pick_least_response_time(c, p, pi, panic)
+        return pick_least_response_time(c, v, pi)
     if alg == FLB_ALG_MAGLEV:
-        idx = pick_maglev(c, p, panic)
+        idx = pick_maglev(c, p)
     elif alg == FLB_ALG_RING_HASH:
-        idx = pick_ring_hash(c, p, panic)
+        idx = pick_ring_hash(c, p)
     else:
         return FLB_NONE
     if idx == FLB_NONE:
         # the table has no live candidate (being rebuilt, or all tried): keep the promise of a
         # working connection over affinity
-        idx = pick_weighted_random(c, p, panic, FLB_NONE)
+        idx = pick_random(c, v)
     return idx
 
 
@@ -234,13 +332,6 @@ cdef inline void lb_take(uint32_t idx) noexcept nogil:
 cdef inline void lb_drop(uint32_t idx) noexcept nogil:
     flb_sadd64(&W.backends[idx].active, -1)
     W.wactive[idx] -= 1
-
-
-cdef void lb_refresh() noexcept nogil:
-    """The control process published a change: restart the smooth-WRR rounds."""
-    cdef uint32_t i
-    for i in range(W.hdr.n_backends):
-        W.cw[i] = 0
 
 
 cdef uint64_t lb_key_hash(uint32_t hash_key, sockaddr_storage *peer, int cfd) noexcept nogil:
@@ -282,25 +373,24 @@ cdef double lb_bench(char *base, int pool, long iterations) noexcept nogil:
     cdef Conn c
     cdef long i
     cdef uint64_t t0, t1, sink = 0
+    cdef int32_t *wactive
+    memset(&W, 0, sizeof(Worker))
     W.base = base
     W.hdr = <flb_header_t *>base
     W.pools = <flb_pool_t *>(base + W.hdr.pools_off)
     W.backends = <flb_backend_t *>(base + W.hdr.backends_off)
-    W.rr = <uint32_t *>calloc(W.hdr.n_pools + 1, sizeof(uint32_t))
-    W.cw = <int64_t *>calloc(W.hdr.n_backends + 1, sizeof(int64_t))
     W.rng = 0x9E3779B97F4A7C15ULL
-    if W.rr == NULL or W.cw == NULL:
+    if lb_setup() < 0:
+        lb_free()
         return -1.0
+    lb_refresh()
     memset(&c, 0, sizeof(Conn))
     t0 = clock_us()
     for i in range(iterations):
         c.key_hash = flb_hash64(&i, sizeof(i), FLB_SEED_KEY)
         sink += lb_pick(&c, pool)
     t1 = clock_us()
-    free(W.rr)
-    free(W.cw)
-    W.rr = NULL
-    W.cw = NULL
+    lb_free()
     if sink == 1:
         t1 += 1        # keep the loop from being optimised away
     return <double>(t1 - t0) * 1000.0 / <double>(iterations if iterations > 0 else 1)

@@ -165,17 +165,23 @@ cdef void close_condemned() noexcept nogil:
             conn_close(&W.conns[k], False)
 
 
-cdef int housekeeping() noexcept nogil:
-    """Once per loop turn: shared-memory generation, heartbeat and gauges, paused listeners.
-    Returns 1 when a listener has work waiting (poll without blocking)."""
+cdef inline void sync_generation() noexcept nogil:
+    """First thing after every wake-up, before any pick: a change the control process published
+    before this wake-up (e.g. before it answered `fastlb drain`) applies to every connection
+    accepted from now on."""
     cdef uint64_t g = flb_load64_acq(&W.hdr.generation)
-    cdef int i, work = 0
-    cdef Listener *l
     if g != W.generation:
         W.generation = g
         lb_refresh()
         close_condemned()
         W.me.generation_seen = g
+
+
+cdef int housekeeping() noexcept nogil:
+    """Once per loop turn: heartbeat and gauges, paused listeners.
+    Returns 1 when a listener has work waiting (poll without blocking)."""
+    cdef int i, work = 0
+    cdef Listener *l
     W.me.heartbeat_ms = W.now_ms
     W.me.active = W.active
     W.me.pipes_pooled = <uint64_t>W.n_pooled
@@ -202,7 +208,6 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     cdef sigset_t mask
     cdef epoll_event ev
     cdef int i, rc
-    cdef uint32_t k
     cdef int32_t capacity
     cdef Pipe first
     cdef flb_listener_t *sl
@@ -263,14 +268,12 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     rc = timers_init()
     if rc < 0:
         return rc
-    W.rr = <uint32_t *>calloc(W.hdr.n_pools + 1, sizeof(uint32_t))
-    W.cw = <int64_t *>calloc(W.hdr.n_backends + 1, sizeof(int64_t))
+    rc = lb_setup()
+    if rc < 0:
+        return rc
     W.listeners = <Listener *>calloc(nfds + 1, sizeof(Listener))
-    if W.rr == NULL or W.cw == NULL or W.listeners == NULL:
+    if W.listeners == NULL:
         return -ENOMEM
-    # start the round-robin cursors at different places in different workers
-    for k in range(W.hdr.n_pools):
-        W.rr[k] = <uint32_t>index
     W.ep = epoll_create1(EPOLL_CLOEXEC)
     if W.ep < 0:
         return -errno
@@ -293,6 +296,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     if epoll_ctl(W.ep, EPOLL_CTL_ADD, W.sfd, &ev) < 0:
         return -errno
     W.generation = flb_load64_acq(&W.hdr.generation)
+    lb_refresh()
     W.me.generation_seen = W.generation
     W.me.pid = getpid()
     W.me.state = 1
@@ -338,6 +342,7 @@ cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdow
                 break
             n = 0
         clock_update()
+        sync_generation()
         for i in range(n):
             dispatch(&events[i], shutdown_ms)
         for li in range(<uint32_t>W.n_listeners):

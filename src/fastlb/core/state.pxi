@@ -67,6 +67,15 @@ ctypedef struct Conn:
     int32_t next_free
 
 
+ctypedef struct PoolView:
+    uint32_t n              # eligible backends (in_use, ready, up or panic, weight > 0)
+    uint32_t *idx           # their global indices
+    uint32_t *w             # their effective weights
+    uint64_t *cum           # prefix sums of w, for weighted random draws
+    int64_t *cw             # smooth-WRR current weights
+    uint64_t total          # sum of w
+
+
 ctypedef struct Listener:
     int fd                  # -1 once closed (draining)
     uint32_t pool
@@ -116,7 +125,8 @@ ctypedef struct Worker:
     int64_t n_timers
     # selection state (per worker)
     uint32_t *rr            # per pool round-robin cursor
-    int64_t *cw             # per backend smooth-WRR current weight
+    PoolView *views         # per pool: what may take new connections (rebuilt on publish)
+    uint8_t *ok             # per backend: 1 if in its pool's view
     uint64_t rng
     # lifecycle
     int stopping
