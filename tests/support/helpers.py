@@ -79,7 +79,8 @@ def connect_refused(addr: tuple[str, int]) -> bool:
         s = socket.create_connection(addr, timeout=1.0)
     except ConnectionRefusedError:
         return True
-    except TimeoutError:
+    except (TimeoutError, ConnectionResetError):
+        # reset: the SYN met a listener in the middle of closing - not refused yet, ask again
         return False
     s.close()
     return False
