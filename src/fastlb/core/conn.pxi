@@ -1,6 +1,6 @@
 # core/conn.pxi - the state machine of one proxied connection:
 #   accepted -> CS_CONNECTING (non-blocking connect; failure or timeout -> next backend, up to
-#   `retries`) -> CS_ESTABLISHED (splice both ways through pooled pipes; EOF becomes
+#   `retries`) -> CS_ESTABLISHED (small messages recv+send, bulk spliced through pooled pipes; EOF becomes
 #   shutdown(SHUT_WR) on the other side once the pipe is drained; an error or reset on either side
 #   resets both) -> closed when both directions are done.
 
@@ -115,7 +115,7 @@ cdef int conn_connect(Conn *c) noexcept nogil:
             c.backend = idx
             lb_take(idx)
             c.state = CS_CONNECTING
-            c.flags &= ~(F_B_RD | F_B_WR | F_B_ERR)
+            c.flags &= ~(F_B_RD | F_B_WR | F_B_ERR | F_B_HUP)
             c.start_us = W.now_us
             timer_schedule(c, W.now_ms + l.connect_timeout_ms)
             return 0
@@ -159,14 +159,61 @@ cdef void conn_connected(Conn *c) noexcept nogil:
         timer_unlink(c)
 
 
-cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint16_t eof,
-              uint16_t shut, uint64_t *counter) noexcept nogil:
-    """Move what src has to dst through p (zero-copy).  Returns bytes moved (>= 0) or -errno when
-    the connection must be reset.
+cdef int pump_small(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint16_t eof,
+                    uint16_t hup, uint16_t bulk) noexcept nogil:
+    """One recv() into the worker's scratch buffer and one send() on: the cheap way to forward a
+    small message (what HAProxy's splice-auto does too).  Only with an empty pipe, so bytes keep
+    their order; whatever dst does not take at once goes into the pipe, and the splice path drains
+    it.  A recv() that fills the buffer marks the direction `bulk`: splice from then on.
 
-    EAGAIN is a state, not an error: from the socket into an EMPTY pipe it means the socket is
-    drained (clear `rd`); with bytes in the pipe it may only mean the pipe is full, so `rd` stays
-    set and we come back once dst has taken some.  EAGAIN into dst clears `wr` until EPOLLOUT.
+    A short recv() proves the socket queue was empty, so `rd` is cleared without the extra call that
+    would return EAGAIN - unless the peer's FIN was already reported (`hup`): then we read on to
+    see the EOF.  Returns bytes moved, or -errno (reset), or -EAGAIN when nothing was there.
+    """
+    cdef ssize_t n, m
+    cdef int e
+    n = recv(src, W.scratch, SCRATCH_SIZE, MSG_DONTWAIT)
+    if n <= 0:
+        if n == 0:
+            c.flags |= eof
+            return 0
+        e = errno
+        if e == EAGAIN:
+            c.flags &= ~rd
+            return -EAGAIN
+        return -EAGAIN if e == EINTR else -e
+    if n == SCRATCH_SIZE:
+        c.flags |= bulk
+    elif not (c.flags & hup):
+        c.flags &= ~rd
+    m = 0
+    if c.flags & wr:
+        m = send(dst, W.scratch, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if m < 0:
+            e = errno
+            if e != EAGAIN and e != EINTR:
+                return -e
+            if e == EAGAIN:
+                c.flags &= ~wr
+            m = 0
+    if m < n:
+        # the pipe (taken before the recv, so this cannot fail for want of one) keeps the rest
+        if write(p.wfd, W.scratch + m, <size_t>(n - m)) != n - m:
+            return -EIO
+        p.bytes += <uint32_t>(n - m)
+    return <int>n
+
+
+cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint16_t eof,
+              uint16_t shut, uint16_t hup, uint16_t bulk, uint64_t *counter) noexcept nogil:
+    """Move what src has to dst.  Returns bytes moved (>= 0) or -errno when the connection must
+    be reset.
+
+    Small messages take pump_small() (recv + send); a direction that once filled the scratch
+    buffer is bulk and goes zero-copy: splice(src -> pipe) and splice(pipe -> dst).  EAGAIN is a
+    state, not an error: from the socket into an EMPTY pipe it means the socket is drained (clear
+    `rd`); with bytes in the pipe it may only mean the pipe is full, so `rd` stays set and we come
+    back once dst has taken some.  EAGAIN into dst clears `wr` until EPOLLOUT.
     """
     cdef ssize_t n
     cdef int64_t moved = 0
@@ -183,6 +230,16 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
                     break
                 if rc < 0:
                     return rc
+            if p.bytes == 0 and not (c.flags & bulk):
+                rc = pump_small(c, src, dst, p, rd, wr, eof, hup, bulk)
+                if rc > 0:
+                    moved += rc
+                    progress = 1
+                elif rc == 0:
+                    progress = 1            # EOF
+                elif rc != -EAGAIN:
+                    return rc
+                continue
             n = splice(src, NULL, p.wfd, NULL, cap - p.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n > 0:
                 p.bytes += <uint32_t>n
@@ -250,11 +307,11 @@ cdef void conn_run(Conn *c) noexcept nogil:
             flb_add64(&b.consecutive_failures, 1)
         conn_close(c, True)
         return
-    rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, &b.bytes_in)
+    rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, F_C_HUP, F_C2B_BULK, &b.bytes_in)
     if rc < 0:
         conn_close(c, True)
         return
-    rc = pump(c, c.bfd, c.cfd, &c.b2c, F_B_RD, F_C_WR, F_B_EOF, F_C_SHUT, &b.bytes_out)
+    rc = pump(c, c.bfd, c.cfd, &c.b2c, F_B_RD, F_C_WR, F_B_EOF, F_C_SHUT, F_B_HUP, F_B2C_BULK, &b.bytes_out)
     if rc < 0:
         if not (c.flags & F_B_DATA):
             flb_add64(&b.resets, 1)

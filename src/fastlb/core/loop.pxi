@@ -122,6 +122,8 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
             c.flags |= F_C_WR
         if e & EPOLLERR:
             c.flags |= F_C_ERR
+        if e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            c.flags |= F_C_HUP
     else:
         if e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             c.flags |= F_B_RD
@@ -129,6 +131,8 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
             c.flags |= F_B_WR
         if e & EPOLLERR:
             c.flags |= F_B_ERR
+        if e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            c.flags |= F_B_HUP
     conn_run(c)
 
 
@@ -252,6 +256,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     if rc < 0:
         return rc
     W.me.conn_capacity = <uint64_t>capacity
+    W.scratch = <char *>malloc(SCRATCH_SIZE)
+    if W.scratch == NULL:
+        return -ENOMEM
     W.starved = <int32_t *>malloc(sizeof(int32_t) * capacity)
     W.starved_gen = <uint32_t *>malloc(sizeof(uint32_t) * capacity)
     if W.starved == NULL or W.starved_gen == NULL:

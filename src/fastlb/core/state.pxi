@@ -22,6 +22,10 @@ cdef enum:
     F_C_ERR = 0x200      # error seen on the client socket
     F_B_ERR = 0x400      # error seen on the backend socket
     F_STARVED = 0x800    # waits for a pipe (fd limit reached): retried every loop turn
+    F_C_HUP = 0x1000     # epoll reported the client's FIN (or an error): read on to the EOF
+    F_B_HUP = 0x2000
+    F_C2B_BULK = 0x4000  # this direction once filled the scratch buffer: splice from now on
+    F_B2C_BULK = 0x8000
 
 cdef enum:
     MAX_TRIES = 11       # 1 + the largest `retries` the config accepts
@@ -29,6 +33,7 @@ cdef enum:
     ACCEPT_BATCH = 64
     EMFILE_PAUSE_MS = 100
     FD_RESERVE = 16      # descriptors kept free for pipes of established connections
+    SCRATCH_SIZE = 16384 # recv/send buffer for small messages (per worker, not per connection)
     IDLE_POLL_MS = 100   # epoll_wait timeout when nothing is scheduled sooner
 
 # epoll_event.data.u64: a connection is (gen << 32) | (slot << 1) | side; a listener or the
@@ -110,6 +115,7 @@ ctypedef struct Worker:
     uint32_t *starved_gen
     int32_t starved_head
     int32_t n_starved
+    char *scratch           # SCRATCH_SIZE bytes
     uint64_t now_ms
     uint64_t now_us
     uint64_t generation

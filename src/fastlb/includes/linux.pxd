@@ -64,6 +64,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
     int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
+    ssize_t recv(int sockfd, void *buf, size_t length, int flags)
+    ssize_t send(int sockfd, const void *buf, size_t length, int flags)
     enum:
         AF_INET
         AF_INET6
@@ -77,6 +79,8 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_REUSEPORT
         SHUT_WR
         SHUT_RDWR
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -175,5 +179,6 @@ cdef extern from "<sys/resource.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
     int getpid()
     int getppid()
