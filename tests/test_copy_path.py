@@ -154,7 +154,9 @@ def test_data_and_fin_together_both_ways(fastlb):
                 while chunk := s.recv(65536):
                     reply += chunk
             assert reply == b"pong:" + msg, f"connection {i}: {reply!r}"
-        wait_until(lambda: len(srv.results) + len(srv.errors) == 200, 10, "every backend connection to finish")
+        wait_until(
+            lambda: len(srv.results) + len(srv.errors) == 200, 10, "every backend connection to finish"
+        )
         assert not srv.errors, srv.errors[:3]
         assert sorted(srv.results) == sorted(b"ping %d" % i for i in range(200))
     finally:

@@ -29,7 +29,9 @@ def toml_blocks() -> list[tuple[str, str]]:
 def test_documented_config_validates(tmp_path: Path, where: str, text: str) -> None:
     cfg = tmp_path / "example.toml"
     cfg.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "fastlb", "check-config", str(cfg)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlb", "check-config", str(cfg)], capture_output=True, text=True
+    )
     assert r.returncode == 0, f"{where}: {r.stderr}"
     assert "OK" in r.stdout
 
@@ -51,7 +53,14 @@ def test_region_header_self_describes() -> None:
     h = r.header()
     assert h["magic"] == _shm.MAGIC and h["layout_version"] == _shm.LAYOUT_VERSION
     assert (h["listener_size"], h["pool_size"], h["backend_size"], h["worker_size"]) == (192, 192, 256, 128)
-    assert h["listeners_off"] < h["pools_off"] < h["backends_off"] < h["workers_off"] < h["tables_off"] <= h["total_size"]
+    assert (
+        h["listeners_off"]
+        < h["pools_off"]
+        < h["backends_off"]
+        < h["workers_off"]
+        < h["tables_off"]
+        <= h["total_size"]
+    )
     r.close()
 
 

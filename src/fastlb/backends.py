@@ -21,23 +21,23 @@ from fastlb.tables import publish_table
 
 log = logging.getLogger("fastlb")
 
-SLOW_START_FLOOR = 0.05        # slow start begins at 5% of the weight (never below 1)
+SLOW_START_FLOOR = 0.05  # slow start begins at 5% of the weight (never below 1)
 
 
 @dataclass
 class BackendSlot:
-    index: int                 # global slot in the region
+    index: int  # global slot in the region
     pool: str
     name: str
     address: str
-    weight: int                # configured, or the last set-weight
-    admin: str = "ready"       # ready | drain | maint
-    check_up: bool = True      # active health checks' verdict
-    ejected: bool = False      # passive ejection (outlier detection)
-    removed: bool = False      # gone from the config: draining, then the slot is freed
-    slow_start_from: float | None = None   # monotonic time the ramp began
+    weight: int  # configured, or the last set-weight
+    admin: str = "ready"  # ready | drain | maint
+    check_up: bool = True  # active health checks' verdict
+    ejected: bool = False  # passive ejection (outlier detection)
+    removed: bool = False  # gone from the config: draining, then the slot is freed
+    slow_start_from: float | None = None  # monotonic time the ramp began
     drain_since: float | None = None
-    drain_closed: bool = False             # drain_timeout passed: workers told to close
+    drain_closed: bool = False  # drain_timeout passed: workers told to close
     eff_weight: int = 0
 
     @property
@@ -103,8 +103,11 @@ class BackendManager:
         if all_down != ps.all_down:
             ps.all_down = all_down
             if all_down:
-                what = ("panic: spreading new connections over all backends, ignoring health"
-                        if ps.config.all_down == "panic" else "rejecting new connections")
+                what = (
+                    "panic: spreading new connections over all backends, ignoring health"
+                    if ps.config.all_down == "panic"
+                    else "rejecting new connections"
+                )
                 log.error("pool %s: every backend is down; %s", ps.config.name, what)
             else:
                 log.info("pool %s: a backend is up again; panic/reject over", ps.config.name)
@@ -118,10 +121,20 @@ class BackendManager:
                     weights.append(0)
                     continue
                 names.append(slot.name)
-                ok = slot.admin == "ready" and (slot.health == "up" or (all_down and ps.config.all_down == "panic"))
+                ok = slot.admin == "ready" and (
+                    slot.health == "up" or (all_down and ps.config.all_down == "panic")
+                )
                 weights.append(slot.eff_weight if ok else 0)
-            publish_table(r, ps.index, ps.config.algorithm, ps.first, names, weights,
-                          ps.config.maglev_table_size, ps.config.ring_vnodes)
+            publish_table(
+                r,
+                ps.index,
+                ps.config.algorithm,
+                ps.first,
+                names,
+                weights,
+                ps.config.maglev_table_size,
+                ps.config.ring_vnodes,
+            )
 
     def publish_pool(self, ps: PoolState) -> None:
         self._write_pool(ps, time.monotonic())
@@ -165,8 +178,14 @@ class BackendManager:
                 self.region.set_close_conns(slot.index, False)
         if admin == "ready":
             slot.slow_start_from = now
-        log.info("pool %s backend %s: %s -> %s (%d connections open)", slot.pool, slot.name, old, admin,
-                 self.region.backend(slot.index)["active"])
+        log.info(
+            "pool %s backend %s: %s -> %s (%d connections open)",
+            slot.pool,
+            slot.name,
+            old,
+            admin,
+            self.region.backend(slot.index)["active"],
+        )
         self.publish_pool(self.pools[slot.pool])
 
     # --- health ----------------------------------------------------------------------------------
@@ -181,8 +200,9 @@ class BackendManager:
                 if slot.removed:
                     continue
                 host, _, port = slot.address.rpartition(":")
-                targets.append(CheckTarget(ps.config.name, slot.name, host.strip("[]"), int(port), hc,
-                                           up=slot.check_up))
+                targets.append(
+                    CheckTarget(ps.config.name, slot.name, host.strip("[]"), int(port), hc, up=slot.check_up)
+                )
         return targets
 
     def on_check_transition(self, target: CheckTarget, up: bool, reason: str) -> None:
@@ -219,8 +239,13 @@ class BackendManager:
                     if tracker.observe(slot.name, failures, now):
                         slot.ejected = True
                         changed = True
-                        log.warning("pool %s backend %s: EJECTED after %d consecutive failures, for %.1fs",
-                                    ps.config.name, slot.name, failures, (tracker.ejected_until(slot.name) or now) - now)
+                        log.warning(
+                            "pool %s backend %s: EJECTED after %d consecutive failures, for %.1fs",
+                            ps.config.name,
+                            slot.name,
+                            failures,
+                            (tracker.ejected_until(slot.name) or now) - now,
+                        )
             for slot in list(ps.slots.values()):
                 if slot.slow_start_from is not None:
                     changed = True
@@ -246,8 +271,13 @@ class BackendManager:
         if not slot.drain_closed and now - slot.drain_since >= ps.config.drain_timeout:
             slot.drain_closed = True
             self.region.set_close_conns(slot.index, True)
-            log.warning("pool %s backend %s: drain_timeout (%.1fs) passed; closing its %d remaining connections",
-                        ps.config.name, slot.name, ps.config.drain_timeout, active)
+            log.warning(
+                "pool %s backend %s: drain_timeout (%.1fs) passed; closing its %d remaining connections",
+                ps.config.name,
+                slot.name,
+                ps.config.drain_timeout,
+                active,
+            )
             return True
         return False
 
@@ -279,23 +309,32 @@ class BackendManager:
                 slot = ps.slots.get(bc.name)
                 if slot is not None and not slot.removed:
                     if slot.weight != bc.weight:
-                        log.info("pool %s backend %s: weight %d -> %d (reload)", name, bc.name, slot.weight, bc.weight)
+                        log.info(
+                            "pool %s backend %s: weight %d -> %d (reload)",
+                            name,
+                            bc.name,
+                            slot.weight,
+                            bc.weight,
+                        )
                         slot.weight = bc.weight
                     if slot.address != str(bc.address):
-                        self.region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight)
+                        self.region.set_backend(
+                            slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight
+                        )
                         slot.address = str(bc.address)
                         log.info("pool %s backend %s: address now %s (reload)", name, bc.name, bc.address)
                     continue
                 if slot is not None and slot.removed:
-                    del ps.slots[bc.name]      # re-added before its drain finished: a fresh slot
+                    del ps.slots[bc.name]  # re-added before its drain finished: a fresh slot
                     self.region.set_in_use(slot.index, False)
                 index = ps.free_slot()
                 if index is None:
                     needs_restart.append(f"pools.{name}.backends: no free slot for {bc.name}")
                     continue
                 self.region.set_backend(index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
-                ps.slots[bc.name] = BackendSlot(index, name, bc.name, str(bc.address), bc.weight,
-                                                slow_start_from=now)
+                ps.slots[bc.name] = BackendSlot(
+                    index, name, bc.name, str(bc.address), bc.weight, slow_start_from=now
+                )
                 log.info("pool %s backend %s: added (%s, weight %d)", name, bc.name, bc.address, bc.weight)
             ps.config = _merge_pool(old, pc)
             if ps.outlier is not None:
@@ -307,6 +346,12 @@ class BackendManager:
 
 def _merge_pool(old: PoolConfig, new: PoolConfig) -> PoolConfig:
     """The pool as it now runs: settings that need a restart from old, the rest from new."""
-    return replace(new, algorithm=old.algorithm, hash_key=old.hash_key, retries=old.retries,
-                   maglev_table_size=old.maglev_table_size, ring_vnodes=old.ring_vnodes, all_down=old.all_down)
-
+    return replace(
+        new,
+        algorithm=old.algorithm,
+        hash_key=old.hash_key,
+        retries=old.retries,
+        maglev_table_size=old.maglev_table_size,
+        ring_vnodes=old.ring_vnodes,
+        all_down=old.all_down,
+    )

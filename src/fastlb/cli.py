@@ -54,7 +54,12 @@ def _load_or_exit(config_file: str):  # -> Config
 
 @main.command()
 @click.option("-c", "--config", "config_file", required=True, type=click.Path(), help="TOML config file.")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker processes (default: config, else CPUs).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Worker processes (default: config, else CPUs).",
+)
 def serve(config_file: str, workers: int | None) -> None:
     """Run the load balancer in the foreground until SIGTERM/SIGINT."""
     cfg = _load_or_exit(config_file)
@@ -76,7 +81,9 @@ def _client(config_file: str | None, socket_path: str | None):  # -> ControlClie
 
 
 def _control_options(f):
-    f = click.option("-c", "--config", "config_file", type=click.Path(), help="Config of the running fastlb.")(f)
+    f = click.option(
+        "-c", "--config", "config_file", type=click.Path(), help="Config of the running fastlb."
+    )(f)
     f = click.option("--socket", "socket_path", type=click.Path(), help="Its control socket.")(f)
     return f
 
@@ -109,7 +116,9 @@ def status(config_file: str | None, socket_path: str | None, as_json: bool) -> N
 @click.argument("pool")
 @click.argument("backend")
 @click.argument("weight")
-def set_weight(config_file: str | None, socket_path: str | None, pool: str, backend: str, weight: str) -> None:
+def set_weight(
+    config_file: str | None, socket_path: str | None, pool: str, backend: str, weight: str
+) -> None:
     """Set BACKEND's weight in POOL (0..1000) on a running fastlb; new connections follow at once."""
     from fastlb.control import MAX_WEIGHT
 

@@ -80,7 +80,8 @@ def run_demo(seconds: float, workers: int) -> int:
     with tempfile.TemporaryDirectory(prefix="fastlb-demo-") as tmp:
         cfg_path = os.path.join(tmp, "demo.toml")
         backends = ",\n".join(
-            f'  {{ name = "{n}", address = "127.0.0.1:{backend_ports[n]}", weight = {w} }}' for n, w in WEIGHTS.items()
+            f'  {{ name = "{n}", address = "127.0.0.1:{backend_ports[n]}", weight = {w} }}'
+            for n, w in WEIGHTS.items()
         )
         config = (
             f'[global]\nworkers = {workers}\ncontrol_socket = "{tmp}/control.sock"\nshutdown_timeout = "5s"\n\n'
@@ -96,12 +97,15 @@ def run_demo(seconds: float, workers: int) -> int:
         env = dict(os.environ, NOTIFY_SOCKET=os.path.join(tmp, "notify.sock"))
         log_path = os.path.join(tmp, "fastlb.log")
         log_file = open(log_path, "w")  # noqa: SIM115 - closed below, after the process ends
-        proc = subprocess.Popen([sys.executable, "-m", "fastlb", "serve", "-c", cfg_path], env=env,
-                                stderr=log_file)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastlb", "serve", "-c", cfg_path], env=env, stderr=log_file
+        )
         try:
             _wait_ready(notify, proc, 15.0)
-            print(f"fastlb is ready on 127.0.0.1:{lb_port}; sending traffic for {seconds:.1f}s "
-                  f"with {CONCURRENCY} concurrent clients ...\n")
+            print(
+                f"fastlb is ready on 127.0.0.1:{lb_port}; sending traffic for {seconds:.1f}s "
+                f"with {CONCURRENCY} concurrent clients ...\n"
+            )
             stats = asyncio.run(_traffic(backend_ports, lb_port, seconds))
             st = ControlClient(os.path.join(tmp, "control.sock")).status()
         finally:
@@ -118,10 +122,14 @@ def run_demo(seconds: float, workers: int) -> int:
     total = sum(b["total"] for b in st["pools"][0]["backends"]) or 1
     print("\nshare of connections (configured weights 5:3:2 = 50% / 30% / 20%):")
     for b in st["pools"][0]["backends"]:
-        print(f"  {b['name']}: {b['total']:7d} connections  {100.0 * b['total'] / total:5.1f}%  "
-              f"{b['bytes_in']:>12,d} bytes in  {b['bytes_out']:>12,d} bytes out")
-    print(f"\nclients: {stats['ok']} echoed correctly, {stats['bad']} wrong bytes, {stats['failed']} failed; "
-          f"fastlb exited with code {code}")
+        print(
+            f"  {b['name']}: {b['total']:7d} connections  {100.0 * b['total'] / total:5.1f}%  "
+            f"{b['bytes_in']:>12,d} bytes in  {b['bytes_out']:>12,d} bytes out"
+        )
+    print(
+        f"\nclients: {stats['ok']} echoed correctly, {stats['bad']} wrong bytes, {stats['failed']} failed; "
+        f"fastlb exited with code {code}"
+    )
     good = stats["bad"] == 0 and stats["failed"] == 0 and code == 0 and stats["ok"] > 0
     if not good:
         print(f"\nfastlb's log:\n{log_text}", file=sys.stderr)

@@ -18,15 +18,32 @@ def format_status(st: dict[str, Any]) -> str:
     rows = [head]
     for p in st["pools"]:
         for b in p["backends"]:
-            weight = str(b["weight"]) if b["effective_weight"] == b["weight"] else f"{b['effective_weight']}/{b['weight']}"
+            weight = (
+                str(b["weight"])
+                if b["effective_weight"] == b["weight"]
+                else f"{b['effective_weight']}/{b['weight']}"
+            )
             errors = b["connect_errors"] + b["connect_timeouts"] + b["resets"]
-            rows.append((p["name"], b["name"], b["state"], weight, str(b["active"]), str(b["total"]),
-                         _size(b["bytes_in"]), _size(b["bytes_out"]), str(errors)))
+            rows.append(
+                (
+                    p["name"],
+                    b["name"],
+                    b["state"],
+                    weight,
+                    str(b["active"]),
+                    str(b["total"]),
+                    _size(b["bytes_in"]),
+                    _size(b["bytes_out"]),
+                    str(errors),
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for li in st["listeners"]:
-        lines.append(f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
-                     f"accepted {li['accepted']}, rejected {li['rejected']}")
+        lines.append(
+            f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
+            f"accepted {li['accepted']}, rejected {li['rejected']}"
+        )
     alive = sum(1 for w in st["workers"] if w["state"] == 1)
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)

@@ -30,8 +30,8 @@ from fastlb.tables import table_capacity
 
 log = logging.getLogger("fastlb")
 
-SPARE_SLOTS_MIN = 8            # backend slots kept free per pool for backends added at runtime
-READY_TIMEOUT = 15.0           # seconds for all workers to open their listeners
+SPARE_SLOTS_MIN = 8  # backend slots kept free per pool for backends added at runtime
+READY_TIMEOUT = 15.0  # seconds for all workers to open their listeners
 RESTART_BACKOFF_MAX = 5.0
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -60,7 +60,7 @@ def _listen_socket(family: int, sockaddr: tuple, backlog: int) -> socket.socket:
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # inherited by accepted sockets
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind(sockaddr)
@@ -81,8 +81,8 @@ class Supervisor:
         self.n_workers = workers or config.global_.workers
         self.shutdown_timeout = config.global_.shutdown_timeout
         self.pools: dict[str, PoolState] = {}
-        self.pids: dict[int, int] = {}           # pid -> worker index
-        self.restarts: dict[int, int] = {}       # worker index -> consecutive quick deaths
+        self.pids: dict[int, int] = {}  # pid -> worker index
+        self.restarts: dict[int, int] = {}  # worker index -> consecutive quick deaths
         self.started_at: dict[int, float] = {}
         self.stopping = False
         self.ready = False
@@ -108,15 +108,23 @@ class Supervisor:
         region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps)
         for ps in self.pools.values():
             pc = ps.config
-            region.set_pool(ps.index, pc.name, pc.algorithm, pc.hash_key, pc.retries, ps.first,
-                            ps.n_slots, pc.all_down)
+            region.set_pool(
+                ps.index, pc.name, pc.algorithm, pc.hash_key, pc.retries, ps.first, ps.n_slots, pc.all_down
+            )
             for k, bc in enumerate(pc.backends):
                 slot = BackendSlot(ps.first + k, pc.name, bc.name, str(bc.address), bc.weight)
                 ps.slots[bc.name] = slot
                 region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
         for i, lc in enumerate(cfg.listeners.values()):
-            region.set_listener(i, lc.name, self.pools[lc.pool].index, int(lc.connect_timeout * 1000),
-                                int(lc.idle_timeout * 1000), lc.max_connections, sockaddr_bytes(lc.bind))
+            region.set_listener(
+                i,
+                lc.name,
+                self.pools[lc.pool].index,
+                int(lc.connect_timeout * 1000),
+                int(lc.idle_timeout * 1000),
+                lc.max_connections,
+                sockaddr_bytes(lc.bind),
+            )
         return region
 
     # --- workers -----------------------------------------------------------------------------
@@ -161,13 +169,18 @@ class Supervisor:
             try:
                 socks.append(_listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog))
             except OSError as exc:
-                print(f"fastlb: worker {index}: listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"fastlb: worker {index}: listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 3
         fds = [s.detach() for s in socks]
         rc = _core.run_worker(self.region.address, index, fds, self.shutdown_timeout)
         if rc < 0:
-            print(f"fastlb: worker {index}: data plane stopped: {os.strerror(-rc)}", file=sys.stderr, flush=True)
+            print(
+                f"fastlb: worker {index}: data plane stopped: {os.strerror(-rc)}", file=sys.stderr, flush=True
+            )
             return 1
         return 0
 
@@ -344,29 +357,62 @@ class Supervisor:
             backends = []
             for slot in list(ps.slots.values()):
                 b = r.backend(slot.index)
-                backends.append({
-                    "name": slot.name, "state": _state_name(b), "admin": ADMIN_NAMES[b["admin"]],
-                    "health": HEALTH_NAMES[b["health"]], "weight": b["weight"],
-                    "effective_weight": b["eff_weight"], "active": b["active"], "total": b["total"],
-                    "bytes_in": b["bytes_in"], "bytes_out": b["bytes_out"],
-                    "connect_errors": b["connect_errors"], "connect_timeouts": b["connect_timeouts"],
-                    "resets": b["resets"], "consecutive_failures": b["consecutive_failures"],
-                    "connect_time_us": b["connect_time_ewma_us"],
-                    "draining": slot.admin == "drain", "removed": slot.removed,
-                })
+                backends.append(
+                    {
+                        "name": slot.name,
+                        "state": _state_name(b),
+                        "admin": ADMIN_NAMES[b["admin"]],
+                        "health": HEALTH_NAMES[b["health"]],
+                        "weight": b["weight"],
+                        "effective_weight": b["eff_weight"],
+                        "active": b["active"],
+                        "total": b["total"],
+                        "bytes_in": b["bytes_in"],
+                        "bytes_out": b["bytes_out"],
+                        "connect_errors": b["connect_errors"],
+                        "connect_timeouts": b["connect_timeouts"],
+                        "resets": b["resets"],
+                        "consecutive_failures": b["consecutive_failures"],
+                        "connect_time_us": b["connect_time_ewma_us"],
+                        "draining": slot.admin == "drain",
+                        "removed": slot.removed,
+                    }
+                )
             p = r.pool(ps.index)
-            pools.append({"name": ps.config.name, "algorithm": ps.config.algorithm,
-                          "no_backend": p["no_backend"], "panic": bool(p["panic"]),
-                          "all_down": ps.all_down, "all_down_policy": ps.config.all_down, "backends": backends})
+            pools.append(
+                {
+                    "name": ps.config.name,
+                    "algorithm": ps.config.algorithm,
+                    "no_backend": p["no_backend"],
+                    "panic": bool(p["panic"]),
+                    "all_down": ps.all_down,
+                    "all_down_policy": ps.config.all_down,
+                    "backends": backends,
+                }
+            )
         listeners = []
         for i, lc in enumerate(self.config.listeners.values()):
             li = r.listener(i)
-            listeners.append({"name": lc.name, "bind": str(lc.bind), "pool": lc.pool, "active": li["active"],
-                              "accepted": li["accepted"], "rejected": li["rejected"],
-                              "paused_full": li["paused_full"], "accept_errors": li["accept_errors"]})
+            listeners.append(
+                {
+                    "name": lc.name,
+                    "bind": str(lc.bind),
+                    "pool": lc.pool,
+                    "active": li["active"],
+                    "accepted": li["accepted"],
+                    "rejected": li["rejected"],
+                    "paused_full": li["paused_full"],
+                    "accept_errors": li["accept_errors"],
+                }
+            )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
-        return {"pid": os.getpid(), "generation": r.generation, "listeners": listeners, "pools": pools,
-                "workers": workers}
+        return {
+            "pid": os.getpid(),
+            "generation": r.generation,
+            "listeners": listeners,
+            "pools": pools,
+            "workers": workers,
+        }
 
 
 def _state_name(b: dict) -> str:
