@@ -22,16 +22,13 @@ import contextlib
 import json
 import os
 import re
-import select
 import selectors
 import socket
 import struct
-import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
+from support.backends import ServerProcess
 from support.helpers import recv_exact, recv_line, wait_until
 
 LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -173,84 +170,20 @@ def proto(name: str, mode: str, **params) -> dict:
     return {"name": name, "mode": mode, **params}
 
 
-class ProtoServers:
-    """The protocol server process seen from the test; stop() ends it (SIGKILL if it lingers)."""
+class ProtoServers(ServerProcess):
+    """The protocol server process seen from the test (this file is its script)."""
 
-    def __init__(self, servers: list[dict], log_path: Path) -> None:
-        self.servers = servers
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.ports: dict[str, int] = {}
-        self._buf = b""
-        self._log = None
-
-    def start(self, timeout: float = 10.0) -> ProtoServers:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, json.dumps({"servers": self.servers})],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            close_fds=True,
-        )
-        self.ports = self._read_line(timeout)["ports"]
-        return self
+    script = __file__
+    what = "protocol server"
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
-
-    def _read_line(self, timeout: float) -> dict:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"protocol server silent for {timeout:.0f}s; log:\n{self.log_text()}")
-            r, _, _ = select.select([fd], [], [], left)
-            if r:
-                data = os.read(fd, 65536)
-                if not data:
-                    raise AssertionError(f"protocol server exited; log:\n{self.log_text()}")
-                self._buf += data
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def _call(self, cmd: str) -> dict:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(cmd.encode() + b"\n")
-        self.proc.stdin.flush()
-        return self._read_line(10.0)
-
-    def stats(self) -> dict:
-        return self._call("stats")
 
     def accepted(self, name: str) -> int:
         return self.stats()["accepted"][name]
 
     def set(self, name: str, key: str, value) -> None:
         assert self._call(f"set {name} {key} {json.dumps(value)}") == {"ok": True}
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(3)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if self._log is not None:
-            self._log.close()
 
 
 # --- fastlb status and log ---------------------------------------------------------------------

@@ -343,45 +343,41 @@ def server(name: str, mode: str, **params) -> dict:
     return {"name": name, "mode": mode, **params}
 
 
-class Backends:
-    """The backend process seen from the test: ports, counts, events; stop() kills it."""
+class ServerProcess:
+    """A server process seen from the test: started with its JSON spec as argv[1], it answers one
+    JSON line per command on stdin/stdout; stop() ends it (SIGKILL if it lingers).  Subclasses
+    give the script and read the hello line."""
+
+    script = __file__
+    what = "backend process"
 
     def __init__(self, servers: list[dict], log_path: Path) -> None:
         self.servers = servers
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
-        self.blackhole_ok: dict[str, bool] = {}
         self._buf = b""
         self._log = None
 
-    def start(self, timeout: float = 10.0) -> Backends:
+    def start(self, timeout: float = 10.0):
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, json.dumps({"servers": self.servers})],
+            [sys.executable, self.script, json.dumps({"servers": self.servers})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
             close_fds=True,
         )
-        hello = self._read_line(timeout)
-        self.ports = hello["ports"]
-        self.blackhole_ok = hello["blackhole_ok"]
+        self.hello(self._read_line(timeout))
         return self
+
+    def hello(self, msg: dict) -> None:
+        self.ports = msg["ports"]
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
-
-    def address(self, name: str) -> str:
-        """The address of server `name` as fastlb's config wants it: "HOST:PORT"."""
-        host = next(s.get("host", "127.0.0.1") for s in self.servers if s["name"] == name)
-        return f"[{host}]:{self.ports[name]}" if ":" in host else f"{host}:{self.ports[name]}"
-
-    def sockaddr(self, name: str) -> tuple[str, int]:
-        host = next(s.get("host", "127.0.0.1") for s in self.servers if s["name"] == name)
-        return host, self.ports[name]
 
     def _read_line(self, timeout: float) -> dict:
         assert self.proc is not None and self.proc.stdout is not None
@@ -390,14 +386,14 @@ class Backends:
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"backend process silent for {timeout:.0f}s; log:\n{self.log_text()}")
+                raise AssertionError(f"{self.what} silent for {timeout:.0f}s; log:\n{self.log_text()}")
             r, _, _ = select.select([fd], [], [], left)
             if r:
                 data = os.read(fd, 65536)
                 if not data:
                     self.proc.wait(5)
                     raise AssertionError(
-                        f"backend process exited ({self.proc.returncode}); log:\n{self.log_text()}"
+                        f"{self.what} exited ({self.proc.returncode}); log:\n{self.log_text()}"
                     )
                 self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
@@ -411,6 +407,48 @@ class Backends:
 
     def stats(self) -> dict:
         return self._call("stats")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # EOF on stdin: the server exits by itself
+                self.proc.wait(3)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+
+
+class Backends(ServerProcess):
+    """The backend process seen from the test: ports, counts, events."""
+
+    def __init__(self, servers: list[dict], log_path: Path) -> None:
+        super().__init__(servers, log_path)
+        self.blackhole_ok: dict[str, bool] = {}
+
+    def hello(self, msg: dict) -> None:
+        self.ports = msg["ports"]
+        self.blackhole_ok = msg["blackhole_ok"]
+
+    def address(self, name: str) -> str:
+        """The address of server `name` as fastlb's config wants it: "HOST:PORT"."""
+        host = next(s.get("host", "127.0.0.1") for s in self.servers if s["name"] == name)
+        return f"[{host}]:{self.ports[name]}" if ":" in host else f"{host}:{self.ports[name]}"
+
+    def sockaddr(self, name: str) -> tuple[str, int]:
+        host = next(s.get("host", "127.0.0.1") for s in self.servers if s["name"] == name)
+        return host, self.ports[name]
 
     def accepted(self) -> dict[str, int]:
         return self.stats()["accepted"]
@@ -432,28 +470,6 @@ class Backends:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"backend reported {len(got)} of {n} finished connections: {got}")
             time.sleep(0.02)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # EOF on stdin: the server exits by itself
-                self.proc.wait(3)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
-        for f in (self.proc.stdout,):
-            if f is not None:
-                f.close()
-        if self._log is not None:
-            self._log.close()
 
 
 if __name__ == "__main__":
