@@ -1,5 +1,5 @@
 """Lifecycle of `fastlb serve`: sd_notify from the main pid, graceful SIGTERM during a transfer,
-SIGINT, and a killed worker being replaced."""
+SIGINT, a killed worker being replaced, lean workers and an idle control process that sleeps."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from support.helpers import (
     drain,
     echo_all,
     echo_ok,
+    fd_kinds,
     open_many,
     send_stream,
     stream_sha256,
@@ -117,3 +118,44 @@ def test_killed_worker_is_replaced(backends, fastlb):
     finally:
         for s in socks:
             s.close()
+
+
+def test_workers_are_bare_interpreters_holding_only_their_own_descriptors(backends, fastlb):
+    """Workers are exec'd (python -I -S running fastlb.worker), not forks of the control process:
+    none of the control process's modules (asyncio's C part) is mapped in them, the region's memfd
+    is closed once mapped, and their descriptors are the loop's own."""
+    b = backends(server("e", "echo"))
+    lb = fastlb([("e", b.address("e"), None)], workers=2)
+    pids = lb.wait_workers(2)
+    control_maps = open(f"/proc/{lb.pid}/maps").read()
+    assert "_asyncio" in control_maps  # the probe below means something
+    names = set()
+    for pid in pids:
+        p = psutil.Process(pid)
+        names.add(p.name())
+        cmd = p.cmdline()
+        assert cmd[1:3] == ["-I", "-S"] and "fastlb.worker" in cmd[4], cmd
+        maps = open(f"/proc/{pid}/maps").read()
+        assert "_asyncio" not in maps, f"worker {pid} carries the control process's asyncio"
+        assert "memfd:fastlb-shm" in maps, f"worker {pid} has not mapped the shared region"
+        kinds = fd_kinds(pid)
+        assert not any(k.startswith("/memfd:") for k in kinds), kinds
+        assert kinds["anon_inode:[eventpoll]"] == 1 and kinds["anon_inode:[signalfd]"] == 1, kinds
+        assert kinds["socket"] == 1, kinds  # its listening socket only
+    assert names == {"fastlb-w0", "fastlb-w1"}
+    assert echo_ok(lb.addr, b"through an exec'd worker")
+
+
+def test_idle_control_process_sleeps(backends, fastlb):
+    """With nothing to do (no health checks, no failing backend, no drain) the control process
+    wakes a few times a second at most: it does not poll."""
+    b = backends(server("e", "echo"))
+    lb = fastlb([("e", b.address("e"), None)], workers=1)
+    lb.wait_workers(1)
+    assert echo_ok(lb.addr, b"one request, then idle")
+    control = psutil.Process(lb.pid)
+    before = control.num_ctx_switches().voluntary
+    window = 3.0
+    time.sleep(window)  # a measurement window, not a wait for a condition
+    woke = control.num_ctx_switches().voluntary - before
+    assert woke <= 10 * window, f"the idle control process woke {woke} times in {window:.0f}s"

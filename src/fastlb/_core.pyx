@@ -31,6 +31,15 @@ include "core/conn.pxi"
 include "core/loop.pxi"
 
 
+def map_region(int fd, size_t size):
+    """Map the shared region from its memfd (a worker exec'd into a fresh interpreter gets the fd,
+    not the mapping); return its address for run_worker().  The mapping lives until exit."""
+    cdef void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    if base == MAP_FAILED:
+        raise OSError(errno, "mmap of the shared region failed")
+    return <uintptr_t>base
+
+
 def run_worker(uintptr_t region_addr, int index, list listen_fds, double shutdown_timeout):
     """Run worker `index` on the mapped region at `region_addr` until it is told to stop.
 

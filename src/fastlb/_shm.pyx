@@ -333,6 +333,10 @@ cdef class Region:
             "attempts": flb_load64(&b.attempts), "close_conns": flb_load32(&b.close_conns),
         }
 
+    def consecutive_failures(self, int i) -> int:
+        """Backend i's failed connects since its last success (what passive ejection watches)."""
+        return flb_load64(&self._backend(i).consecutive_failures)
+
     def reset_consecutive_failures(self, int i) -> None:
         flb_store64(&self._backend(i).consecutive_failures, 0)
 

@@ -81,7 +81,10 @@ class BackendManager:
 
     def _effective(self, ps: PoolState, slot: BackendSlot, now: float) -> int:
         ramp = ps.config.slow_start
-        if slot.slow_start_from is None or ramp <= 0 or slot.weight == 0:
+        if ramp <= 0:
+            slot.slow_start_from = None  # no ramp configured: nothing left to do periodically
+            return slot.weight
+        if slot.slow_start_from is None or slot.weight == 0:
             return slot.weight
         frac = (now - slot.slow_start_from) / ramp
         if frac >= 1.0:
@@ -218,8 +221,27 @@ class BackendManager:
 
     # --- periodic work -----------------------------------------------------------------------------
 
+    def needs_tick(self) -> bool:
+        """Whether tick() has work now, at its short interval: a backend is failing or ejected
+        (passive ejection), a slow-start ramp or a drain is in progress.  Otherwise the control
+        process only looks at the failure counters now and then (TICK_IDLE_MAX)."""
+        for ps in self.pools.values():
+            tracker = ps.outlier
+            watch = tracker is not None and tracker.enabled
+            if watch and tracker.ejected():
+                return True
+            for slot in ps.slots.values():
+                if slot.slow_start_from is not None:
+                    return True
+                if slot.admin == "drain" and slot.drain_since is not None:
+                    return True
+                if watch and not slot.removed and self.region.consecutive_failures(slot.index) > 0:
+                    return True
+        return False
+
     def tick(self) -> None:
-        """Every ~100 ms: passive ejection, slow-start ramps, drain deadlines and completions."""
+        """Periodic work (see needs_tick): passive ejection, slow-start ramps, drain deadlines and
+        completions."""
         now = time.monotonic()
         for ps in self.pools.values():
             changed = False
@@ -235,7 +257,7 @@ class BackendManager:
                 for slot in ps.slots.values():
                     if slot.removed or slot.ejected:
                         continue
-                    failures = self.region.backend(slot.index)["consecutive_failures"]
+                    failures = self.region.consecutive_failures(slot.index)
                     if tracker.observe(slot.name, failures, now):
                         slot.ejected = True
                         changed = True

@@ -64,9 +64,23 @@ def serve(config_file: str, workers: int | None) -> None:
     """Run the load balancer in the foreground until SIGTERM/SIGINT."""
     cfg = _load_or_exit(config_file)
     _setup_logging(cfg.global_.log_level)
+    _keep_openssl_out()
     from fastlb.supervisor import serve as run
 
     sys.exit(run(cfg, workers))
+
+
+def _keep_openssl_out() -> None:
+    """The control process never speaks TLS, but asyncio imports ssl whenever it can, and that maps
+    OpenSSL: about 4 MiB resident for nothing.  Import asyncio with ssl marked absent (asyncio
+    supports that), then drop the mark so that an explicit `import ssl` later still works."""
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        del sys.modules["ssl"]
 
 
 def _client(config_file: str | None, socket_path: str | None):  # -> ControlClient

@@ -1,9 +1,9 @@
 """The control process of `fastlb serve`: shared memory, workers, the control socket, publishing.
 
-It creates the shared region from the config, forks one worker per CPU (each runs the nogil loop
-of fastlb._core), restarts a worker that dies, answers the control socket (status, weights,
-drain), and on SIGTERM/SIGINT stops accepting, lets connections finish up to shutdown_timeout
-and exits 0.  Everything per connection happens in the workers; this process only writes
+It creates the shared region from the config, starts one worker per CPU (a bare interpreter that
+runs the nogil loop of fastlb._core, see fastlb.worker), restarts a worker that dies, answers the
+control socket (status, weights, drain), and on SIGTERM/SIGINT stops accepting, lets connections
+finish up to shutdown_timeout and exits 0.  Everything per connection happens in the workers; this process only writes
 configuration and states into shared memory and reads counters back.
 """
 
@@ -20,11 +20,11 @@ import sys
 import time
 import traceback
 
-from fastlb import _core
+from fastlb import worker
 from fastlb._shm import Region
 from fastlb.backends import BackendManager, BackendSlot, PoolState
 from fastlb.config import Config, ConfigError, load_config
-from fastlb.health import HealthChecker
+from fastlb.health import CheckTarget, HealthChecker
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 from fastlb.tables import table_capacity
 
@@ -33,6 +33,8 @@ log = logging.getLogger("fastlb")
 SPARE_SLOTS_MIN = 8  # backend slots kept free per pool for backends added at runtime
 READY_TIMEOUT = 15.0  # seconds for all workers to open their listeners
 RESTART_BACKOFF_MAX = 5.0
+TICK_INTERVAL = 0.1  # seconds between backends.tick() while ejection, a ramp or a drain is active
+TICK_IDLE_MAX = 0.5  # otherwise: how soon a backend's first failed connects are looked at
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -89,7 +91,8 @@ class Supervisor:
         self.startup_failure: str | None = None
         self.exit_code = 0
         self._control_server: asyncio.AbstractServer | None = None
-        self._kill_deadline = float("inf")
+        self._all_exited: asyncio.Event | None = None  # set once stopping and no worker is left
+        self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
         self.checker: HealthChecker | None = None
@@ -156,14 +159,15 @@ class Supervisor:
         return pid
 
     def _worker_child(self, index: int) -> int:
-        # signals stay blocked from before fork(): the loop takes them through a signalfd
-        with contextlib.suppress(OSError):
-            with open("/proc/self/comm", "w") as f:
-                f.write(f"fastlb-w{index}")
+        """In the forked child: open this worker's listening sockets, then exec a bare interpreter
+        running fastlb.worker (see there why), which maps the region from its memfd."""
+        # signals stay blocked from before fork() and across exec: the loop takes them through a
+        # signalfd.  Drop every descriptor inherited from the control process (its event loop, the
+        # control socket, health-check connections in flight) except the region's memfd.
         signal.set_wakeup_fd(-1)
-        # drop every descriptor inherited from the control process (its event loop, the control
-        # socket, health-check connections in flight): the worker holds only its own sockets
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        region_fd = self.region.fd
+        os.closerange(3, region_fd)
+        os.closerange(region_fd + 1, os.sysconf("SC_OPEN_MAX"))
         socks = []
         for lc in self.config.listeners.values():
             try:
@@ -176,13 +180,11 @@ class Supervisor:
                 )
                 return 3
         fds = [s.detach() for s in socks]
-        rc = _core.run_worker(self.region.address, index, fds, self.shutdown_timeout)
-        if rc < 0:
-            print(
-                f"fastlb: worker {index}: data plane stopped: {os.strerror(-rc)}", file=sys.stderr, flush=True
-            )
-            return 1
-        return 0
+        for fd in (region_fd, *fds):
+            os.set_inheritable(fd, True)
+        argv = worker.command(index, region_fd, fds, self.shutdown_timeout)
+        os.execv(argv[0], argv)
+        return 70  # not reached: execv raises on failure
 
     def workers_ready(self) -> bool:
         for pid, index in self.pids.items():
@@ -207,6 +209,8 @@ class Supervisor:
             if self.stopping:
                 log.info("worker %d (pid %d) exited (%s)", index, pid, _describe_exit(code))
                 self.region.reset_worker(index)
+                if not self.pids and self._all_exited is not None:
+                    self._all_exited.set()
                 continue
             if not self.ready:
                 self.startup_failure = f"worker {index} failed to start ({_describe_exit(code)})"
@@ -224,7 +228,13 @@ class Supervisor:
     # --- the control process's loop ------------------------------------------------------------
 
     async def run(self) -> int:
+        """Start the workers, serve until told to stop, wait for the workers to exit.
+
+        Event-driven: between events (signals, a worker exiting, control requests, health checks,
+        periodic backend work while some is pending) this process sleeps in epoll_wait."""
         loop = asyncio.get_running_loop()
+        self._all_exited = asyncio.Event()
+        self._tick_wake = asyncio.Event()
         self.check_binds()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, sig)
@@ -244,20 +254,15 @@ class Supervisor:
         await self._start_control_socket()
         tasks = [asyncio.create_task(self._tick_loop())]
         targets = self.backends.check_targets()
-        self.checker = HealthChecker(targets, self.backends.on_check_transition)
+        self.checker = HealthChecker(targets, self._on_check_transition)
         tasks.append(asyncio.create_task(self.checker.run()))
         if not self.stopping:
             listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
             log.info("ready: %d workers, listeners: %s", self.n_workers, listeners)
             sd_notify("READY=1")
-        while self.pids or not self.stopping:
-            await asyncio.sleep(0.05)
-            if self.stopping and time.monotonic() > self._kill_deadline:
-                for pid in list(self.pids):
-                    log.warning("worker pid %d still running after shutdown_timeout; killing it", pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self._kill_deadline = float("inf")
+        if self.stopping and not self.pids:
+            self._all_exited.set()
+        await self._all_exited.wait()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -266,12 +271,36 @@ class Supervisor:
         return self.exit_code
 
     async def _tick_loop(self) -> None:
+        """backends.tick() every TICK_INTERVAL while it has work; otherwise sleep until poked
+        (a control request, a reload, a health transition) or, as a safety net, TICK_IDLE_MAX."""
+        assert self._tick_wake is not None
         while True:
-            await asyncio.sleep(0.1)
+            busy = self.backends.needs_tick()
+            try:
+                async with asyncio.timeout(TICK_INTERVAL if busy else TICK_IDLE_MAX):
+                    await self._tick_wake.wait()
+            except TimeoutError:
+                pass
+            self._tick_wake.clear()
             try:
                 self.backends.tick()
             except Exception:
                 log.exception("periodic backend update failed")
+
+    def poke(self) -> None:
+        """Backend state changed outside tick(): let the tick loop re-evaluate what it has to do."""
+        if self._tick_wake is not None:
+            self._tick_wake.set()
+
+    def _on_check_transition(self, target: CheckTarget, up: bool, reason: str) -> None:
+        self.backends.on_check_transition(target, up, reason)
+        self.poke()
+
+    def _kill_stragglers(self) -> None:
+        for pid in list(self.pids):
+            log.warning("worker pid %d still running after shutdown_timeout; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; a bad one changes nothing and says why."""
@@ -285,6 +314,7 @@ class Supervisor:
         listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
         restart += self.backends.reload(new)
+        self.poke()
         if self.checker is not None:
             self.checker.set_targets(self.backends.check_targets())
         if restart:
@@ -295,7 +325,9 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        self._kill_deadline = time.monotonic() + self.shutdown_timeout + 5.0
+        asyncio.get_running_loop().call_later(self.shutdown_timeout + 5.0, self._kill_stragglers)
+        if not self.pids and self._all_exited is not None:
+            self._all_exited.set()
         name = sig.name if sig is not None else "startup failure"
         log.info("%s: stop accepting, letting connections finish (up to %.1fs)", name, self.shutdown_timeout)
         sd_notify("STOPPING=1")
@@ -341,6 +373,7 @@ class Supervisor:
                 if not line:
                     break
                 reply = handle_request(self, line)
+                self.poke()
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -22,7 +22,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
                 l.paused_full = 1
                 flb_add64(&l.shm.paused_full, 1)
             return
-        if W.free_head < 0 or fds_short():
+        if slab_full() or fds_short():
             flb_sadd64(&l.shm.active, -1)
             W.me.emfile += 1
             l.paused_until = W.now_ms + EMFILE_PAUSE_MS
@@ -163,7 +163,7 @@ cdef void close_condemned() noexcept nogil:
             break
     if not any_:
         return
-    for k in range(W.n_conns):
+    for k in range(W.n_used):
         if W.conns[k].state != CS_FREE and W.conns[k].backend != FLB_NONE \
                 and flb_load32(&W.backends[W.conns[k].backend].close_conns):
             conn_close(&W.conns[k], False)
@@ -230,6 +230,8 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     clock_update()
     # the control process going away must not leave workers behind: drain and exit
     prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
+    # a peer that is gone must show up as EPIPE from splice/send, never as a fatal SIGPIPE
+    signal(SIGPIPE, SIG_IGN)
     sigemptyset(&mask)
     sigaddset(&mask, SIGTERM)
     sigaddset(&mask, SIGINT)
@@ -312,7 +314,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
 
 cdef void worker_teardown() noexcept nogil:
     cdef int32_t i
-    for i in range(W.n_conns):
+    for i in range(W.n_used):
         if W.conns[i].state != CS_FREE:
             conn_close(&W.conns[i], False)
     for i in range(W.n_listeners):

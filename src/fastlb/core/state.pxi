@@ -107,8 +107,9 @@ ctypedef struct Worker:
     Listener *listeners
     int n_listeners
     Conn *conns
-    int32_t n_conns
-    int32_t free_head
+    int32_t n_conns         # slab capacity
+    int32_t n_used          # slots [0, n_used) have been handed out at least once
+    int32_t free_head       # released slots; below n_used
     int64_t active
     int64_t nofile          # RLIMIT_NOFILE
     int32_t *starved        # ring of (slot) of connections waiting for a pipe
@@ -162,20 +163,22 @@ cdef inline int close_fd(int fd) noexcept nogil:
 
 
 cdef int slab_init(int32_t n) noexcept nogil:
-    """Allocate n connection slots, all free.  Returns 0 or -ENOMEM."""
-    cdef int32_t i
+    """Reserve n connection slots, all free.  Returns 0 or -ENOMEM.
+
+    calloc of this size maps fresh zero pages (CS_FREE is 0) and nothing here writes to them: a
+    slot's page becomes resident when a connection first uses it, so memory follows the peak
+    number of connections, not the capacity (sized from the open-file limit)."""
     W.conns = <Conn *>calloc(n, sizeof(Conn))
     if W.conns == NULL:
         return -ENOMEM
     W.n_conns = n
-    for i in range(n):
-        W.conns[i].cfd = -1
-        W.conns[i].bfd = -1
-        W.conns[i].state = CS_FREE
-        W.conns[i].t_slot = -1
-        W.conns[i].next_free = i + 1 if i + 1 < n else -1
-    W.free_head = 0
+    W.n_used = 0
+    W.free_head = -1
     return 0
+
+
+cdef inline bint slab_full() noexcept nogil:
+    return W.free_head < 0 and W.n_used >= W.n_conns
 
 
 cdef inline Conn *slab_alloc() noexcept nogil:
@@ -183,10 +186,14 @@ cdef inline Conn *slab_alloc() noexcept nogil:
     cdef int32_t slot = W.free_head
     cdef Conn *c
     cdef uint32_t gen
-    if slot < 0:
+    if slot >= 0:
+        c = &W.conns[slot]
+        W.free_head = c.next_free
+    elif W.n_used < W.n_conns:
+        c = &W.conns[W.n_used]
+        W.n_used += 1
+    else:
         return NULL
-    c = &W.conns[slot]
-    W.free_head = c.next_free
     gen = (c.gen + 1) & 0x7FFFFFFF
     memset(c, 0, sizeof(Conn))
     c.gen = gen

@@ -117,6 +117,9 @@ cdef extern from "<signal.h>" nogil:
     int sigemptyset(sigset_t *s)
     int sigaddset(sigset_t *s, int signum)
     int sigprocmask(int how, const sigset_t *s, sigset_t *oldset)
+    ctypedef void (*sighandler_t)(int)
+    sighandler_t signal(int signum, sighandler_t handler)
+    sighandler_t SIG_IGN
     enum:
         SIG_BLOCK
         SIG_UNBLOCK

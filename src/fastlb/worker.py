@@ -1,0 +1,58 @@
+"""A worker process's entry point, in a fresh interpreter that the control process execs.
+
+The control process forks, opens the worker's listening sockets in the child (so a bind error is
+reported with the listener's name) and then execs ``python -I -S -c BOOT``: a bare interpreter
+(no site, no environment) that imports only this module and the data-plane extension.  The worker
+so does not carry a copy of the control process (asyncio, click, the parsed config: about 10 MiB
+resident per worker); what it holds is the interpreter core, fastlb._core and the loop's own
+tables.  The shared region reaches it as its memfd, which it maps itself.
+
+argv (after BOOT's own first argument, the directory that holds the fastlb package):
+    region_fd index shutdown_timeout listen_fd...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from fastlb import _core
+
+# The program the control process passes to `python -I -S -c`.  -I: no environment variables, no
+# user site, no current directory on sys.path; -S: no site-packages processing (.pth files would
+# import whatever they like), so the package's directory is put on sys.path explicitly.
+BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from fastlb.worker import main; sys.exit(main(sys.argv[2:]))"
+
+
+def command(index: int, region_fd: int, listen_fds: list[int], shutdown_timeout: float) -> list[str]:
+    """The argv that execs worker `index` (every fd in it must be inheritable)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        BOOT,
+        package_parent,
+        str(region_fd),
+        str(index),
+        repr(shutdown_timeout),
+        *(str(fd) for fd in listen_fds),
+    ]
+
+
+def main(argv: list[str]) -> int:
+    region_fd, index, shutdown_timeout = int(argv[0]), int(argv[1]), float(argv[2])
+    listen_fds = [int(a) for a in argv[3:]]
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(f"fastlb-w{index}")
+    except OSError:
+        pass
+    address = _core.map_region(region_fd, os.fstat(region_fd).st_size)
+    os.close(region_fd)
+    rc = _core.run_worker(address, index, listen_fds, shutdown_timeout)
+    if rc < 0:
+        print(f"fastlb: worker {index}: data plane stopped: {os.strerror(-rc)}", file=sys.stderr, flush=True)
+        return 1
+    return 0
