@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIGS = HERE / "configs"
 RESULTS = HERE / "results"
+OPTIMISATIONS = HERE / "optimisations.md"  # hand-written section of BENCHMARKS.md
 LOOPBACK = "127.0.0.1"
 
 TARGETS = ("direct", "haproxy", "nginx", "asyncio", "fastlb")
@@ -1276,6 +1277,10 @@ def render_markdown(summary: dict, chart_rel: str | None) -> str:
         lines.append("")
     if chart_rel:
         lines += ["## Ratios", "", f"![ratios to HAProxy]({chart_rel})", ""]
+    # hand-written: what each data-plane optimisation gained and what the profile shows; kept in
+    # its own file because everything else here is regenerated
+    if OPTIMISATIONS.exists():
+        lines += [OPTIMISATIONS.read_text().strip(), ""]
     lines += ["## Results", ""]
     for workload in s["workloads"]:
         title, unit, work, higher = WORKLOAD_INFO[workload]
