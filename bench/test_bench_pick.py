@@ -28,19 +28,10 @@ import pytest
 
 from fastlb import _core, _shm
 from fastlb._version import __version__
+from fastlb.config import ALGORITHMS
 from fastlb.tables import publish_table, table_capacity
 
 N_BACKENDS = 1000
-ALGORITHMS = [
-    "round_robin",
-    "weighted_round_robin",
-    "least_conn",
-    "random",
-    "p2c",
-    "least_response_time",
-    "maglev",
-    "ring_hash",
-]
 SPARE_SLOTS_MIN = 8  # as fastlb.supervisor
 MAGLEV_TABLE_SIZE = 65537  # config defaults
 RING_VNODES = 160

@@ -1,8 +1,9 @@
 """Fixtures for the end-to-end tests: backend processes and `fastlb serve` processes, always cleaned up.
 
-`backends(server(...), ...)` starts one backend process; `fastlb(backends=[...], ...)` starts
-`fastlb serve` and returns once it sent READY=1.  Both are SIGKILLed at teardown if still running,
-and their logs are attached to the report of a failing test.
+`backends(server(...), ...)` starts one backend process, `proto_servers(proto(...), ...)` one
+health-check protocol server process, `fastlb(backends=[...], ...)` a `fastlb serve` that has sent
+READY=1.  All are stopped (SIGKILL if they linger) at teardown, and their logs are attached to the
+report of a failing test.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import support` fro
 
 from support.backends import Backends  # noqa: E402
 from support.fastlb import FastLB  # noqa: E402
+from support_health import ProtoServers  # noqa: E402
 
 
 def _logs(item) -> list:
@@ -35,20 +37,33 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((title, text))
 
 
+def _server_factory(cls, label: str, tmp_path, request):
+    """A fixture body: start(*servers) launches one `cls` process (a support.backends.ServerProcess)
+    with its log attached to a failing test's report; every one is stopped at teardown."""
+    started: list = []
+
+    def start(*servers: dict):
+        proc = cls(list(servers), tmp_path / f"{label}{len(started)}.log")
+        started.append(proc)
+        _logs(request.node).append((f"{label} process #{len(started)} log", proc.log_text))
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
 @pytest.fixture
 def backends(tmp_path, request):
     """Factory: backends(server("a", "id"), server("b", "echo")) -> a started Backends."""
-    started: list[Backends] = []
+    yield from _server_factory(Backends, "backends", tmp_path, request)
 
-    def start(*servers: dict) -> Backends:
-        b = Backends(list(servers), tmp_path / f"backends{len(started)}.log")
-        started.append(b)
-        _logs(request.node).append((f"backend process #{len(started)} log", b.log_text))
-        return b.start()
 
-    yield start
-    for b in started:
-        b.stop()
+@pytest.fixture
+def proto_servers(tmp_path, request):
+    """Factory: proto_servers(proto("a", "http"), ...) -> a started ProtoServers (health-check
+    protocol servers: http, send_expect, resets)."""
+    yield from _server_factory(ProtoServers, "proto", tmp_path, request)
 
 
 @pytest.fixture

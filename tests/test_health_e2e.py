@@ -17,7 +17,6 @@ from support.backends import server
 from support.helpers import wait_until
 from support_health import (
     Gate,
-    ProtoServers,
     backends_status,
     log_lines,
     log_mark,
@@ -51,21 +50,6 @@ def check(kind: str, **kw) -> dict:
 # the first of them at most one interval after the change.
 DOWN_WITHIN = FALL * INTERVAL * 1.1 + INTERVAL + SLACK
 UP_WITHIN = RISE * INTERVAL * 1.1 + INTERVAL + SLACK
-
-
-@pytest.fixture
-def proto_servers(tmp_path, request):
-    """Factory: proto_servers(proto("a", "http"), ...) -> a started ProtoServers; stopped at teardown."""
-    started: list[ProtoServers] = []
-
-    def start(*servers: dict) -> ProtoServers:
-        ps = ProtoServers(list(servers), tmp_path / f"proto{len(started)}.log")
-        started.append(ps)
-        return ps.start()
-
-    yield start
-    for ps in started:
-        ps.stop()
 
 
 def wait_state(lb, name: str, state: str, timeout: float) -> float:

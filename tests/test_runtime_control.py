@@ -16,6 +16,7 @@ from collections import Counter
 
 import pytest
 
+from fastlb.config import ALGORITHMS
 from fastlb.control import ControlClient, ControlError
 from support.backends import server
 from support.helpers import Bg, MiB, recv_exact, recv_line, stream_chunks, stream_sha256, wait_until
@@ -107,19 +108,7 @@ class EchoTransfer:
 # --- set-weight ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "algorithm",
-    [
-        "weighted_round_robin",
-        "round_robin",
-        "least_conn",
-        "random",
-        "p2c",
-        "least_response_time",
-        "maglev",
-        "ring_hash",
-    ],
-)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_set_weight_zero_and_back_while_a_transfer_runs(backends, fastlb, algorithm):
     b, lb, ctl, path = start_pool(backends, fastlb, algorithm)
     sock = socket.create_connection(lb.addr, timeout=30)
