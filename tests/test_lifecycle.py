@@ -123,12 +123,14 @@ def test_killed_worker_is_replaced(backends, fastlb):
 def test_workers_are_bare_interpreters_holding_only_their_own_descriptors(backends, fastlb):
     """Workers are exec'd (python -I -S running fastlb.worker), not forks of the control process:
     none of the control process's modules (asyncio's C part) is mapped in them, the region's memfd
-    is closed once mapped, and their descriptors are the loop's own."""
+    is closed once mapped, and their descriptors are the loop's own.  The control process itself
+    has not loaded OpenSSL, which it never uses."""
     b = backends(server("e", "echo"))
     lb = fastlb([("e", b.address("e"), None)], workers=2)
     pids = lb.wait_workers(2)
     control_maps = open(f"/proc/{lb.pid}/maps").read()
     assert "_asyncio" in control_maps  # the probe below means something
+    assert "_ssl" not in control_maps, "the control process loaded OpenSSL (asyncio imports ssl if it can)"
     names = set()
     for pid in pids:
         p = psutil.Process(pid)
