@@ -41,6 +41,7 @@ ROOT = HERE.parent
 CONFIGS = HERE / "configs"
 RESULTS = HERE / "results"
 OPTIMISATIONS = HERE / "optimisations.md"  # hand-written section of BENCHMARKS.md
+MICRO = RESULTS / "micro.json"  # pytest-benchmark's JSON of bench/test_bench_*.py (scripts/bench micro)
 LOOPBACK = "127.0.0.1"
 
 TARGETS = ("direct", "haproxy", "nginx", "asyncio", "fastlb")
@@ -1281,6 +1282,7 @@ def render_markdown(summary: dict, chart_rel: str | None) -> str:
     # its own file because everything else here is regenerated
     if OPTIMISATIONS.exists():
         lines += [OPTIMISATIONS.read_text().strip(), ""]
+    lines += render_micro()
     lines += ["## Results", ""]
     for workload in s["workloads"]:
         title, unit, work, higher = WORKLOAD_INFO[workload]
@@ -1332,6 +1334,55 @@ def render_markdown(summary: dict, chart_rel: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render_micro(path: Path = MICRO) -> list[str]:
+    """The micro-benchmark section from pytest-benchmark's JSON: the cost of one pick per algorithm
+    (timed in C, extra_info) and the table builders and lookups (timed by pytest-benchmark)."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    commit = (data.get("commit_info") or {}).get("id") or "?"
+    lines = [
+        "## Micro-benchmarks (pytest-benchmark)",
+        "",
+        f"_`scripts/bench micro` on {data.get('datetime', '?')[:19]}Z at {commit[:7]}: "
+        "`pytest bench/test_bench_pick.py bench/test_bench_tables.py --benchmark-json "
+        "bench/results/micro.json`; the balancer comparison above does not depend on it._",
+        "",
+    ]
+    picks = [b for b in data["benchmarks"] if (b.get("extra_info") or {}).get("ns_per_pick_median")]
+    if picks:
+        n = picks[0]["extra_info"].get("backends", "?")
+        lines += [
+            f"Cost of one pick (`lb_pick()` called in a C loop, a new key hash per pick), {n} backends:",
+            "",
+            "| algorithm | ns per pick (median) | min | max |",
+            "|---|---:|---:|---:|",
+        ]
+        for b in sorted(picks, key=lambda b: b["extra_info"]["ns_per_pick_median"]):
+            rounds = b["extra_info"]["ns_per_pick_rounds"]
+            lines.append(
+                f"| {b['extra_info']['algorithm']} | {fmt(b['extra_info']['ns_per_pick_median'])} | "
+                f"{fmt(min(rounds))} | {fmt(max(rounds))} |"
+            )
+        lines.append("")
+    others = [b for b in data["benchmarks"] if b not in picks]
+    if others:
+        lines += [
+            "Table builders and lookups (`fastlb._maglev`, called from Python):",
+            "",
+            "| benchmark | median ms | min ms | max ms | rounds |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for b in sorted(others, key=lambda b: b["name"]):
+            st = b["stats"]
+            lines.append(
+                f"| `{b['name']}` | {fmt(st['median'] * 1e3)} | {fmt(st['min'] * 1e3)} | {fmt(st['max'] * 1e3)} | "
+                f"{st['rounds']} |"
+            )
+        lines.append("")
+    return lines
 
 
 def publish(summary: dict, run_dir: Path | None, publish_top: bool) -> None:
