@@ -149,17 +149,25 @@ cdef uint32_t pick_smooth_wrr(Conn *c, PoolView *v) noexcept nogil:
 
 
 cdef uint32_t pick_least_conn(Conn *c, PoolView *v, uint32_t pi) noexcept nogil:
-    # start at a rotating offset so that ties spread instead of piling on the first backend
-    cdef uint32_t k, j
+    # the fewest active connections (all workers) relative to weight, (n + 1) / w as HAProxy does;
+    # the scan starts at a rotating offset so that ties spread instead of piling on the first backend
+    cdef uint32_t k, j, n = v.n
     cdef int64_t best = -1
-    cdef uint32_t start = W.rr[pi]
+    cdef uint64_t load, best_load = 0, best_w = 1
+    if n == 0:
+        return FLB_NONE
+    j = W.rr[pi] % n
     W.rr[pi] += 1
-    for k in range(v.n):
-        j = (start + k) % v.n
-        if c.attempts > 0 and conn_tried(c, v.idx[j]):
-            continue
-        if best < 0 or less_loaded(v, j, <uint32_t>best):
-            best = j
+    for k in range(n):
+        if c.attempts == 0 or not conn_tried(c, v.idx[j]):
+            load = <uint64_t>(flb_sload64(&W.backends[v.idx[j]].active) + 1)
+            if best < 0 or load * best_w < best_load * v.w[j]:
+                best = j
+                best_load = load
+                best_w = v.w[j]
+        j += 1
+        if j == n:
+            j = 0
     return FLB_NONE if best < 0 else v.idx[best]
 
 
@@ -272,22 +280,28 @@ cdef uint32_t pick_ring_hash(Conn *c, flb_pool_t *p) noexcept nogil:
 cdef uint32_t pick_least_response_time(Conn *c, PoolView *v, uint32_t pi) noexcept nogil:
     # score = (connect-time moving average + 1us) * (active + 1) / weight: the fastest backend
     # wins until its own load evens it out; ties go to fewer active connections.
-    cdef uint32_t k, j
+    cdef uint32_t k, j, n = v.n
     cdef int64_t best = -1
-    cdef uint32_t start = W.rr[pi]
+    cdef uint64_t load, best_load = 0, best_w = 1
     cdef double score, best_score = 0.0
     cdef flb_backend_t *b
+    if n == 0:
+        return FLB_NONE
+    j = W.rr[pi] % n
     W.rr[pi] += 1
-    for k in range(v.n):
-        j = (start + k) % v.n
-        if c.attempts > 0 and conn_tried(c, v.idx[j]):
-            continue
-        b = &W.backends[v.idx[j]]
-        score = (<double>flb_load64(&b.connect_time_ewma_us) + 1.0) * <double>(flb_sload64(&b.active) + 1) \
-            / <double>v.w[j]
-        if best < 0 or score < best_score or (score == best_score and less_loaded(v, j, <uint32_t>best)):
-            best = j
-            best_score = score
+    for k in range(n):
+        if c.attempts == 0 or not conn_tried(c, v.idx[j]):
+            b = &W.backends[v.idx[j]]
+            load = <uint64_t>(flb_sload64(&b.active) + 1)
+            score = (<double>flb_load64(&b.connect_time_ewma_us) + 1.0) * <double>load / <double>v.w[j]
+            if best < 0 or score < best_score or (score == best_score and load * best_w < best_load * v.w[j]):
+                best = j
+                best_score = score
+                best_load = load
+                best_w = v.w[j]
+        j += 1
+        if j == n:
+            j = 0
     return FLB_NONE if best < 0 else v.idx[best]
 
 
