@@ -1043,44 +1043,23 @@ def evaluate_goals(summary: dict) -> list[dict]:
                 best or "haproxy/nginx",
                 1.0,
             )
-        for workload in ("bulk1", "bulk4"):
-            goal(
-                f"bulk Gbit/s ({workload[-1]} stream{'s' if workload != 'bulk1' else ''}) >= HAProxy",
-                med(workload, "fastlb", "rate"),
-                med(workload, "haproxy", "rate"),
+        # (goal, workload, metric, reference target, factor needed, higher is better)
+        for name, workload, key, ref, factor, higher in (
+            ("bulk Gbit/s (1 stream) >= HAProxy", "bulk1", "rate", "haproxy", 1.0, True),
+            ("bulk Gbit/s (4 streams) >= HAProxy", "bulk4", "rate", "haproxy", 1.0, True),
+            ("connections/s >= 3x asyncio", "close", "rate", "asyncio", 3.0, True),
+            ("keep-alive req/s >= 1.5x asyncio", "keepalive", "rate", "asyncio", 1.5, True),
+            ("memory per idle connection (RSS summed) <= HAProxy", "idle", "rate", "haproxy", 1.0, False),
+            (
+                "memory per idle connection (PSS: shared pages split, for information) <= HAProxy",
+                "idle",
+                "pss_kib_per_conn",
                 "haproxy",
                 1.0,
-            )
-        goal(
-            "connections/s >= 3x asyncio",
-            med("close", "fastlb", "rate"),
-            med("close", "asyncio", "rate"),
-            "asyncio",
-            3.0,
-        )
-        goal(
-            "keep-alive req/s >= 1.5x asyncio",
-            med("keepalive", "fastlb", "rate"),
-            med("keepalive", "asyncio", "rate"),
-            "asyncio",
-            1.5,
-        )
-        goal(
-            "memory per idle connection (RSS summed) <= HAProxy",
-            med("idle", "fastlb", "rate"),
-            med("idle", "haproxy", "rate"),
-            "haproxy",
-            1.0,
-            higher=False,
-        )
-        goal(
-            "memory per idle connection (PSS: shared pages split, for information) <= HAProxy",
-            med("idle", "fastlb", "pss_kib_per_conn"),
-            med("idle", "haproxy", "pss_kib_per_conn"),
-            "haproxy",
-            1.0,
-            higher=False,
-        )
+                False,
+            ),
+        ):
+            goal(name, med(workload, "fastlb", key), med(workload, ref, key), ref, factor, higher=higher)
     return goals
 
 
