@@ -231,7 +231,8 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     # the control process going away must not leave workers behind: drain and exit
     prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
     # a peer that is gone must show up as EPIPE from splice/send, never as a fatal SIGPIPE
-    signal(SIGPIPE, SIG_IGN)
+    if signal(SIGPIPE, SIG_IGN) == SIG_ERR:
+        return -errno
     sigemptyset(&mask)
     sigaddset(&mask, SIGTERM)
     sigaddset(&mask, SIGINT)

@@ -120,6 +120,7 @@ cdef extern from "<signal.h>" nogil:
     ctypedef void (*sighandler_t)(int)
     sighandler_t signal(int signum, sighandler_t handler)
     sighandler_t SIG_IGN
+    sighandler_t SIG_ERR
     enum:
         SIG_BLOCK
         SIG_UNBLOCK
