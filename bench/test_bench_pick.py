@@ -2,7 +2,7 @@
 
 The region is built as `fastlb serve` builds it (Supervisor._build_region: a pool with spare backend
 slots, the backends written with set_backend, the Maglev/ring table published with
-fastlb.tables.publish_table, then the generation bumped).  fastlb._core.pick_benchmark() then calls
+fastlb.runtime.tables.publish_table, then the generation bumped).  fastlb._core.pick_benchmark() then calls
 lb_pick() in a C loop from a private worker state over that region and returns ns per pick, timed in
 C with CLOCK_MONOTONIC: no Python per pick.  Each pick hashes a new key (as a new connection would),
 every backend is up, ready and idle (no active connections, no connect-time history).
@@ -29,10 +29,10 @@ import pytest
 from fastlb import _core, _shm
 from fastlb._version import __version__
 from fastlb.config import ALGORITHMS
-from fastlb.tables import publish_table, table_capacity
+from fastlb.runtime.tables import publish_table, table_capacity
 
 N_BACKENDS = 1000
-SPARE_SLOTS_MIN = 8  # as fastlb.supervisor
+SPARE_SLOTS_MIN = 8  # as fastlb.runtime.supervisor
 MAGLEV_TABLE_SIZE = 65537  # config defaults
 RING_VNODES = 160
 TARGET_NS = 50_000_000  # each measurement: enough picks for ~50 ms

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import support` fro
 
 from support.backends import Backends  # noqa: E402
 from support.fastlb import FastLB  # noqa: E402
-from support_health import ProtoServers  # noqa: E402
+from support.protocols import ProtoServers  # noqa: E402
 
 
 def _logs(item) -> list:

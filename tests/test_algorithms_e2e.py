@@ -31,8 +31,7 @@ import pytest
 from fastlb import _maglev
 from fastlb.control import ControlClient
 from support.backends import server
-from support.helpers import Deadline, recv_line, wait_until
-from support_lb import (
+from support.clients import (
     GatedBackend,
     backends_of,
     close_held,
@@ -41,6 +40,7 @@ from support_lb import (
     open_held,
     wait_published,
 )
+from support.helpers import Deadline, recv_line, wait_until
 
 N = 30_000
 IN_FLIGHT = 64

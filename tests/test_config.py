@@ -21,7 +21,6 @@ try:
 except ImportError:  # a plain checkout: test the tree this file is in
     sys.path.insert(0, str(REPO / "src"))
 
-from fastlb import config as cfgmod  # noqa: E402
 from fastlb.config import (  # noqa: E402
     ALGORITHMS,
     Address,
@@ -34,6 +33,7 @@ from fastlb.config import (  # noqa: E402
     parse_config,
     parse_duration,
 )
+from fastlb.config import model as cfgmod  # noqa: E402
 
 # The smallest valid file; bad configs below are this with one thing broken.
 MINIMAL = """\

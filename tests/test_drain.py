@@ -19,7 +19,7 @@ from fastlb.control import ControlError
 from support.backends import server
 from support.fastlb import toml_table
 from support.helpers import MiB, drain, recv_exact, recv_line, stream_chunks, wait_closed, wait_until
-from support_health import (
+from support.protocols import (
     backends_status,
     control,
     log_lines,

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-import fastlb.health as health
-from fastlb.health import CheckResult, CheckTarget, HealthChecker, check_once, update_state
+import fastlb.runtime.health as health
+from fastlb.runtime.health import CheckResult, CheckTarget, HealthChecker, check_once, update_state
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def test_update_state_rise_fall() -> None:
 
 
 def test_tcp_down_after_fall_and_up_after_rise(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="fastlb.health")
+    caplog.set_level(logging.INFO, logger="fastlb.runtime.health")
     srv = Server(accept_close)
     port = srv.port
     rec = Recorder()

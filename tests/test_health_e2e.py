@@ -15,7 +15,7 @@ import pytest
 
 from support.backends import server
 from support.helpers import wait_until
-from support_health import (
+from support.protocols import (
     Gate,
     backends_status,
     log_lines,
@@ -46,7 +46,7 @@ def check(kind: str, **kw) -> dict:
     }
 
 
-# Jitter is +-10% per interval (fastlb.health): a state change needs at most FALL (RISE) checks,
+# Jitter is +-10% per interval (fastlb.runtime.health): a state change needs at most FALL (RISE) checks,
 # the first of them at most one interval after the change.
 DOWN_WITHIN = FALL * INTERVAL * 1.1 + INTERVAL + SLACK
 UP_WITHIN = RISE * INTERVAL * 1.1 + INTERVAL + SLACK

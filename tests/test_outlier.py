@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fastlb.health import OutlierTracker
+from fastlb.runtime.health import OutlierTracker
 
 
 @dataclass(frozen=True)

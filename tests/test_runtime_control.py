@@ -19,8 +19,7 @@ import pytest
 from fastlb.config import ALGORITHMS
 from fastlb.control import ControlClient, ControlError
 from support.backends import server
-from support.helpers import Bg, MiB, recv_exact, recv_line, stream_chunks, stream_sha256, wait_until
-from support_lb import (
+from support.clients import (
     assert_one_line_error,
     backends_of,
     cli,
@@ -31,6 +30,7 @@ from support_lb import (
     wait_published,
     wait_status,
 )
+from support.helpers import Bg, MiB, recv_exact, recv_line, stream_chunks, stream_sha256, wait_until
 
 WEIGHTS = {"a": 5, "b": 3, "c": 2}
 TRANSFER = 32 * MiB

@@ -65,7 +65,7 @@ def serve(config_file: str, workers: int | None) -> None:
     cfg = _load_or_exit(config_file)
     _setup_logging(cfg.global_.log_level)
     _keep_openssl_out()
-    from fastlb.supervisor import serve as run
+    from fastlb.runtime.supervisor import serve as run
 
     sys.exit(run(cfg, workers))
 
@@ -119,7 +119,7 @@ def status(config_file: str | None, socket_path: str | None, as_json: bool) -> N
     """Show pools, backends, states, weights and counters of a running fastlb."""
     import json
 
-    from fastlb.status import format_status
+    from fastlb.observe.status import format_status
 
     st = _run_control(lambda: _client(config_file, socket_path).status())
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))

@@ -13,7 +13,7 @@ import tempfile
 import time
 
 from fastlb.control import ControlClient
-from fastlb.status import format_status
+from fastlb.observe.status import format_status
 
 WEIGHTS = {"a": 5, "b": 3, "c": 2}
 CONCURRENCY = 16

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 
 from fastlb._shm import Region
 from fastlb.config import Config, PoolConfig
-from fastlb.health import CheckTarget, OutlierTracker
+from fastlb.runtime.health import CheckTarget, OutlierTracker
+from fastlb.runtime.tables import publish_table
 from fastlb.shm import sockaddr_bytes
-from fastlb.tables import publish_table
 
 log = logging.getLogger("fastlb")
 
@@ -213,7 +213,7 @@ class BackendManager:
         slot = ps.slots.get(target.backend) if ps else None
         if slot is None or slot.removed:
             return
-        # fastlb.health has logged the transition with its reason
+        # fastlb.runtime.health has logged the transition with its reason
         slot.check_up = up
         if up:
             slot.slow_start_from = time.monotonic()

@@ -22,11 +22,12 @@ import traceback
 
 from fastlb import worker
 from fastlb._shm import Region
-from fastlb.backends import BackendManager, BackendSlot, PoolState
 from fastlb.config import Config, ConfigError, load_config
-from fastlb.health import CheckTarget, HealthChecker
+from fastlb.control.server import handle_request
+from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
+from fastlb.runtime.health import CheckTarget, HealthChecker
+from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
-from fastlb.tables import table_capacity
 
 log = logging.getLogger("fastlb")
 
@@ -361,8 +362,6 @@ class Supervisor:
                 os.unlink(self._control_path)
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from fastlb.control import handle_request
-
         try:
             while True:
                 try:

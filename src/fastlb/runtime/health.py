@@ -39,7 +39,7 @@ __all__ = [
     "update_state",
 ]
 
-LOG = logging.getLogger("fastlb.health")
+LOG = logging.getLogger("fastlb.runtime.health")
 
 # An HTTP check reads at most this much of the response (status line, headers and body).
 HTTP_MAX_RESPONSE = 64 * 1024

@@ -6,7 +6,7 @@ Two halves:
   change at run time, for what `support.backends` does not do - an HTTP server whose status code
   flips (`http`), a line server answering a configurable reply (`line`, for send_expect checks),
   and a server that resets every connection on accept (`rst`, SO_LINGER 0 close).
-  `python support_health.py SPEC_JSON`, SPEC_JSON = {"servers": [{"name", "mode", "port", ...}]}.
+  `python support/protocols.py SPEC_JSON`, SPEC_JSON = {"servers": [{"name", "mode", "port", ...}]}.
   Control on stdin, one JSON line answer on stdout:
     stats                -> {"accepted": {name: n}, "received": {name: "last request, latin-1"}}
     set NAME KEY JSON    -> {"ok": true}   (KEY: status for http, reply for line)
@@ -28,8 +28,11 @@ import struct
 import sys
 import threading
 
-from support.backends import ServerProcess
-from support.helpers import recv_exact, recv_line, wait_until
+if __name__ == "__main__":  # run as the server script: make the `support` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from support.backends import ServerProcess  # noqa: E402
+from support.helpers import recv_exact, recv_line, wait_until  # noqa: E402
 
 LINGER_ZERO = struct.pack("ii", 1, 0)
 REASONS = {200: "OK", 500: "Internal Server Error", 503: "Service Unavailable"}

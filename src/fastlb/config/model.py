@@ -1,0 +1,178 @@
+"""Configuration model: the limits, the frozen dataclasses and ConfigError.
+
+Limits come from the shared-memory layout (includes/shm_layout.h): names fit FLB_NAME_LEN with its NUL,
+timeouts are stored as uint32 milliseconds, weights are 0..1000.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+ALGORITHMS = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_conn",
+    "random",
+    "p2c",
+    "maglev",
+    "ring_hash",
+    "least_response_time",
+)
+# alias -> (algorithm, hash_key it implies)
+ALGORITHM_ALIASES = {"source_hash": ("maglev", "source_ip")}
+HASH_KEYS = ("source_ip", "source_ip_port", "four_tuple")  # enum flb_hash_key order
+HEALTH_CHECK_TYPES = ("tcp", "http", "send_expect")
+ALL_DOWN_POLICIES = ("reject", "panic")  # enum flb_all_down order
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+MAX_LISTENERS = 64
+MAX_POOLS = 64
+MAX_BACKENDS = 4096  # in all pools together
+MAX_NAME_BYTES = 63  # FLB_NAME_LEN (64) minus the NUL
+MAX_WEIGHT = 1000
+MAX_WORKERS = 256
+MAX_RETRIES = 10
+MAX_MAX_CONNECTIONS = 10_000_000
+MAX_THRESHOLD = 1000  # rise, fall, consecutive_failures
+MIN_MAGLEV_TABLE_SIZE = 100
+MAX_MAGLEV_TABLE_SIZE = 5_000_011  # Envoy's bound; two uint32 buffers per pool in shared memory
+MAX_RING_VNODES = 1000
+MAX_DURATION = 30 * 86400.0  # seconds; uint32 milliseconds would overflow at ~49.7 days
+MIN_TIMEOUT = 0.001  # timeouts are stored in whole milliseconds: below 1ms would become "0"
+MAX_SUN_PATH = 107  # sizeof(sockaddr_un.sun_path) minus the NUL
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+def _default_workers() -> int:
+    """CPUs this process may run on (honours taskset/cpusets, unlike os.cpu_count()), clamped to 1..256."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public types
+
+
+class ConfigError(Exception):
+    """A configuration problem: str(exc) == f"{file}: {key}: {problem}", always one printable line."""
+
+    file: str
+    key: str
+    problem: str
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        super().__init__(file, key, problem)  # args mirror the signature, so it pickles
+        self.file = file
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return _one_line(f"{self.file}: {self.key}: {self.problem}")
+
+
+@dataclass(frozen=True)
+class Address:
+    """An IP literal and port. `host` has no brackets; `family` is socket.AF_INET or socket.AF_INET6."""
+
+    host: str
+    port: int
+    family: int
+
+    def sockaddr(self) -> tuple[str, int] | tuple[str, int, int, int]:
+        """The address tuple socket.bind()/connect() take for this family."""
+        if self.family == socket.AF_INET6:
+            return (self.host, self.port, 0, 0)
+        return (self.host, self.port)
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_INET6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    address: Address
+    weight: int = 1  # 0..1000; 0 = no new connections
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    type: str  # "tcp" | "http" | "send_expect"
+    interval: float = 2.0
+    timeout: float = 1.0  # <= interval; the loader uses min(1s, interval) when the file leaves it out
+    rise: int = 2
+    fall: int = 3
+    port: int | None = None  # check this port instead of the backend's
+    address: str | None = None  # check this IP literal instead of the backend's
+    send: bytes = b""  # send_expect: UTF-8 of the TOML string
+    expect: bytes = b""  # send_expect: required, non-empty
+    path: str = "/"  # http
+    host: str | None = None  # http Host header; None = the address checked
+    expect_status: tuple[int, int] = (200, 399)  # http, inclusive range
+    expect_body: str | None = None  # http: substring the body must contain
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    """Passive ejection, Envoy semantics: eject after N consecutive connect failures."""
+
+    consecutive_failures: int = 5  # 0 = disabled
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 50  # 0..100
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    algorithm: str
+    backends: tuple[BackendConfig, ...]
+    retries: int = 2
+    hash_key: str = "source_ip"
+    maglev_table_size: int = 65537
+    ring_vnodes: int = 160
+    slow_start: float = 0.0
+    all_down: str = "reject"
+    drain_timeout: float = 300.0
+    health_check: HealthCheckConfig | None = None
+    outlier_detection: OutlierConfig = OutlierConfig()
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    bind: Address
+    pool: str
+    connect_timeout: float = 5.0
+    idle_timeout: float = 600.0
+    max_connections: int = 0  # 0 = unlimited
+    backlog: int = 4096
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    workers: int = field(default_factory=_default_workers)
+    control_socket: str = "/run/fastlb/control.sock"
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    global_: GlobalConfig
+    listeners: dict[str, ListenerConfig]  # file order
+    pools: dict[str, PoolConfig]  # file order
+
+
+def _one_line(text: str) -> str:
+    """Escape anything that is not printable (newlines, tabs, escapes) so a message stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,0 +1,78 @@
+"""The control socket's server side: one request line in, one reply out (runs in the control process).
+
+It knows the control process only through the small `ControlTarget` protocol below, so this module
+imports nothing of fastlb.runtime: the supervisor imports it, never the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from fastlb.control import MAX_REQUEST, MAX_WEIGHT, ControlError
+
+
+class _Slot(Protocol):
+    pool: str
+    name: str
+    weight: int
+    admin: str
+
+
+class _Backends(Protocol):
+    def find(self, pool: str, backend: str) -> Any: ...
+    def set_weight(self, slot: Any, weight: int) -> None: ...
+    def set_admin(self, slot: Any, admin: str) -> None: ...
+
+
+class ControlTarget(Protocol):
+    """What a control request can reach in the control process (fastlb.runtime.supervisor.Supervisor)."""
+
+    backends: _Backends
+
+    def status(self) -> dict[str, Any]: ...
+
+
+ADMIN_FOR = {"drain": "drain", "enable": "ready", "disable": "maint"}
+
+
+def _find(sup: ControlTarget, req: dict[str, Any]) -> Any:
+    pool, backend = req.get("pool"), req.get("backend")
+    if not isinstance(pool, str) or not isinstance(backend, str):
+        raise ControlError("'pool' and 'backend' must be strings")
+    try:
+        return sup.backends.find(pool, backend)
+    except KeyError as exc:
+        raise ControlError(exc.args[0]) from None
+
+
+def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
+    """Apply one request line; never raises, never half-applies."""
+    try:
+        if len(line) > MAX_REQUEST:
+            raise ControlError("request too long")
+        try:
+            req = json.loads(line)
+        except ValueError:
+            raise ControlError("request is not JSON (one JSON object per line)") from None
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            raise ControlError("request must be a JSON object with a string 'cmd'")
+        cmd = req["cmd"]
+        if cmd == "status":
+            return {"ok": True, "status": sup.status()}
+        if cmd == "set-weight":
+            slot = _find(sup, req)
+            w = req.get("weight")
+            if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= MAX_WEIGHT:
+                raise ControlError(f"weight must be an integer 0..{MAX_WEIGHT}, got {w!r}")
+            old = slot.weight
+            sup.backends.set_weight(slot, w)
+            return {"ok": True, "pool": slot.pool, "backend": slot.name, "weight": w, "previous": old}
+        if cmd in ADMIN_FOR:
+            slot = _find(sup, req)
+            old = slot.admin
+            sup.backends.set_admin(slot, ADMIN_FOR[cmd])
+            return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
+        raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable)")
+    except ControlError as exc:
+        return {"ok": False, "error": str(exc)}
