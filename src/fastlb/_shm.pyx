@@ -331,6 +331,9 @@ cdef class Region:
             "consecutive_failures": flb_load64(&b.consecutive_failures),
             "connect_time_ewma_us": flb_load64(&b.connect_time_ewma_us),
             "attempts": flb_load64(&b.attempts), "close_conns": flb_load32(&b.close_conns),
+            "connect_time_sum_us": flb_load64(&b.connect_time_sum_us),
+            "early_closes": flb_load64(&b.early_closes),
+            "hist_connect": [flb_load64(&b.hist_connect[k]) for k in range(FLB_HIST_BUCKETS)],
         }
 
     def consecutive_failures(self, int i) -> int:

@@ -139,6 +139,19 @@ cdef void conn_connect_failed(Conn *c, bint timeout) noexcept nogil:
         conn_close(c, False)
 
 
+cdef uint64_t HIST_BOUNDS[FLB_HIST_BUCKETS]
+HIST_BOUNDS[:] = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
+                  250000, 500000, 1000000, 2500000, 5000000, 0xFFFFFFFFFFFFFFFF]
+
+
+cdef inline uint32_t hist_bucket(uint64_t us) noexcept nogil:
+    """The connect-time histogram bucket of `us` (FLB_HIST_BOUNDS_US in shm_layout.h)."""
+    cdef uint32_t k = 0
+    while k < FLB_HIST_BUCKETS - 1 and us > HIST_BOUNDS[k]:
+        k += 1
+    return k
+
+
 cdef void conn_connected(Conn *c) noexcept nogil:
     """The connect completed: record its time (moving average, 1/8 weight) and start forwarding."""
     cdef flb_backend_t *b = &W.backends[c.backend]
@@ -149,6 +162,8 @@ cdef void conn_connected(Conn *c) noexcept nogil:
     else:
         avg = avg - avg // 8 + dt // 8
     flb_store64(&b.connect_time_ewma_us, avg if avg > 0 else 1)
+    flb_add64(&b.connect_time_sum_us, dt)
+    flb_add64(&b.hist_connect[hist_bucket(dt)], 1)
     flb_add64(&b.total, 1)
     c.state = CS_ESTABLISHED
     c.active_ms = W.now_ms

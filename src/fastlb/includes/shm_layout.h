@@ -31,10 +31,17 @@
 #include <stdint.h>
 
 #define FLB_SHM_MAGIC      0x314D48534246534CULL   /* "LSFBSHM1" read as little-endian bytes */
-#define FLB_LAYOUT_VERSION 1u
+#define FLB_LAYOUT_VERSION 2u
 #define FLB_NAME_LEN       64
 #define FLB_ADDR_LEN       28                     /* sizeof(struct sockaddr_in6) */
 #define FLB_NONE           0xFFFFFFFFu            /* "no backend" in tables and picks */
+#define FLB_HIST_BUCKETS   16                     /* connect-time histogram buckets per backend */
+
+/* Upper bounds (microseconds, inclusive) of the connect-time histogram buckets; the last is +Inf.
+ * A worker increments exactly one bucket per established connection; readers accumulate them
+ * (Prometheus `le` buckets are cumulative). */
+#define FLB_HIST_BOUNDS_US { 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, \
+                             250000, 500000, 1000000, 2500000, 5000000, 0xFFFFFFFFFFFFFFFFULL }
 
 /* pool.algorithm */
 enum flb_algorithm {
@@ -171,8 +178,12 @@ typedef struct {
     uint64_t consecutive_failures; /* reset to 0 by a successful connect */
     uint64_t connect_time_ewma_us; /* exponential moving average (1/8) of connect time */
     uint64_t attempts;           /* connect attempts */
-    uint64_t _cpad[6];
-} flb_backend_t;                 /* 256 bytes */
+    uint64_t connect_time_sum_us; /* sum of connect times of the established connections (with
+                                    `total`, an exact average over any window) */
+    uint64_t early_closes;       /* closed or reset by the backend before any byte moved either way */
+    uint64_t _cpad[4];
+    uint64_t hist_connect[FLB_HIST_BUCKETS]; /* connect times, one bucket per established connection */
+} flb_backend_t;                 /* 384 bytes */
 
 typedef struct {
     int32_t  pid;
@@ -197,7 +208,7 @@ typedef struct {
 _Static_assert(sizeof(flb_header_t) == 128, "header size");
 _Static_assert(sizeof(flb_listener_t) == 192, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 192, "pool size");
-_Static_assert(sizeof(flb_backend_t) == 256, "backend size");
+_Static_assert(sizeof(flb_backend_t) == 384, "backend size");
 _Static_assert(sizeof(flb_worker_t) == 128, "worker size");
 
 #endif

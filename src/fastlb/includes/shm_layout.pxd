@@ -8,6 +8,7 @@ cdef extern from "shm_layout.h" nogil:
     enum:
         FLB_NAME_LEN
         FLB_ADDR_LEN
+        FLB_HIST_BUCKETS
     uint32_t FLB_NONE
 
     cdef enum flb_algorithm:
@@ -113,6 +114,9 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t consecutive_failures
         uint64_t connect_time_ewma_us
         uint64_t attempts
+        uint64_t connect_time_sum_us
+        uint64_t early_closes
+        uint64_t hist_connect[FLB_HIST_BUCKETS]
 
     ctypedef struct flb_worker_t:
         int32_t pid
