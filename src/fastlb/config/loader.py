@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 
+from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
 from fastlb.config.model import (
     ALGORITHM_ALIASES,
     ALGORITHMS,
@@ -94,7 +95,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
+_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", *ADMIN_KEYS)
 _LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
 _POOL_KEYS = (
     "algorithm",
@@ -108,6 +109,7 @@ _POOL_KEYS = (
     "drain_timeout",
     "health_check",
     "outlier_detection",
+    "discover",
 )
 _BACKEND_KEYS = ("name", "address", "weight")
 _OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
@@ -136,6 +138,7 @@ def _global(data: object, file: str) -> GlobalConfig:
         control_socket=sock,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
+        admin=parse_admin(t),
     )
 
 
@@ -210,7 +213,9 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             )
         algorithm, hash_key = real, implied_key
 
-    backends = _backends(t, file, backends_before)
+    discover = parse_discover(t)
+    # with DNS discovery the static list is optional (and may be empty)
+    backends = _backends(t, file, backends_before) if discover is None or t.data.get("backends") else ()
     table_size = t.get_int(
         "maglev_table_size", d.maglev_table_size, MIN_MAGLEV_TABLE_SIZE, MAX_MAGLEV_TABLE_SIZE
     )
@@ -239,6 +244,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         drain_timeout=t.get_duration("drain_timeout", d.drain_timeout),
         health_check=health,
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
+        discover=discover,
     )
 
 

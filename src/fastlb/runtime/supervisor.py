@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from fastlb import worker
 from fastlb._shm import Region
@@ -28,6 +29,10 @@ from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
+
+if TYPE_CHECKING:
+    from fastlb.fleet.admin import AdminServer
+    from fastlb.fleet.discovery import Discovery
 
 log = logging.getLogger("fastlb")
 
@@ -97,6 +102,8 @@ class Supervisor:
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
         self.checker: HealthChecker | None = None
+        self.discovery: Discovery | None = None
+        self.admin: AdminServer | None = None
 
     # --- shared memory -----------------------------------------------------------------------
 
@@ -106,6 +113,8 @@ class Supervisor:
         caps = []
         for i, (name, pc) in enumerate(cfg.pools.items()):
             n_slots = len(pc.backends) + max(SPARE_SLOTS_MIN, len(pc.backends))
+            if pc.discover is not None:
+                n_slots += pc.discover.max_backends
             self.pools[name] = PoolState(i, pc, first, n_slots)
             caps.append(table_capacity(pc.algorithm, n_slots, pc.maglev_table_size, pc.ring_vnodes))
             first += n_slots
@@ -257,6 +266,7 @@ class Supervisor:
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
         tasks.append(asyncio.create_task(self.checker.run()))
+        self._start_fleet_services()
         if not self.stopping:
             listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
             log.info("ready: %d workers, listeners: %s", self.n_workers, listeners)
@@ -267,6 +277,7 @@ class Supervisor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_fleet_services()
         await self._stop_control_socket()
         log.info("stopped")
         return self.exit_code
@@ -287,6 +298,33 @@ class Supervisor:
                 self.backends.tick()
             except Exception:
                 log.exception("periodic backend update failed")
+
+    def _start_fleet_services(self) -> None:
+        """DNS discovery for the pools that have it, and the remote admin API if configured."""
+        # imported only when used: dnspython and aiohttp cost the control process memory (and OpenSSL)
+        discovering = {n: p.discover for n, p in self.config.pools.items() if p.discover is not None}
+        if discovering:
+            from fastlb.fleet.discovery import Discovery
+
+            self.discovery = Discovery(discovering, self._on_discovered)
+            self.discovery.start()
+        if self.config.global_.admin is not None:
+            from fastlb.fleet.admin import AdminServer
+
+            self.admin = AdminServer(self, self.config.global_.admin)
+            self._admin_task = asyncio.create_task(self.admin.start())
+
+    async def _stop_fleet_services(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+
+    def _on_discovered(self, pool: str, backends: list) -> None:
+        self.backends.apply_discovered(pool, backends)
+        if self.checker is not None:
+            self.checker.set_targets(self.backends.check_targets())
+        self.poke()
 
     def poke(self) -> None:
         """Backend state changed outside tick(): let the tick loop re-evaluate what it has to do."""
@@ -315,6 +353,8 @@ class Supervisor:
         listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
         restart += self.backends.reload(new)
+        if self.discovery is not None:
+            self.discovery.update({n: p.discover for n, p in new.pools.items() if p.discover is not None})
         self.poke()
         if self.checker is not None:
             self.checker.set_targets(self.backends.check_targets())
@@ -420,6 +460,11 @@ class Supervisor:
                     "all_down": ps.all_down,
                     "all_down_policy": ps.config.all_down,
                     "backends": backends,
+                    **(
+                        {"discovery": self.discovery.pools[ps.config.name].status()}
+                        if self.discovery is not None and ps.config.name in self.discovery.pools
+                        else {}
+                    ),
                 }
             )
         listeners = []
