@@ -81,7 +81,8 @@ def serve(config_file: str, workers: int | None) -> None:
     """Run the load balancer in the foreground until SIGTERM/SIGINT."""
     cfg = _load_or_exit(config_file)
     _setup_logging(cfg.global_.log_level)
-    _keep_openssl_out()
+    if cfg.global_.admin is None or cfg.global_.admin.tls_cert is None:
+        _keep_openssl_out()  # an admin API over TLS needs asyncio's TLS support
     from fastlb.runtime.supervisor import serve as run
 
     sys.exit(run(cfg, workers))
