@@ -36,6 +36,7 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -95,7 +96,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", *ADMIN_KEYS)
+_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", *ADMIN_KEYS, *ACCESS_LOG_KEYS)
 _LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
 _POOL_KEYS = (
     "algorithm",
@@ -133,12 +134,16 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
+    access_log = parse_access_log(t)
     return GlobalConfig(
         workers=workers,
         control_socket=sock,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
         admin=parse_admin(t),
+        access_log=access_log[0],
+        access_log_format=access_log[1],
+        access_log_buffer=access_log[2],
     )
 
 

@@ -186,6 +186,9 @@ class GlobalConfig:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     admin: AdminConfig | None = None
+    access_log: str = "off"  # "off" | "stdout" | an absolute path
+    access_log_format: str = "json"  # "json" | "text"
+    access_log_buffer: int = 16384  # records per worker ring
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 if TYPE_CHECKING:
     from fastlb.fleet.admin import AdminServer
     from fastlb.fleet.discovery import Discovery
+    from fastlb.observe.accesslog import AccessLog
 
 log = logging.getLogger("fastlb")
 
@@ -103,6 +104,7 @@ class Supervisor:
         self.backends = BackendManager(self.region, self.pools)
         self.checker: HealthChecker | None = None
         self.discovery: Discovery | None = None
+        self.access_log: AccessLog | None = None
         self.admin: AdminServer | None = None
 
     # --- shared memory -----------------------------------------------------------------------
@@ -118,7 +120,8 @@ class Supervisor:
             self.pools[name] = PoolState(i, pc, first, n_slots)
             caps.append(table_capacity(pc.algorithm, n_slots, pc.maglev_table_size, pc.ring_vnodes))
             first += n_slots
-        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps)
+        log_slots = cfg.global_.access_log_buffer if cfg.global_.access_log != "off" else 0
+        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps, log_slots)
         for ps in self.pools.values():
             pc = ps.config
             region.set_pool(
@@ -261,6 +264,7 @@ class Supervisor:
                 raise StartupError(self.startup_failure or "workers did not open their listeners in time")
             await asyncio.sleep(0.01)
         self.ready = True
+        self._start_access_log()
         await self._start_control_socket()
         tasks = [asyncio.create_task(self._tick_loop())]
         targets = self.backends.check_targets()
@@ -278,6 +282,8 @@ class Supervisor:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._stop_fleet_services()
+        if self.access_log is not None:
+            await self.access_log.stop()  # after the workers: their last connections are logged too
         await self._stop_control_socket()
         log.info("stopped")
         return self.exit_code
@@ -298,6 +304,26 @@ class Supervisor:
                 self.backends.tick()
             except Exception:
                 log.exception("periodic backend update failed")
+
+    def _start_access_log(self) -> None:
+        g = self.config.global_
+        if g.access_log == "off":
+            return
+        from fastlb.observe.accesslog import AccessLog, Names
+
+        def backend_names() -> dict[int, str]:
+            return {s.index: s.name for ps in self.pools.values() for s in ps.slots.values()}
+
+        routes = getattr(self, "routes", None)
+        names = Names(
+            list(self.config.listeners),
+            list(self.config.pools),
+            backend_names,
+            getattr(routes, "index_names", None),
+        )
+        self.access_log = AccessLog(self.region, self.n_workers, g.access_log, g.access_log_format, names)
+        self.access_log.start()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
 
     def _start_fleet_services(self) -> None:
         """DNS discovery for the pools that have it, and the remote admin API if configured."""
@@ -483,7 +509,19 @@ class Supervisor:
                 }
             )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
+        extra = {}
+        if self.access_log is not None:
+            dropped = self.access_log.dropped()
+            for w, d in zip(workers, dropped, strict=True):
+                w["log_dropped"] = d
+            extra["access_log"] = {
+                "destination": self.access_log.destination,
+                "format": self.access_log.format,
+                "written": self.access_log.written,
+                "dropped": sum(dropped),
+            }
         return {
+            **extra,
             "pid": os.getpid(),
             "generation": r.generation,
             "listeners": listeners,
