@@ -7,6 +7,7 @@
 #   core/pipes.pxi   the per-worker pipe pool (an idle connection holds no pipe)
 #   core/timers.pxi  the timer wheel (connect and idle timeouts)
 #   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
+#   core/routes.pxi  routes and splits: route_select() picks a connection's route and pool
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
@@ -19,7 +20,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 from flb_atomic cimport *
-from flb_hash cimport FLB_SEED_KEY, flb_hash64
+from flb_hash cimport FLB_SEED_KEY, FLB_SEED_SPLIT, flb_hash64
 from linux cimport *
 from shm_layout cimport *
 
@@ -27,6 +28,7 @@ include "core/state.pxi"
 include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
+include "core/routes.pxi"
 include "core/conn.pxi"
 include "core/loop.pxi"
 
