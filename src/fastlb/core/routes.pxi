@@ -262,3 +262,57 @@ cdef uint32_t route_select(Conn *c, const char *sni, uint32_t sni_len) noexcept 
     if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
         c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>c.peer, c.cfd)
     return pi
+
+
+cdef int64_t route_bench(char *base, uint32_t listener, const uint8_t *peer, uint32_t peer_len,
+                         const char *sni, uint32_t sni_len, long iterations, uint32_t *route,
+                         uint32_t *pool) noexcept nogil:
+    """Call route_select() `iterations` times for one client (peer sockaddr, server name) on
+    `listener` of the region at base, from a private worker state (no sockets); sets *route and
+    *pool from the last call.  Returns the elapsed microseconds, or -ENOMEM / -EINVAL."""
+    cdef Conn c
+    cdef long i
+    cdef uint64_t t0, t1
+    memset(&W, 0, sizeof(Worker))
+    W.base = base
+    W.hdr = <flb_header_t *>base
+    W.shm_listeners = <flb_listener_t *>(base + W.hdr.listeners_off)
+    W.pools = <flb_pool_t *>(base + W.hdr.pools_off)
+    W.backends = <flb_backend_t *>(base + W.hdr.backends_off)
+    W.rng = 0x9E3779B97F4A7C15ULL
+    if listener >= W.hdr.n_listeners or peer_len > FLB_ADDR_LEN:
+        return -22
+    W.n_listeners = <int>W.hdr.n_listeners
+    W.listeners = <Listener *>calloc(W.n_listeners, sizeof(Listener))
+    if W.listeners == NULL or lb_setup() < 0:
+        free(W.listeners)
+        lb_free()
+        return -ENOMEM
+    for i in range(W.n_listeners):
+        W.listeners[i].fd = -1
+        W.listeners[i].shm = &W.shm_listeners[i]
+        W.listeners[i].pool = W.shm_listeners[i].pool
+    if routes_setup() < 0:
+        free(W.listeners)
+        lb_free()
+        return -ENOMEM
+    W.generation = flb_load64_acq(&W.hdr.generation)
+    lb_refresh()
+    routes_refresh()
+    t0 = clock_us()
+    for i in range(iterations if iterations > 0 else 1):
+        memset(&c, 0, sizeof(Conn))
+        c.cfd = -1
+        c.listener = listener
+        c.route = FLB_NONE
+        c.pool = FLB_NONE
+        memcpy(c.peer, peer, peer_len)
+        route_select(&c, sni, sni_len)
+    t1 = clock_us()
+    route[0] = c.route
+    pool[0] = c.pool
+    routes_free()
+    free(W.listeners)
+    lb_free()
+    memset(&W, 0, sizeof(Worker))
+    return <int64_t>(t1 - t0)
