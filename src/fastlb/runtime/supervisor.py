@@ -27,6 +27,7 @@ from fastlb.config import Config, ConfigError, load_config
 from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
+from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
@@ -102,6 +103,7 @@ class Supervisor:
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
+        self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
         self.checker: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.access_log: AccessLog | None = None
@@ -120,8 +122,19 @@ class Supervisor:
             self.pools[name] = PoolState(i, pc, first, n_slots)
             caps.append(table_capacity(pc.algorithm, n_slots, pc.maglev_table_size, pc.ring_vnodes))
             first += n_slots
+        n_routes, n_cidrs, n_snis = route_layout(cfg)
         log_slots = cfg.global_.access_log_buffer if cfg.global_.access_log != "off" else 0
-        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps, log_slots)
+        region = Region(
+            len(cfg.listeners),
+            len(cfg.pools),
+            first,
+            self.n_workers,
+            caps,
+            n_routes=n_routes,
+            n_cidrs=n_cidrs,
+            n_snis=n_snis,
+            log_slots=log_slots,
+        )
         for ps in self.pools.values():
             pc = ps.config
             region.set_pool(
@@ -314,12 +327,8 @@ class Supervisor:
         def backend_names() -> dict[int, str]:
             return {s.index: s.name for ps in self.pools.values() for s in ps.slots.values()}
 
-        routes = getattr(self, "routes", None)
         names = Names(
-            list(self.config.listeners),
-            list(self.config.pools),
-            backend_names,
-            getattr(routes, "index_names", None),
+            list(self.config.listeners), list(self.config.pools), backend_names, self.routes.index_names
         )
         self.access_log = AccessLog(self.region, self.n_workers, g.access_log, g.access_log_format, names)
         self.access_log.start()
@@ -375,12 +384,19 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        listeners_old = [(lc.name, str(lc.bind), lc.pool) for lc in self.config.listeners.values()]
-        listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
+        listeners_old = [(lc.name, str(lc.bind)) for lc in self.config.listeners.values()]
+        listeners_new = [(lc.name, str(lc.bind)) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
+        if not restart and any(
+            RouteManager.prelude_changed(old, new.listeners[old.name])
+            for old in self.config.listeners.values()
+        ):
+            restart.append("listeners (proxy_protocol, sni settings)")
         restart += self.backends.reload(new)
         if self.discovery is not None:
             self.discovery.update({n: p.discover for n, p in new.pools.items() if p.discover is not None})
+        if restart[:1] != ["listeners"]:
+            restart += self.routes.reload(new)  # the file's splits replace the published ones
         self.poke()
         if self.checker is not None:
             self.checker.set_targets(self.backends.check_targets())
@@ -506,6 +522,8 @@ class Supervisor:
                     "rejected": li["rejected"],
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
+                    "no_route": li["no_route"],
+                    "routes": self.routes.routes_status(lc.name),
                 }
             )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
