@@ -8,6 +8,7 @@
 #   core/timers.pxi  the timer wheel (connect and idle timeouts)
 #   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
+#   core/orphan.pxi  watching the control process (pidfd); orphan mode and orphan_timeout
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
@@ -16,7 +17,7 @@ from libc.errno cimport (
 )
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memset, strlen
 
 from flb_atomic cimport *
 from flb_hash cimport FLB_SEED_KEY, flb_hash64
@@ -28,6 +29,7 @@ include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
 include "core/conn.pxi"
+include "core/orphan.pxi"
 include "core/loop.pxi"
 
 
@@ -40,23 +42,29 @@ def map_region(int fd, size_t size):
     return <uintptr_t>base
 
 
-def run_worker(uintptr_t region_addr, int index, list listen_fds, double shutdown_timeout):
+def run_worker(
+    uintptr_t region_addr, int index, list listen_fds, double shutdown_timeout,
+    double orphan_timeout=300.0, int control_pid=0,
+):
     """Run worker `index` on the mapped region at `region_addr` until it is told to stop.
 
     listen_fds[i] is this worker's own (SO_REUSEPORT, non-blocking) listening socket for listener i.
-    Blocks (without the GIL) until SIGTERM/SIGINT and the drain that follows; returns 0, or a
-    negative errno if the loop could not be set up.
+    control_pid: the control process, watched through a pidfd (0: none); when it dies the worker
+    keeps serving and drains `orphan_timeout` seconds later (see core/orphan.pxi).
+    Blocks (without the GIL) until SIGTERM/SIGINT (or orphan_timeout) and the drain that follows;
+    returns 0, or a negative errno if the loop could not be set up.
     """
     cdef int n = len(listen_fds)
     cdef int *fds = <int *>malloc(sizeof(int) * (n if n > 0 else 1))
     cdef int i, rc
     cdef uint32_t shutdown_ms = <uint32_t>(shutdown_timeout * 1000.0)
+    cdef uint64_t orphan_ms = <uint64_t>(orphan_timeout * 1000.0)
     if fds == NULL:
         raise MemoryError()
     for i in range(n):
         fds[i] = listen_fds[i]
     with nogil:
-        rc = worker_main(<char *>region_addr, index, fds, n, shutdown_ms)
+        rc = worker_main(<char *>region_addr, index, fds, n, shutdown_ms, orphan_ms, control_pid)
     free(fds)
     return rc
 

@@ -94,7 +94,14 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
+_GLOBAL_KEYS = (
+    "workers",
+    "control_socket",
+    "shutdown_timeout",
+    "log_level",
+    "orphan_timeout",
+    "worker_stall_timeout",
+)
 _LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
 _POOL_KEYS = (
     "algorithm",
@@ -136,7 +143,17 @@ def _global(data: object, file: str) -> GlobalConfig:
         control_socket=sock,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
+        orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
+        worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
     )
+
+
+def _stall_timeout(t: _Table, default: float) -> float:
+    """worker_stall_timeout: at least 500ms (a worker's loop turns at least every 100 ms)."""
+    seconds = t.get_duration("worker_stall_timeout", default, positive=True)
+    if seconds < 0.5:
+        raise t.error("worker_stall_timeout", "must be at least 500ms (workers beat every 100 ms at most)")
+    return seconds
 
 
 def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:

@@ -161,6 +161,8 @@ class GlobalConfig:
     control_socket: str = "/run/fastlb/control.sock"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    orphan_timeout: float = 300.0  # workers whose control process died drain this long after
+    worker_stall_timeout: float = 3.0  # a worker's heartbeat older than this: killed and replaced
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,10 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     int getpid()
     int getppid()
+
+
+cdef extern from "<sys/syscall.h>" nogil:
+    # pidfd_open(2) (Linux 5.3): glibc before 2.36 has no wrapper, so it is called through syscall()
+    enum:
+        SYS_pidfd_open
+    long syscall(long number, ...)

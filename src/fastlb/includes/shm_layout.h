@@ -203,12 +203,19 @@ typedef struct {
     uint64_t splice_errors;
     uint64_t conn_capacity;      /* slab slots */
     uint64_t generation_seen;
-} flb_worker_t;                  /* 128 bytes */
+    /* process lifecycle (procrel) */
+    uint64_t orphaned_since_ms;  /* CLOCK_MONOTONIC ms when this worker saw its control process
+                                    die (0: it has a control process); it then drains and exits
+                                    orphan_timeout later, or when a new fastlb takes over */
+    uint32_t control_pid;        /* the control process this worker watches (a pidfd) */
+    uint32_t _lpad;
+    uint64_t _lcpad[6];
+} flb_worker_t;                  /* 192 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 128, "header size");
 _Static_assert(sizeof(flb_listener_t) == 192, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 192, "pool size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 128, "worker size");
+_Static_assert(sizeof(flb_worker_t) == 192, "worker size");
 
 #endif

@@ -136,3 +136,5 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t splice_errors
         uint64_t conn_capacity
         uint64_t generation_seen
+        uint64_t orphaned_since_ms
+        uint32_t control_pid
