@@ -307,6 +307,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     W.generation = flb_load64_acq(&W.hdr.generation)
     lb_refresh()
     W.me.generation_seen = W.generation
+    W.me.heartbeat_ms = W.now_ms        # before state 1: the watchdog reads both
     W.me.pid = getpid()
     W.me.state = 1
     return 0

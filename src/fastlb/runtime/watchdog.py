@@ -43,7 +43,10 @@ class Watchdog:
             w = region.worker(index)
             if w["pid"] != pid or w["state"] not in RUNNING_STATES or pid in self.killed:
                 continue  # still starting (the ready wait covers that), or already handled
-            age = now_ms - w["heartbeat_ms"]
+            beat = w["heartbeat_ms"]
+            if beat == 0:  # an older build's worker between setup and its first turn
+                beat = int(self.sup.started_at.get(index, 0.0) * 1000)
+            age = now_ms - beat
             if age <= self.timeout_ms:
                 continue
             self.stalls += 1
