@@ -1,0 +1,59 @@
+"""Restarts without dropping anything: `fastlb serve --takeover` receives the running instance's
+listening sockets over the control socket (SCM_RIGHTS), starts its workers on them, then the old
+instance stops accepting and drains.  Under load (short connections in a loop and long byte-exact
+echo transfers): 0 failed client connections, every long transfer completes byte-exact."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from fastlb.control import ControlClient
+from support.backends import server
+from support.helpers import wait_until
+from support.load import Load
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _restarts(fastlb, backends, n: int) -> None:
+    b = backends(server("a", "id"), server("b", "id"))
+    lb = fastlb([("a", b.address("a"), None), ("b", b.address("b"), None)], workers=2)
+    first = lb
+    instances = [lb]
+    load = Load(lb.addr, short_threads=3, long_transfers=2).start()
+    try:
+        load.wait_short(50)
+        for _ in range(n):
+            old = instances[-1]
+            new = fastlb.again(old, "--takeover")
+            instances.append(new)
+            assert new.pid != old.pid
+            wait_until(lambda o=old: "taken over by pid" in o.log_text(), 15, "the old instance to hand over")
+            st = ControlClient(str(lb.dir / "control.sock")).status()
+            assert st["pid"] == new.pid, "the control socket does not lead to the new instance"
+            load.wait_short(30)
+    finally:
+        res = load.stop()
+    assert res.failures == [], res.describe()
+    assert res.long_failures == [] and res.long_ok == 2, res.describe()
+    assert res.long_bytes > 0
+    # every replaced instance drains (its long transfers ended with the load) and exits 0
+    for old in instances[:-1]:
+        assert old.wait_exit(40) == 0, old.log_text()
+    wait_until(lambda: all(_gone(p) for p in first._known), 20, "the first instance's workers to exit")
+    assert instances[-1].proc.poll() is None
+
+
+def test_takeover_restarts_under_load_drop_nothing(backends, fastlb):
+    _restarts(fastlb, backends, 5)
+
+
+@pytest.mark.slow
+def test_twenty_takeover_restarts_under_load(backends, fastlb):
+    _restarts(fastlb, backends, 20)
