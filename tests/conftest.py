@@ -72,8 +72,9 @@ def fastlb(tmp_path, request):
     FastLB that has sent READY=1."""
     started: list[FastLB] = []
 
-    def start(backends, **kw) -> FastLB:
+    def start(backends, prefix: tuple[str, ...] = (), **kw) -> FastLB:
         lb = FastLB(tmp_path / f"lb{len(started)}", backends, **kw)
+        lb.argv_prefix = list(prefix)  # a wrapper process, e.g. tests/support/subreaper.py
         started.append(lb)
         _logs(request.node).append((f"fastlb #{len(started)} stderr", lb.log_text))
         _logs(request.node).append((f"fastlb #{len(started)} config", lambda: lb.config_text))
