@@ -5,6 +5,8 @@ echo transfers): 0 failed client connections, every long transfer completes byte
 
 from __future__ import annotations
 
+import signal
+
 import psutil
 import pytest
 
@@ -57,3 +59,46 @@ def test_takeover_restarts_under_load_drop_nothing(backends, fastlb):
 @pytest.mark.slow
 def test_twenty_takeover_restarts_under_load(backends, fastlb):
     _restarts(fastlb, backends, 20)
+
+
+def test_sigusr2_restarts_in_place_and_hands_systemd_the_new_main_pid(backends, fastlb):
+    """The upgrade signal: the control process starts `fastlb serve --takeover` itself (in the same
+    cgroup under systemd); the old one tells NOTIFY_SOCKET `MAINPID=new`, the new one sends READY=1."""
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=2)
+    load = Load(lb.addr, short_threads=3, long_transfers=1).start()
+    try:
+        load.wait_short(50)
+        lb.signal(signal.SIGUSR2)
+
+        def notes() -> list[tuple[float, int, str]]:
+            lb.notified("READY=1")  # receives whatever has arrived
+            return lb.notifications
+
+        def main_pid() -> int | None:
+            for _, sender, text in notes():
+                for line in text.split("\n"):
+                    if line.startswith("MAINPID=") and sender == lb.pid:
+                        return int(line[len("MAINPID=") :])
+            return None
+
+        new_pid = wait_until(main_pid, 20, "MAINPID= from the old main pid")
+        new = psutil.Process(new_pid)
+        lb._known[new_pid] = new  # teardown: the new instance lives in the old one's process group
+        assert new.ppid() == lb.pid and "--takeover" in new.cmdline()
+        wait_until(
+            lambda: (
+                any(s == new_pid and "READY=1" in t.split("\n") for _, s, t in lb.notifications)
+                or lb.notified("READY=1") is None
+            ),
+            20,
+            "READY=1 from the new main pid",
+        )
+        for w in new.children():
+            lb._known[w.pid] = w
+        load.wait_short(50)
+    finally:
+        res = load.stop()
+    assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
+    assert lb.wait_exit(40) == 0
+    assert ControlClient(str(lb.dir / "control.sock")).status()["pid"] == new_pid

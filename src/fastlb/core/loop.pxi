@@ -238,6 +238,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     sigaddset(&mask, SIGTERM)
     sigaddset(&mask, SIGINT)
     sigaddset(&mask, SIGHUP)
+    sigaddset(&mask, SIGUSR2)           # the control process's upgrade signal: ignored here
     if sigprocmask(SIG_BLOCK, &mask, NULL) < 0:
         return -errno
     W.sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)

@@ -130,6 +130,7 @@ cdef extern from "<signal.h>" nogil:
         SIGHUP
         SIGPIPE
         SIGUSR1
+        SIGUSR2
 
 
 cdef extern from "<sys/signalfd.h>" nogil:

@@ -72,6 +72,8 @@ class Supervisor:
         check_layout()
         self.config = config
         self.n_workers = workers or config.global_.workers
+        self.workers_override = workers
+        self.successor_pid = 0  # an upgrade (SIGUSR2) in progress: the new instance's pid
         self.shutdown_timeout = config.global_.shutdown_timeout
         self.pools: dict[str, PoolState] = {}
         self.pids: dict[int, int] = {}  # pid -> worker index
@@ -217,6 +219,12 @@ class Supervisor:
                 return
             index = self.pids.pop(pid, None)
             if index is None:
+                if pid == self.successor_pid and not self.stopping:
+                    self.successor_pid = 0
+                    log.error(
+                        "upgrade failed: the new instance exited (%s)",
+                        _describe_exit(os.waitstatus_to_exitcode(status)),
+                    )
                 continue
             self.write_runfile()
             code = os.waitstatus_to_exitcode(status)
@@ -255,6 +263,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR2, self.upgrade)
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for i in range(self.n_workers):
             self.spawn(i)
@@ -339,6 +348,20 @@ class Supervisor:
             log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
         log.info("reloaded %s", path)
 
+    def upgrade(self) -> None:
+        """SIGUSR2: restart in place without refusing a connection (runtime/takeover.py)."""
+        if self.stopping or self.successor_pid:
+            log.warning(
+                "upgrade: %s; SIGUSR2 ignored", "stopping" if self.stopping else "already in progress"
+            )
+            return
+        try:
+            self.successor_pid = takeover.spawn_successor(self.config.file, self.workers_override)
+        except OSError as exc:
+            log.error("upgrade failed: cannot start a new instance: %s", exc)
+            return
+        log.info("upgrade: started pid %d with --takeover", self.successor_pid)
+
     def begin_shutdown(self, sig: signal.Signals | None, successor: int | None = None) -> None:
         """Stop accepting (close the listening sockets: new connections are refused, unless a
         successor holds them too), tell the workers to drain, exit when they are gone.
@@ -346,8 +369,6 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        if successor is not None:
-            sd_notify(f"MAINPID={successor}")
         asyncio.get_running_loop().call_later(self.shutdown_timeout + 5.0, self._kill_stragglers)
         if not self.pids and self._all_exited is not None:
             self._all_exited.set()
@@ -414,6 +435,9 @@ class Supervisor:
                         continue  # the handover reply went out with its descriptors
                 else:
                     reply = handle_request(self, line)
+                if req is not None and req.get("cmd") == "shutdown" and reply.get("successor"):
+                    # before the reply: the successor's READY=1 must find it the main pid already
+                    sd_notify(f"MAINPID={reply['successor']}")
                 self.poke()
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()

@@ -29,6 +29,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +225,17 @@ def _crash_takeover(rf: runfile.RunFile, orphans: list[runfile.WorkerEntry]) -> 
 
 
 # --- the running instance's side: the handover and shutdown requests -------------------------------
+
+
+def spawn_successor(config_file: str, workers: int | None) -> int:
+    """SIGUSR2 (the upgrade signal): start `fastlb serve -c FILE --takeover` from the fastlb installed
+    now (a new build if it was upgraded) as a child of this process, in this service's cgroup; it
+    takes the sockets over and tells this instance to drain.  Returns its pid (raises OSError)."""
+    argv = [sys.executable, "-m", "fastlb", "serve", "-c", config_file, "--takeover"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)  # noqa: S603
+    return proc.pid
 
 
 def answer(sup: Any, req: dict[str, Any], writer: Any) -> dict[str, Any] | None:
