@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from fastlb.control import ControlClient
+from fastlb.runtime import runfile
 from support.backends import server
 from support.helpers import wait_until
 from support.load import Load
@@ -50,6 +51,10 @@ def _restarts(fastlb, backends, n: int) -> None:
         assert old.wait_exit(40) == 0, old.log_text()
     wait_until(lambda: all(_gone(p) for p in first._known), 20, "the first instance's workers to exit")
     assert instances[-1].proc.poll() is None
+    # the runtime file (for a crash takeover later) names the newest instance and its workers
+    rf = runfile.read(str(lb.dir / "control.sock.run.json"))
+    assert rf is not None and rf.control_pid == instances[-1].pid
+    assert {w.pid for w in rf.workers} == instances[-1].worker_pids()
 
 
 def test_takeover_restarts_under_load_drop_nothing(backends, fastlb):

@@ -7,6 +7,9 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "status"}
   {"cmd": "set-weight", "pool": P, "backend": B, "weight": W}
   {"cmd": "drain" | "enable" | "disable", "pool": P, "backend": B}
+  {"cmd": "shutdown"}  (like SIGTERM; with "successor": PID, that pid is the new main process)
+  {"cmd": "handover", "pid": PID}  (the listening sockets, as SCM_RIGHTS descriptors: see
+      fastlb.runtime.takeover and docs/failure-behaviour.md; used by `fastlb serve --takeover`)
 Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.  A malformed or unknown request
 changes nothing.
 """

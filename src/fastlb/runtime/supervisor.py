@@ -144,7 +144,10 @@ class Supervisor:
             self.predecessor.sockets = {}
 
     def write_runfile(self) -> None:
-        """Record this control process and its workers (pid, start time, listening fds)."""
+        """Record this control process and its workers (pid, start time, listening fds).  Not once
+        stopping: after a takeover the file is the successor's."""
+        if self.stopping:
+            return
         entries = []
         fds_of = {}
         for t in self.listeners.table():
@@ -278,6 +281,7 @@ class Supervisor:
         self.ready = True
         await self._start_control_socket()
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
+        self.write_runfile()
         tasks = [asyncio.create_task(self._tick_loop())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
