@@ -6,6 +6,7 @@ subreaper the orphans are noticed the same way and drain at orphan_timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -89,3 +90,39 @@ def test_orphans_under_a_subreaper_drain_at_orphan_timeout(backends, fastlb):
     assert res.failures == [], res.describe()
     # and they stop at orphan_timeout (2 s) + shutdown_timeout (1 s): nobody serves frozen state forever
     wait_until(lambda: all(_gone(w.pid) for w in workers), 20, "the orphans to exit at orphan_timeout")
+
+
+def test_crash_takeover_without_pidfd_getfd_joins_the_orphans_sockets(backends, fastlb):
+    """Where pidfd_getfd(2) is refused (no ptrace rights, a seccomp filter), the new instance opens
+    its own SO_REUSEPORT sockets next to the orphans' instead and still takes over.  Here the
+    runtime file's descriptor numbers are made invalid, so every pidfd_getfd fails (EBADF).  The
+    orphans' queues move to the new sockets only with net.ipv4.tcp_migrate_req = 1, so failures are
+    counted, and must be 0 only then."""
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=2, global_={"orphan_timeout": "2m"})
+    orphans = lb.wait_workers(2)
+    path = lb.dir / "control.sock.run.json"
+    os.kill(lb.pid, signal.SIGKILL)
+    lb.proc.wait(10)
+    wait_until(lambda: lb.log_text().count(GONE_LINE) == 2, 10, "both workers to notice")
+    doc = json.loads(path.read_text())
+    for w in doc["workers"]:
+        for entry in w["listeners"]:
+            entry["fd"] = 100000 + entry["fd"]
+    path.write_text(json.dumps(doc))
+    load = Load(lb.addr, short_threads=2).start()
+    try:
+        load.wait_short(50)
+        new = fastlb.again(lb)
+        assert "joining their SO_REUSEPORT groups" in new.log_text()
+        wait_until(lambda: all(_gone(p) for p in orphans), 20, "the orphans to drain and exit")
+        load.wait_short(100)  # the new instance's own sockets serve everything now
+    finally:
+        res = load.stop()
+    with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+        migrate = f.read().strip() == "1"
+    if migrate:
+        assert res.failures == [], res.describe()
+    else:  # only connections queued on an orphan's socket at the moment it closed
+        assert len(res.failures) <= 20, res.describe()
+    assert new.proc.poll() is None

@@ -107,3 +107,26 @@ def test_sigusr2_restarts_in_place_and_hands_systemd_the_new_main_pid(backends, 
     assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
     assert lb.wait_exit(40) == 0
     assert ControlClient(str(lb.dir / "control.sock")).status()["pid"] == new_pid
+
+
+def test_takeover_applies_a_changed_config_and_more_workers(backends, fastlb):
+    """The new instance re-reads the config: here one more worker (a new socket joins the handed-over
+    one's SO_REUSEPORT group) and another idle_timeout."""
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=1)
+    load = Load(lb.addr, short_threads=3).start()
+    try:
+        load.wait_short(50)
+        new = fastlb.again(lb, "--takeover", start=False)
+        new.workers = 2
+        new.config_path.write_text(lb.config_text.replace('idle_timeout = "5m"', 'idle_timeout = "7m"'))
+        new.start()
+        assert "received 1 listening sockets" in new.log_text()
+        assert len(new.wait_workers(2)) == 2
+        load.wait_short(100)
+    finally:
+        res = load.stop()
+    assert res.failures == [], res.describe()
+    assert lb.wait_exit(40) == 0
+    st = ControlClient(str(lb.dir / "control.sock")).status()
+    assert st["pid"] == new.pid and len(st["workers"]) == 2
