@@ -13,7 +13,7 @@
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
 from libc.errno cimport (
-    EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EIO, EMFILE, ENFILE, ENOBUFS, ENOMEM, ETIMEDOUT, errno,
+    EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EIO, EMFILE, ENFILE, ENOBUFS, ENOMEM, ENOSYS, ETIMEDOUT, errno,
 )
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc

@@ -17,7 +17,8 @@ cdef int orphan_watch(int control_pid, uint64_t timeout_ms) noexcept nogil:
 
     Checks afterwards that control_pid is still our parent: if it died before the pidfd was open,
     the pid could name another process.  Returns 0, -ESRCH (the control process is already gone:
-    the worker must not start), or -errno of pidfd_open/epoll_ctl.  control_pid <= 0: no watch
+    the worker must not start), or -errno of pidfd_open/epoll_ctl.  Without pidfds (ENOSYS) it
+    arms PR_SET_PDEATHSIG(SIGTERM) instead: no orphan mode there.  control_pid <= 0: no watch
     (a test build running the loop by itself), returns 0.
     """
     global ORPH_fd, ORPH_timeout_ms, ORPH_deadline_ms
@@ -29,7 +30,13 @@ cdef int orphan_watch(int control_pid, uint64_t timeout_ms) noexcept nogil:
         return 0
     fd = syscall(SYS_pidfd_open, control_pid, 0)
     if fd < 0:
-        return -errno
+        if errno != ENOSYS:
+            return -errno
+        # Linux < 5.3: no pidfd.  Fall back to the old contract (drain when the control process
+        # dies); there is no orphan mode on such kernels.
+        if prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0) < 0:
+            return -errno
+        return -3 if getppid() != control_pid else 0
     if getppid() != control_pid:
         close_fd(<int>fd)
         return -3                       # ESRCH: the control process died before we watched it
