@@ -25,6 +25,7 @@ import traceback
 from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
+from fastlb.config.model import MAX_SUN_PATH
 from fastlb.control.server import handle_request
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
@@ -395,7 +396,7 @@ class Supervisor:
         whoever connects to the path reaches either the previous instance (during a takeover) or
         this one, never nothing."""
         path = self.config.global_.control_socket
-        tmp = f"{path}.{os.getpid()}.new"
+        tmp = _temp_socket_path(path)
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -406,7 +407,8 @@ class Supervisor:
             finally:
                 os.umask(old_umask)
             os.chmod(tmp, 0o600)
-            os.rename(tmp, path)
+            if tmp != path:
+                os.rename(tmp, path)
             self._control_path = path
             self._control_ino = os.stat(path).st_ino
         except OSError as exc:
@@ -525,6 +527,15 @@ def _state_name(b: dict) -> str:
     if b["health"] != 0:
         return HEALTH_NAMES[b["health"]]
     return "up"
+
+
+def _temp_socket_path(path: str) -> str:
+    """A name next to `path` to bind the control socket under before renaming it over `path`; `path`
+    itself when no such name fits the unix socket limit (then the replacement is not atomic)."""
+    for tmp in (f"{path}.{os.getpid()}.new", os.path.join(os.path.dirname(path), f".{os.getpid()}")):
+        if len(tmp.encode("utf-8", "surrogatepass")) <= MAX_SUN_PATH:
+            return tmp
+    return path
 
 
 def _takeover_request(line: bytes) -> dict | None:
