@@ -114,7 +114,12 @@ def test_backend_close_idle_timeout_and_connect_failure_in_text(fastlb, backends
     assert s.recv(10) == b""
     s.close()
     third = line(3)[2].split()
-    assert third[-1] == "connect_failed" and third[3] == "web/-" and third[2] == "web/default" and "connect=-" in third
+    assert (
+        third[-1] == "connect_failed"
+        and third[3] == "web/-"
+        and third[2] == "web/default"
+        and "connect=-" in third
+    )
 
 
 def test_sigusr1_reopens_and_a_full_ring_drops_and_counts(fastlb, backends, tmp_path):
