@@ -8,6 +8,8 @@
 #   core/timers.pxi  the timer wheel (connect and idle timeouts)
 #   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
+#   core/flush.pxi   a side errors or resets: early-close retry, or forward its last bytes, then reset
+#   core/deadlines.pxi shutdown/drain deadlines reset (counted); half_close_timeout
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
@@ -28,6 +30,8 @@ include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
 include "core/conn.pxi"
+include "core/flush.pxi"
+include "core/deadlines.pxi"
 include "core/loop.pxi"
 
 

@@ -153,6 +153,7 @@ class ListenerConfig:
     idle_timeout: float = 600.0
     max_connections: int = 0  # 0 = unlimited
     backlog: int = 4096
+    half_close_timeout: float = 60.0  # after one side finished, the other's limit; 0 = none
 
 
 @dataclass(frozen=True)

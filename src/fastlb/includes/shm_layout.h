@@ -126,7 +126,11 @@ typedef struct {
     uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
     uint64_t accept_errors;
     uint64_t _cpad[3];
-} flb_listener_t;                /* 192 bytes */
+    /* dprel (issue 9, data-plane reliability): configuration, control writes before fork */
+    uint32_t half_close_timeout_ms; /* after one side finished (EOF forwarded), the other side gets
+                                    this long; then the connection is reset.  0 = no limit */
+    uint32_t _dpad[15];
+} flb_listener_t;                /* 256 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -203,12 +207,22 @@ typedef struct {
     uint64_t splice_errors;
     uint64_t conn_capacity;      /* slab slots */
     uint64_t generation_seen;
-} flb_worker_t;                  /* 128 bytes */
+    /* dprel (issue 9, data-plane reliability) */
+    uint32_t pipe_size;          /* smallest pipe capacity (bytes) this worker has got so far */
+    uint32_t pipe_pool_cap;      /* idle pipes it keeps at most (sized from pipe-user-pages-soft) */
+    uint64_t pipes_small;        /* pipes that came out smaller than the default 64 KiB */
+    uint64_t deadline_resets;    /* connections reset by shutdown_timeout or drain_timeout */
+    uint64_t half_close_timeouts; /* connections reset by half_close_timeout */
+    uint64_t seqlock_fallbacks;  /* backend address read from the worker's last good copy */
+    uint64_t flushed_resets;     /* resets delivered after forwarding what the dead side held */
+    uint64_t early_close_retries; /* connections retried after a backend closed before any byte */
+    uint64_t _dpad;
+} flb_worker_t;                  /* 192 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 128, "header size");
-_Static_assert(sizeof(flb_listener_t) == 192, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 256, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 192, "pool size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 128, "worker size");
+_Static_assert(sizeof(flb_worker_t) == 192, "worker size");
 
 #endif

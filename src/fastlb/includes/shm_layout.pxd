@@ -75,6 +75,7 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t rejected
         uint64_t paused_full
         uint64_t accept_errors
+        uint32_t half_close_timeout_ms
 
     ctypedef struct flb_pool_t:
         char name[64]
@@ -136,3 +137,11 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t splice_errors
         uint64_t conn_capacity
         uint64_t generation_seen
+        uint32_t pipe_size
+        uint32_t pipe_pool_cap
+        uint64_t pipes_small
+        uint64_t deadline_resets
+        uint64_t half_close_timeouts
+        uint64_t seqlock_fallbacks
+        uint64_t flushed_resets
+        uint64_t early_close_retries

@@ -128,6 +128,7 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                round(lc.half_close_timeout * 1000),
             )
         return region
 
