@@ -254,11 +254,6 @@ cdef class Region:
                 n += 1
         return n
 
-    def debug_set_seq(self, int i, uint32_t seq) -> None:
-        """Tests only: store backend i's seqlock word as is (an odd value simulates a writer that
-        died mid-write)."""
-        flb_store32_rel(&self._backend(i).seq, seq)
-
     def set_weight(self, int i, int weight, effective=None) -> None:
         """Configured weight, and the effective weight the workers use (default: the same)."""
         cdef flb_backend_t *b = self._backend(i)

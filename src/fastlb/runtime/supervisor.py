@@ -25,6 +25,7 @@ from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
+from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
@@ -96,6 +97,7 @@ class Supervisor:
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
+        self.dataplane = DataPlaneWatch(self.region, self.n_workers)
         self.checker: HealthChecker | None = None
 
     # --- shared memory -----------------------------------------------------------------------
@@ -286,6 +288,7 @@ class Supervisor:
             self._tick_wake.clear()
             try:
                 self.backends.tick()
+                self.dataplane.check()
             except Exception:
                 log.exception("periodic backend update failed")
 
@@ -405,6 +408,7 @@ class Supervisor:
                         "connect_errors": b["connect_errors"],
                         "connect_timeouts": b["connect_timeouts"],
                         "resets": b["resets"],
+                        "early_closes": b["early_closes"],
                         "consecutive_failures": b["consecutive_failures"],
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
