@@ -126,6 +126,8 @@ class FastLB:
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.notify_sock = ns
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        python = sys.executable
         user_kw = {}
         if self.user is not None:
             import pwd
@@ -135,7 +137,12 @@ class FastLB:
                 os.chown(p, pw.pw_uid, pw.pw_gid)
             os.chmod(self.notify_path, 0o666)  # the unprivileged sender must reach it
             user_kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+            # the test's interpreter may live where that user cannot reach (a root-only pyenv):
+            # the system python3 with fastlb from its source tree (Debian python3-click, -psutil)
+            python = "/usr/bin/python3"
+            import fastlb
+
+            env["PYTHONPATH"] = str(Path(fastlb.__file__).resolve().parent.parent)
         nofile = self.nofile
         prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -150,7 +157,7 @@ class FastLB:
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "fastlb",
                 "serve",
