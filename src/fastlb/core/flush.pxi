@@ -36,7 +36,7 @@ cdef void conn_early_close(Conn *c) noexcept nogil:
     """c's backend closed or reset before any byte moved either way: count a failure for passive
     ejection (early_closes, consecutive_failures), drop the backend and connect c to another one,
     as after a refused connect (`retries` bounds it).  No backend left: c is closed with a reset,
-    counted as rejected."""
+    counted as rejected; a client that errored too is just reset."""
     cdef flb_backend_t *b = &W.backends[c.backend]
     cdef Listener *l = &W.listeners[c.listener]
     flb_add64(&b.early_closes, 1)
@@ -47,6 +47,9 @@ cdef void conn_early_close(Conn *c) noexcept nogil:
     c.backend = FLB_NONE
     pipe_put(&c.b2c)
     c.flags &= ~(F_B_RD | F_B_WR | F_B_EOF | F_B_ERR | F_B_HUP | F_B_SHUT | F_B2C_BULK | F_B_DATA | F_B_OK)
+    if c.flags & F_C_ERR:
+        conn_close(c, True)                 # the client is gone too: nothing to retry for
+        return
     W.me.early_close_retries += 1
     if conn_connect(c) < 0:
         flb_add64(&l.shm.rejected, 1)
