@@ -84,3 +84,33 @@ def test_half_close_timeout_zero_means_no_limit(backends, fastlb):
     assert elapsed >= 1.9, f"closed {elapsed:.2f}s after the FIN: before idle_timeout (2s)"
     w = control(lb).status()["workers"][0]
     assert w["half_close_timeouts"] == 0 and w["timeouts_idle"] == 1
+
+
+MINIMAL = """\
+[listeners.web]
+bind = "127.0.0.1:8080"
+pool = "web"
+{extra}
+
+[pools.web]
+backends = [{{ name = "a", address = "127.0.0.1:9000" }}]
+"""
+
+
+def test_half_close_timeout_config_key() -> None:
+    """Default 60 s; a duration, 0 = no limit; at most 1000h (its milliseconds fit the record)."""
+    from fastlb.config import ConfigError, parse_config
+
+    assert parse_config(MINIMAL.format(extra=""), "t.toml").listeners["web"].half_close_timeout == 60.0
+    cfg = parse_config(MINIMAL.format(extra='half_close_timeout = "2500ms"'), "t.toml")
+    assert cfg.listeners["web"].half_close_timeout == 2.5
+    cfg = parse_config(MINIMAL.format(extra='half_close_timeout = "0s"'), "t.toml")
+    assert cfg.listeners["web"].half_close_timeout == 0.0
+    for bad, word in (('"1001h"', "too long"), ('"-1s"', "negative"), ('"soon"', "")):
+        try:
+            parse_config(MINIMAL.format(extra=f"half_close_timeout = {bad}"), "t.toml")
+        except ConfigError as exc:
+            msg = str(exc)
+            assert "\n" not in msg and "listeners.web.half_close_timeout" in msg and word in msg, msg
+        else:
+            raise AssertionError(f"half_close_timeout = {bad} accepted")
