@@ -13,10 +13,6 @@
 # discard it), then both are reset.  At most FLUSH_TIMEOUT_MS from the last byte moved; a wheel tick
 # re-checks the queue (no event says "send queue empty").  Only the reset path pays for this.
 
-cdef enum:
-    SIDE_NONE = 2           # conn_side(): neither socket (a pipe failed)
-
-
 cdef inline int conn_side(Conn *c, int fd) noexcept nogil:
     """Which side of c descriptor fd is: SIDE_CLIENT, SIDE_BACKEND or SIDE_NONE."""
     if fd == c.cfd:
@@ -82,6 +78,7 @@ cdef void conn_abort(Conn *c, int dead) noexcept nogil:
 
 
 cdef void flush_done(Conn *c) noexcept nogil:
+    """Everything the dead side held has reached the live side's peer: reset both, counted."""
     W.me.flushed_resets += 1
     conn_close(c, True)
 

@@ -51,6 +51,7 @@ cdef enum:
 cdef enum:
     SIDE_CLIENT = 0
     SIDE_BACKEND = 1
+    SIDE_NONE = 2        # core/flush.pxi conn_side(): neither socket (a pipe failed)
 cdef uint64_t TAG_SPECIAL = 1ULL << 63
 cdef uint64_t SPECIAL_SIGNAL = 0xFFFFFFFFULL
 
