@@ -180,8 +180,10 @@ cdef class Region:
 
     # --- configuration (before fork, or published afterwards) ------------------------------
 
-    def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                     int max_connections, bytes sockaddr) -> None:
+    def set_listener(self, int i, str name, int pool, uint32_t connect_timeout_ms,
+                     uint32_t idle_timeout_ms, uint32_t max_connections, bytes sockaddr) -> None:
+        """Timeouts and max_connections are the record's uint32 fields: the config's limits (30 days
+        of milliseconds, 10,000,000 connections) fit them, so whatever check-config accepts is stored."""
         cdef flb_listener_t *l = self._listener(i)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")
