@@ -100,3 +100,13 @@ def test_control_request_nested_too_deeply(backends, fastlb) -> None:
         ), replies[0]
         assert replies[1]["ok"] is True
     assert "Traceback" not in lb.log_text()
+
+
+def test_lone_surrogate_in_text_is_a_config_error() -> None:
+    """Found by the long fuzz run: parse_config() on a str holding a lone surrogate (no UTF-8 file can
+    hold one; a caller's str can) raised UnicodeEncodeError from the send_expect check's encode()."""
+    from fastlb.config import ConfigError, parse_config
+
+    text = GOOD + '\n[pools.web.health_check]\ntype = "send_expect"\nexpect = "+PON\ud800G"\n'
+    with pytest.raises(ConfigError, match=r"lone surrogate"):
+        parse_config(text, "x.toml")

@@ -94,8 +94,15 @@ def parse_config(text: str, file: str = "<string>") -> Config:
 
 
 def _parse_toml(text: str, file: str) -> dict[str, object]:
-    """tomllib.loads, with its three ways to fail (bad syntax, an integer too long for int(), nesting
-    deeper than the interpreter's stack) turned into one ConfigError each."""
+    """tomllib.loads, with its ways to fail (bad syntax, an integer too long for int(), nesting
+    deeper than the interpreter's stack, a lone surrogate that no file can hold but a str can) turned
+    into one ConfigError each."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            file, "(syntax)", f"not valid Unicode text (a lone surrogate at character {exc.start})"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
