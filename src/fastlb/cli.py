@@ -40,6 +40,9 @@ def _setup_logging(level: str) -> None:
         format=f"%(asctime)s fastlb[{__import__('os').getpid()}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    from fastlb.runtime.log_limit import install
+
+    install()  # repeated identical lines: once per 10 s, then with a count
 
 
 def _load_or_exit(config_file: str):  # -> Config

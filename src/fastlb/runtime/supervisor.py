@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
+from fastlb.runtime.control_socket import ControlServer, ControlSocketError
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
@@ -91,7 +91,7 @@ class Supervisor:
         self.ready = False
         self.startup_failure: str | None = None
         self.exit_code = 0
-        self._control_server: asyncio.AbstractServer | None = None
+        self.control: ControlServer | None = None
         self._all_exited: asyncio.Event | None = None  # set once stopping and no worker is left
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self.region = self._build_region()
@@ -237,6 +237,7 @@ class Supervisor:
         self._all_exited = asyncio.Event()
         self._tick_wake = asyncio.Event()
         self.check_binds()
+        await self._start_control_socket()  # before any worker: without it, serve does not start
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -249,10 +250,11 @@ class Supervisor:
                 break
             if self.startup_failure or time.monotonic() > deadline:
                 self.begin_shutdown(None)
+                if self.control is not None:
+                    self.control.close()
                 raise StartupError(self.startup_failure or "workers did not open their listeners in time")
             await asyncio.sleep(0.01)
         self.ready = True
-        await self._start_control_socket()
         tasks = [asyncio.create_task(self._tick_loop())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
@@ -267,7 +269,8 @@ class Supervisor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._stop_control_socket()
+        if self.control is not None:
+            self.control.close()
         log.info("stopped")
         return self.exit_code
 
@@ -340,45 +343,19 @@ class Supervisor:
     # --- control socket ------------------------------------------------------------------------
 
     async def _start_control_socket(self) -> None:
-        path = self.config.global_.control_socket
+        """Listen on the control socket (runtime/control_socket.py); StartupError if it cannot be made."""
+        self.control = ControlServer(self.config.global_.control_socket, self._control_request)
         try:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            old_umask = os.umask(0o177)
-            try:
-                self._control_server = await asyncio.start_unix_server(self._serve_client, path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, 0o600)
-            self._control_path = path
-        except OSError as exc:
-            log.error("control socket %s: %s (runtime control disabled)", path, exc)
+            await self.control.start()
+        except ControlSocketError as exc:
+            self.control = None
+            raise StartupError(str(exc)) from None
 
-    async def _stop_control_socket(self) -> None:
-        if self._control_server is not None:
-            self._control_server.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self._control_path)
-
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    writer.write(b'{"ok": false, "error": "request too long"}\n')
-                    break
-                if not line:
-                    break
-                reply = handle_request(self, line)
-                self.poke()
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+    def _control_request(self, line: bytes, writer: asyncio.StreamWriter) -> dict | None:
+        """One request line from the control socket: its reply (written by the ControlServer)."""
+        reply = handle_request(self, line)
+        self.poke()
+        return reply
 
     # --- status --------------------------------------------------------------------------------
 
@@ -438,7 +415,14 @@ class Supervisor:
                 }
             )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
+        ctl = self.control
         return {
+            "control_socket": {
+                "clients": ctl.clients if ctl else 0,
+                "evicted": ctl.evicted if ctl else 0,
+                "timed_out": ctl.timed_out if ctl else 0,
+            },
+            "health_check_local_errors": self.checker.local_errors if self.checker else 0,
             "pid": os.getpid(),
             "generation": r.generation,
             "listeners": listeners,
