@@ -82,8 +82,8 @@ def test_idle_control_connections_do_not_take_health_checks_down(backends, fastl
     st = ControlClient(path).status()
     assert st["control_socket"]["evicted"] >= IDLE_CLIENTS - 1024 // 4
     assert st["health_check_local_errors"] == 0
-    # one warning line per 10 s for all those evictions, not one per eviction
-    assert 1 <= len(log_lines(lb, r"closed the one idle the longest")) <= 3, lb.log_text()
+    # a burst of 5 warning lines per 10 s for all those evictions, not one per eviction
+    assert 1 <= len(log_lines(lb, r"closed the one idle the longest")) <= 10, lb.log_text()
 
 
 def test_200_concurrent_status_requests_are_all_answered(backends, fastlb):
@@ -236,7 +236,7 @@ def test_repeat_filter_counts_what_it_drops():
     logger = logging.getLogger("fastlb.test.repeat")
     logger.propagate = False
     handler = Keep()
-    flt = RepeatFilter(window=0.3)
+    flt = RepeatFilter(window=0.3, burst=2)
     handler.addFilter(flt)
     logger.addHandler(handler)
     try:
@@ -247,7 +247,6 @@ def test_repeat_filter_counts_what_it_drops():
         logger.warning("accept failed: %s", "too many open files")
     finally:
         logger.removeHandler(handler)
-    assert records[0] == "accept failed: too many open files"
-    assert records[1] == "something else"
-    assert records[2].startswith("accept failed: too many open files (repeated 999 times in the last")
-    assert len(records) == 3
+    assert records[:3] == ["accept failed: too many open files"] * 2 + ["something else"]
+    assert records[3].startswith("accept failed: too many open files (repeated 998 times in the last")
+    assert len(records) == 4

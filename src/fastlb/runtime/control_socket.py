@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import time
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ log = logging.getLogger("fastlb")
 MAX_CLIENTS = 256
 IDLE_TIMEOUT = 10.0  # seconds for a request line to arrive, and for the reply to be read
 BACKLOG = 1024
+ACCEPT_BATCH = 32  # connections asyncio accepts per wake-up
 
 # handler(line, writer) -> the reply object, or None when the handler has answered by itself.
 Handler = Callable[[bytes, asyncio.StreamWriter], dict | None]
@@ -89,13 +91,22 @@ class ControlServer:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             old_umask = os.umask(0o177)
             try:
-                self._server = await asyncio.start_unix_server(
-                    self._serve, tmp, limit=MAX_REQUEST + 1, backlog=self.backlog
-                )
+                sock.bind(tmp)
+            except OSError:
+                sock.close()
+                raise
             finally:
                 os.umask(old_umask)
+            # asyncio accepts up to `backlog` connections per wake-up before any of them is served
+            # (and so before the limit can close one): give it a small batch, then widen the
+            # kernel's queue to self.backlog with a second listen().
+            self._server = await asyncio.start_unix_server(
+                self._serve, sock=sock, limit=MAX_REQUEST + 1, backlog=ACCEPT_BATCH
+            )
+            sock.listen(self.backlog)
             os.chmod(tmp, 0o600)
             os.rename(tmp, path)
             self._ino = os.stat(path).st_ino
