@@ -94,7 +94,9 @@ cdef class Region:
             raise OSError("mmap of the shared region failed")
         self.size = size
         self.hdr = <flb_header_t *>self.base
-        memset(self.base, 0, size)
+        # No memset: a new memfd reads as zeros, and its pages are only allocated when first
+        # written.  Zeroing all of it would allocate every table buffer up front (two per pool,
+        # 4 bytes x maglev_table_size each: ~40 MB per pool at 5000011) before any is used.
         self.hdr.layout_version = FLB_LAYOUT_VERSION
         self.hdr.header_size = sizeof(flb_header_t)
         self.hdr.total_size = size
