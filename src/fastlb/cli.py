@@ -42,7 +42,7 @@ def _setup_logging(level: str) -> None:
     )
     from fastlb.runtime.log_limit import install
 
-    install()  # repeated identical lines: once per 10 s, then with a count
+    install()  # repeated identical lines: at most 5 per 10 s, then one with a count
 
 
 def _load_or_exit(config_file: str):  # -> Config
