@@ -57,6 +57,9 @@ def _setup_logging(level: str) -> None:
         format=f"%(asctime)s fastlb[{__import__('os').getpid()}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    from fastlb.runtime.log_limit import install
+
+    install()  # repeated identical lines: at most 5 per 10 s, then one with a count
 
 
 def _load_or_exit(config_file: str):  # -> Config

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from fastlb.control.server import handle_request
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.dataplane import DataPlaneWatch
+from fastlb.runtime.control_socket import ControlServer, ControlSocketError
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
 from fastlb.runtime.routes import RouteManager, route_layout
@@ -92,7 +92,7 @@ class Supervisor:
         self.ready = False
         self.startup_failure: str | None = None
         self.exit_code = 0
-        self._control_server: asyncio.AbstractServer | None = None
+        self.control: ControlServer | None = None
         self._all_exited: asyncio.Event | None = None  # set once stopping and no worker is left
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self._control_path = ""
@@ -292,6 +292,7 @@ class Supervisor:
         self._all_exited = asyncio.Event()
         self._tick_wake = asyncio.Event()
         self.open_listeners()
+        await self._start_control_socket()  # before any worker: without it, serve does not start
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -305,11 +306,12 @@ class Supervisor:
                 break
             if self.startup_failure or time.monotonic() > deadline:
                 self.begin_shutdown(None)
+                if self.control is not None:
+                    self.control.close()
                 raise StartupError(self.startup_failure or "workers did not open their listeners in time")
             await asyncio.sleep(0.01)
         self.ready = True
         self._start_access_log()
-        await self._start_control_socket()
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
         self.write_runfile()
         tasks = [asyncio.create_task(self._tick_loop())]
@@ -330,7 +332,9 @@ class Supervisor:
         await self._stop_fleet_services()
         if self.access_log is not None:
             await self.access_log.stop()  # after the workers: their last connections are logged too
-        await self._stop_control_socket()
+        if self.control is not None:
+            self.control.close()
+        runfile.remove_if_mine(self.runfile_path)
         log.info("stopped")
         return self.exit_code
 
@@ -478,67 +482,31 @@ class Supervisor:
     # --- control socket ------------------------------------------------------------------------
 
     async def _start_control_socket(self) -> None:
-        """Bind the control socket under a temporary name and rename(2) it over the configured path:
-        whoever connects to the path reaches either the previous instance (during a takeover) or
-        this one, never nothing."""
-        path = self.config.global_.control_socket
-        tmp = _temp_socket_path(path)
+        """Listen on the control socket (runtime/control_socket.py); StartupError if it cannot be made."""
+        self.control = ControlServer(self.config.global_.control_socket, self._control_request)
         try:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            old_umask = os.umask(0o177)
-            try:
-                self._control_server = await asyncio.start_unix_server(self._serve_client, tmp)
-            finally:
-                os.umask(old_umask)
-            os.chmod(tmp, 0o600)
-            if tmp != path:
-                os.rename(tmp, path)
-            self._control_path = path
-            self._control_ino = os.stat(path).st_ino
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            log.error("control socket %s: %s (runtime control disabled)", path, exc)
+            await self.control.start()
+        except ControlSocketError as exc:
+            self.control = None
+            raise StartupError(str(exc)) from None
 
-    async def _stop_control_socket(self) -> None:
-        if self._control_server is not None:
-            self._control_server.close()
-            with contextlib.suppress(OSError):
-                if os.stat(self._control_path).st_ino == self._control_ino:  # not a successor's
-                    os.unlink(self._control_path)
-        runfile.remove_if_mine(self.runfile_path)
-
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    writer.write(b'{"ok": false, "error": "request too long"}\n')
-                    break
-                if not line:
-                    break
-                req = _takeover_request(line)
-                if req is not None:
-                    reply = takeover.answer(self, req, writer)
-                    if reply is None:
-                        continue  # the handover reply went out with its descriptors
-                else:
-                    reply = handle_request(self, line)
-                if req is not None and req.get("cmd") == "shutdown" and reply.get("successor"):
-                    # before the reply: the successor's READY=1 must find it the main pid already
-                    sd_notify(f"MAINPID={reply['successor']}")
-                self.poke()
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-                if req is not None and req.get("cmd") == "shutdown":
-                    self.begin_shutdown(None, successor=reply.get("successor"))
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+    def _control_request(self, line: bytes, writer: asyncio.StreamWriter) -> dict | None:
+        """One request line from the control socket: its reply (written by the ControlServer)."""
+        req = _takeover_request(line)
+        if req is None:
+            reply = handle_request(self, line)
+            self.poke()
+            return reply
+        reply = takeover.answer(self, req, writer)
+        if reply is None:
+            return None  # the handover reply went out with its descriptors
+        if req.get("cmd") == "shutdown" and reply.get("successor"):
+            # before the reply: the successor's READY=1 must find it the main pid already
+            sd_notify(f"MAINPID={reply['successor']}")
+        if req.get("cmd") == "shutdown":
+            # after this reply is written (the next loop turn): stop accepting and drain
+            asyncio.get_running_loop().call_soon(self.begin_shutdown, None, reply.get("successor"))
+        return reply
 
     # --- status --------------------------------------------------------------------------------
 
@@ -617,7 +585,14 @@ class Supervisor:
                 "written": self.access_log.written,
                 "dropped": sum(dropped),
             }
+        ctl = self.control
         return {
+            "control_socket": {
+                "clients": ctl.clients if ctl else 0,
+                "evicted": ctl.evicted if ctl else 0,
+                "timed_out": ctl.timed_out if ctl else 0,
+            },
+            "health_check_local_errors": self.checker.local_errors if self.checker else 0,
             **extra,
             "pid": os.getpid(),
             "generation": r.generation,
@@ -634,14 +609,6 @@ def _state_name(b: dict) -> str:
         return HEALTH_NAMES[b["health"]]
     return "up"
 
-
-def _temp_socket_path(path: str) -> str:
-    """A name next to `path` to bind the control socket under before renaming it over `path`; `path`
-    itself when no such name fits the unix socket limit (then the replacement is not atomic)."""
-    for tmp in (f"{path}.{os.getpid()}.new", os.path.join(os.path.dirname(path), f".{os.getpid()}")):
-        if len(tmp.encode("utf-8", "surrogatepass")) <= MAX_SUN_PATH:
-            return tmp
-    return path
 
 
 def _takeover_request(line: bytes) -> dict | None:
