@@ -118,6 +118,8 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
         if cmd == "set-split":
             return _set_split(sup, req)
-        raise ControlError(f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split)")
+        raise ControlError(
+            f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split)"
+        )
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,12 +26,11 @@ from typing import TYPE_CHECKING
 from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
-from fastlb.config.model import MAX_SUN_PATH
 from fastlb.control.server import handle_request
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
-from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.control_socket import ControlServer, ControlSocketError
+from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
 from fastlb.runtime.routes import RouteManager, route_layout
@@ -608,7 +608,6 @@ def _state_name(b: dict) -> str:
     if b["health"] != 0:
         return HEALTH_NAMES[b["health"]]
     return "up"
-
 
 
 def _takeover_request(line: bytes) -> dict | None:
