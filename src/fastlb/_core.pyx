@@ -8,15 +8,17 @@
 #   core/timers.pxi  the timer wheel (connect and idle timeouts)
 #   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
+#   core/udp.pxi     UDP listeners: flow table, recvmmsg/sendmmsg batches, flow expiry
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
 from libc.errno cimport (
-    EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EIO, EMFILE, ENFILE, ENOBUFS, ENOMEM, ETIMEDOUT, errno,
+    EAGAIN, ECONNABORTED, ECONNREFUSED, EHOSTDOWN, EHOSTUNREACH, EINPROGRESS, EINTR, EIO, EMFILE,
+    EMSGSIZE, ENETUNREACH, ENFILE, ENOBUFS, ENOMEM, ENONET, EPROTO, ETIMEDOUT, errno,
 )
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 from flb_atomic cimport *
 from flb_hash cimport FLB_SEED_KEY, flb_hash64
@@ -28,6 +30,7 @@ include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
 include "core/conn.pxi"
+include "core/udp.pxi"
 include "core/loop.pxi"
 
 

@@ -34,6 +34,7 @@ HASH_KEYS = {"source_ip": FLB_HASH_SOURCE_IP, "source_ip_port": FLB_HASH_SOURCE_
 ADMIN = {"ready": FLB_ADMIN_READY, "drain": FLB_ADMIN_DRAIN, "maint": FLB_ADMIN_MAINT}
 HEALTH = {"up": FLB_HEALTH_UP, "down": FLB_HEALTH_DOWN, "ejected": FLB_HEALTH_EJECTED}
 ALL_DOWN = {"reject": FLB_ALL_DOWN_REJECT, "panic": FLB_ALL_DOWN_PANIC}
+PROTOCOLS = {"tcp": FLB_PROTO_TCP, "udp": FLB_PROTO_UDP}
 
 RECORD_SIZES = {
     "header": sizeof(flb_header_t),
@@ -181,7 +182,8 @@ cdef class Region:
     # --- configuration (before fork, or published afterwards) ------------------------------
 
     def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                     int max_connections, bytes sockaddr) -> None:
+                     int max_connections, bytes sockaddr, str protocol="tcp", int udp_idle_timeout_ms=0,
+                     int udp_responses=0, int max_flows=0, bint udp_pktinfo=False) -> None:
         cdef flb_listener_t *l = self._listener(i)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")
@@ -193,6 +195,11 @@ cdef class Region:
         memset(l.addr, 0, FLB_ADDR_LEN)
         memcpy(l.addr, <char *>sockaddr, len(sockaddr))
         l.addrlen = len(sockaddr)
+        l.protocol = PROTOCOLS[protocol]
+        l.udp_idle_timeout_ms = udp_idle_timeout_ms
+        l.udp_responses = udp_responses
+        l.max_flows = max_flows
+        l.udp_pktinfo = 1 if udp_pktinfo else 0
 
     def set_pool(self, int i, str name, str algorithm, str hash_key, int retries, int first_backend,
                  int n_backends, str all_down="reject") -> None:
@@ -305,6 +312,18 @@ cdef class Region:
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
             "accept_errors": flb_load64(&l.accept_errors),
+            "protocol": l.protocol, "udp_idle_timeout_ms": l.udp_idle_timeout_ms,
+            "udp_responses": l.udp_responses, "max_flows": l.max_flows, "udp_pktinfo": l.udp_pktinfo,
+            "udp_datagrams_in": flb_load64(&l.udp_datagrams_in),
+            "udp_datagrams_out": flb_load64(&l.udp_datagrams_out),
+            "udp_drop_table_full": flb_load64(&l.udp_drop_table_full),
+            "udp_drop_no_backend": flb_load64(&l.udp_drop_no_backend),
+            "udp_drop_oversized": flb_load64(&l.udp_drop_oversized),
+            "udp_drop_unreachable": flb_load64(&l.udp_drop_unreachable),
+            "udp_drop_send": flb_load64(&l.udp_drop_send),
+            "udp_expired_idle": flb_load64(&l.udp_expired_idle),
+            "udp_expired_responses": flb_load64(&l.udp_expired_responses),
+            "udp_drop_unexpected": flb_load64(&l.udp_drop_unexpected),
         }
 
     def pool(self, int i) -> dict:
@@ -334,6 +353,9 @@ cdef class Region:
             "connect_time_sum_us": flb_load64(&b.connect_time_sum_us),
             "early_closes": flb_load64(&b.early_closes),
             "hist_connect": [flb_load64(&b.hist_connect[k]) for k in range(FLB_HIST_BUCKETS)],
+            "udp_datagrams_in": flb_load64(&b.udp_datagrams_in),
+            "udp_datagrams_out": flb_load64(&b.udp_datagrams_out),
+            "udp_unreachable": flb_load64(&b.udp_unreachable),
         }
 
     def consecutive_failures(self, int i) -> int:
@@ -352,6 +374,10 @@ cdef class Region:
             "timeouts_idle": w.timeouts_idle, "resets": w.resets, "pipes_pooled": w.pipes_pooled,
             "pipes_in_use": w.pipes_in_use, "splice_errors": w.splice_errors,
             "conn_capacity": w.conn_capacity, "generation_seen": w.generation_seen,
+            "udp_flows": w.udp_flows, "udp_rx_calls": w.udp_rx_calls,
+            "udp_rx_datagrams": w.udp_rx_datagrams, "udp_tx_calls": w.udp_tx_calls,
+            "udp_tx_datagrams": w.udp_tx_datagrams, "udp_flow_capacity": w.udp_flow_capacity,
+            "udp_socket_errors": w.udp_socket_errors,
         }
 
     def reset_worker(self, int i) -> None:

@@ -35,6 +35,13 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config.udp import (
+    UDP_HEALTH_CHECK_TYPES,
+    UDP_HEALTH_TYPE_KEYS,
+    UDP_LISTENER_KEYS,
+    health_udp_fields,
+    listener_udp_fields,
+)
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -95,7 +102,10 @@ def parse_config(text: str, file: str = "<string>") -> Config:
 
 
 _GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
-_LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
+_LISTENER_KEYS = (
+    ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog", "protocol")
+    + UDP_LISTENER_KEYS
+)
 _POOL_KEYS = (
     "algorithm",
     "backends",
@@ -116,6 +126,7 @@ _HEALTH_TYPE_KEYS = {
     "tcp": (),
     "http": ("path", "host", "expect_status", "expect_body"),
     "send_expect": ("send", "expect"),
+    **UDP_HEALTH_TYPE_KEYS,
 }
 
 
@@ -152,14 +163,15 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
     if len(section.data) > MAX_LISTENERS:
         raise ConfigError(file, "listeners", f"{len(section.data)} listeners; the limit is {MAX_LISTENERS}")
     listeners: dict[str, ListenerConfig] = {}
-    bound: dict[tuple[int, str, int], str] = {}  # (family, host, port) -> listener name
+    bound: dict[tuple[int, str, int, str], str] = {}  # (family, host, port, protocol) -> listener name
     for name, data in section.data.items():
         path = section.key(name)
         _check_name(name, path, file, "listener")
         t = _Table(data, path, file)
         t.only(_LISTENER_KEYS)
         bind = parse_address(t.required("bind", ' (e.g. bind = "0.0.0.0:80")'), t.key("bind"), file)
-        ident = (bind.family, bind.host, bind.port)
+        udp = listener_udp_fields(t)  # protocol, and the UDP keys (config/udp.py)
+        ident = (bind.family, bind.host, bind.port, udp["protocol"])  # TCP and UDP may share a port
         if ident in bound:
             raise t.error("bind", f"{bind} is already the bind address of listener {_quote(bound[ident])}")
         bound[ident] = name
@@ -175,6 +187,7 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
             idle_timeout=t.get_duration("idle_timeout", d.idle_timeout, positive=True),
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
+            **udp,
         )
     return listeners
 
@@ -302,9 +315,12 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
 
     send = expect = b""
     path_ = d.path
-    host = expect_body = None
+    host = expect_body = query = None
     status = d.expect_status
-    if kind == "send_expect":
+    if kind in UDP_HEALTH_CHECK_TYPES:
+        udp = health_udp_fields(kind, t)
+        send, expect, query = udp.get("send", b""), udp.get("expect", b""), udp.get("query")
+    elif kind == "send_expect":
         send = t.get_str("send", "").encode("utf-8")
         if "expect" not in t.data:
             raise t.error(
@@ -345,6 +361,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
         host=host,
         expect_status=status,
         expect_body=expect_body,
+        query=query,
     )
 
 

@@ -41,6 +41,9 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
     cdef linger lg
     cdef Listener *l = &W.listeners[c.listener]
+    if c.state == CS_UDP_FLOW:
+        udp_flow_close(c)               # core/udp.pxi
+        return
     if reset:
         lg.l_onoff = 1
         lg.l_linger = 0
@@ -341,7 +344,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
 
 
 cdef void conn_timeout(Conn *c) noexcept nogil:
-    if c.state == CS_CONNECTING:
+    if c.state == CS_UDP_FLOW:
+        udp_flow_timeout(c)             # core/udp.pxi
+    elif c.state == CS_CONNECTING:
         conn_connect_failed(c, True)
     else:
         W.me.timeouts_idle += 1

@@ -5,6 +5,7 @@ cdef enum:
     CS_FREE = 0          # slot on the free list
     CS_CONNECTING = 1    # client accepted, non-blocking connect to a backend in flight
     CS_ESTABLISHED = 2   # both sockets open, forwarding both ways
+    CS_UDP_FLOW = 3      # a UDP flow (core/udp.pxi): bfd is its connected backend socket, no cfd
 
 # Connection flags.  *_RD / *_WR: the socket is known readable / writable (edge-triggered epoll:
 # set by an event, cleared only by EAGAIN).  *_EOF: we read EOF from that side.  *_SHUT: we sent
@@ -91,6 +92,11 @@ ctypedef struct Listener:
     int paused_full         # stopped at max_connections
     uint64_t paused_until   # ms: EMFILE back-off
     flb_listener_t *shm
+    uint32_t protocol       # FLB_PROTO_TCP / FLB_PROTO_UDP (core/udp.pxi)
+    uint32_t udp_idle_timeout_ms
+    uint32_t udp_responses
+    uint32_t max_flows
+    uint32_t udp_pktinfo
 
 
 ctypedef struct Worker:

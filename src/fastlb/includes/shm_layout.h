@@ -55,6 +55,12 @@ enum flb_algorithm {
     FLB_ALG_LEAST_RESPONSE_TIME = 7,
 };
 
+/* listener.protocol */
+enum flb_protocol {
+    FLB_PROTO_TCP = 0,
+    FLB_PROTO_UDP = 1,
+};
+
 /* pool.hash_key */
 enum flb_hash_key {
     FLB_HASH_SOURCE_IP = 0,
@@ -126,7 +132,27 @@ typedef struct {
     uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
     uint64_t accept_errors;
     uint64_t _cpad[3];
-} flb_listener_t;                /* 192 bytes */
+    /* UDP (issue 13): configuration (control writes before fork) - own cache line */
+    uint32_t protocol;           /* enum flb_protocol */
+    uint32_t udp_idle_timeout_ms; /* a flow with no datagram either way for this long is closed */
+    uint32_t udp_responses;      /* replies expected per client datagram; 0 = unknown (idle timeout only) */
+    uint32_t max_flows;          /* across all workers (counted in `active`) */
+    uint32_t udp_pktinfo;        /* 1: wildcard bind, replies carry IP_PKTINFO/IPV6_PKTINFO */
+    uint32_t _upad[11];
+    /* UDP counters (workers, atomic); for a UDP listener `active` is flows open now and
+       `accepted` flows created */
+    uint64_t udp_datagrams_in;   /* client datagrams forwarded to a backend */
+    uint64_t udp_datagrams_out;  /* backend datagrams sent back to a client */
+    uint64_t udp_drop_table_full; /* client datagrams dropped: max_flows (or the worker's table) full */
+    uint64_t udp_drop_no_backend; /* dropped: no backend could take a new flow (or draining) */
+    uint64_t udp_drop_oversized; /* dropped: truncated on receive or EMSGSIZE on send */
+    uint64_t udp_drop_unreachable; /* flows closed by an ICMP error from the backend (ECONNREFUSED...) */
+    uint64_t udp_drop_send;      /* datagrams lost to a send error (ENOBUFS, EAGAIN: socket buffer full) */
+    uint64_t udp_expired_idle;   /* flows closed by udp_idle_timeout */
+    uint64_t udp_expired_responses; /* flows closed after udp_responses replies per datagram */
+    uint64_t udp_drop_unexpected; /* backend datagrams past the expected replies (udp_responses) */
+    uint64_t _ucpad[6];
+} flb_listener_t;                /* 384 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -183,7 +209,14 @@ typedef struct {
     uint64_t early_closes;       /* closed or reset by the backend before any byte moved either way */
     uint64_t _cpad[4];
     uint64_t hist_connect[FLB_HIST_BUCKETS]; /* connect times, one bucket per established connection */
-} flb_backend_t;                 /* 384 bytes */
+    /* UDP (issue 13) counters (workers, atomic); a flow counts in active/total/attempts like a
+       connection, its payload bytes in bytes_in/bytes_out */
+    uint64_t udp_datagrams_in;   /* client -> backend */
+    uint64_t udp_datagrams_out;  /* backend -> client */
+    uint64_t udp_unreachable;    /* ICMP errors seen on a flow's socket (also in connect_errors and
+                                    consecutive_failures: passive ejection sees them) */
+    uint64_t _ucpad[5];
+} flb_backend_t;                 /* 448 bytes */
 
 typedef struct {
     int32_t  pid;
@@ -203,12 +236,21 @@ typedef struct {
     uint64_t splice_errors;
     uint64_t conn_capacity;      /* slab slots */
     uint64_t generation_seen;
-} flb_worker_t;                  /* 128 bytes */
+    /* UDP (issue 13) */
+    uint64_t udp_flows;          /* flows open in this worker now */
+    uint64_t udp_rx_calls;       /* recvmmsg calls on listening sockets that returned datagrams */
+    uint64_t udp_rx_datagrams;   /* datagrams those calls returned */
+    uint64_t udp_tx_calls;       /* sendmmsg calls towards clients */
+    uint64_t udp_tx_datagrams;   /* datagrams those calls sent */
+    uint64_t udp_flow_capacity;  /* flows this worker's table can hold */
+    uint64_t udp_socket_errors;  /* socket()/connect() for a flow failed (EMFILE, ENETUNREACH...) */
+    uint64_t _upad;
+} flb_worker_t;                  /* 192 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 128, "header size");
-_Static_assert(sizeof(flb_listener_t) == 192, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 384, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 192, "pool size");
-_Static_assert(sizeof(flb_backend_t) == 384, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 128, "worker size");
+_Static_assert(sizeof(flb_backend_t) == 448, "backend size");
+_Static_assert(sizeof(flb_worker_t) == 192, "worker size");
 
 #endif

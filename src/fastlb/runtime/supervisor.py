@@ -27,6 +27,7 @@ from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.tables import table_capacity
+from fastlb.runtime.udp import udp_listen_socket, udp_listener_fields, udp_listener_status
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
 log = logging.getLogger("fastlb")
@@ -58,7 +59,9 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify %s failed: %s", message, exc)
 
 
-def _listen_socket(family: int, sockaddr: tuple, backlog: int) -> socket.socket:
+def _listen_socket(family: int, sockaddr: tuple, backlog: int, protocol: str = "tcp") -> socket.socket:
+    if protocol == "udp":
+        return udp_listen_socket(family, sockaddr)
     s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -128,6 +131,7 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                **udp_listener_fields(lc),
             )
         return region
 
@@ -137,7 +141,7 @@ class Supervisor:
         """Fail early, with the listener's name, if an address cannot be bound."""
         for lc in self.config.listeners.values():
             try:
-                _listen_socket(lc.bind.family, lc.bind.sockaddr(), 1).close()
+                _listen_socket(lc.bind.family, lc.bind.sockaddr(), 1, lc.protocol).close()
             except OSError as exc:
                 raise StartupError(f"listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}") from None
 
@@ -172,7 +176,7 @@ class Supervisor:
         socks = []
         for lc in self.config.listeners.values():
             try:
-                socks.append(_listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog))
+                socks.append(_listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog, lc.protocol))
             except OSError as exc:
                 print(
                     f"fastlb: worker {index}: listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}",
@@ -311,8 +315,8 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        listeners_old = [(lc.name, str(lc.bind), lc.pool) for lc in self.config.listeners.values()]
-        listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
+        listeners_old = [(lc.name, str(lc.bind), lc.pool, lc.protocol) for lc in self.config.listeners.values()]
+        listeners_new = [(lc.name, str(lc.bind), lc.pool, lc.protocol) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
         restart += self.backends.reload(new)
         self.poke()
@@ -435,6 +439,7 @@ class Supervisor:
                     "rejected": li["rejected"],
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
+                    **udp_listener_status(lc, li),
                 }
             )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
