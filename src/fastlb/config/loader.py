@@ -103,9 +103,14 @@ def parse_config(text: str, file: str = "<string>") -> Config:
 
 _GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
 _LISTENER_KEYS = (
-    ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog", "protocol")
-    + UDP_LISTENER_KEYS
-)
+    "bind",
+    "pool",
+    "connect_timeout",
+    "idle_timeout",
+    "max_connections",
+    "backlog",
+    "protocol",
+) + UDP_LISTENER_KEYS
 _POOL_KEYS = (
     "algorithm",
     "backends",

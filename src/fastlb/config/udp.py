@@ -72,7 +72,9 @@ def health_udp_fields(kind: str, t: _Table) -> dict:
             raise t.error("expect", "must not be empty")
         return {"send": send, "expect": expect}
     if "query" not in t.data:
-        raise t.error("query", 'missing required key for type = "dns" (a name to ask for, e.g. "example.com")')
+        raise t.error(
+            "query", 'missing required key for type = "dns" (a name to ask for, e.g. "example.com")'
+        )
     query = t.get_str("query", "")
     try:
         name = dns.name.from_text(query)

@@ -315,7 +315,9 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        listeners_old = [(lc.name, str(lc.bind), lc.pool, lc.protocol) for lc in self.config.listeners.values()]
+        listeners_old = [
+            (lc.name, str(lc.bind), lc.pool, lc.protocol) for lc in self.config.listeners.values()
+        ]
         listeners_new = [(lc.name, str(lc.bind), lc.pool, lc.protocol) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
         restart += self.backends.reload(new)
