@@ -41,7 +41,7 @@ class UdpServers(ServerProcess):
 
 class Dnsmasq:
     """One dnsmasq on loopback, authoritative-style for test.example: every name under it
-    resolves to `answer`; anything else is NXDOMAIN (no upstream).  Started in the foreground
+    resolves to `answer`; anything else is REFUSED (no upstream).  Started in the foreground
     so the test owns the process; stop() or kill() ends it."""
 
     def __init__(
@@ -74,13 +74,11 @@ class Dnsmasq:
             "--no-negcache",
             "--cache-size=0",
             f"--address=/test.example/{self.answer}",
-            "--local=/invalid/",
             "--pid-file=",
-            "--user=root" if os.geteuid() == 0 else f"--user={os.getlogin()}",
             f"--log-facility={self.log_path}",
         ]
-        if ":" in self.host:
-            argv.append("--interface=lo")
+        if os.geteuid() == 0:
+            argv.append("--user=root")  # no privilege drop to "nobody": the test owns the log file
         if self.log_queries:
             argv.append("--log-queries")
         self._out = open(self.workdir / f"dnsmasq-{self.answer}.out", "wb")  # noqa: SIM115
