@@ -86,6 +86,8 @@ class HealthCheckConfig(Protocol):
     def expect_status(self) -> tuple[int, int]: ...
     @property
     def expect_body(self) -> str | None: ...
+    @property
+    def query(self) -> str | None: ...  # dns (runtime/health_udp.py)
 
 
 class OutlierConfig(Protocol):
