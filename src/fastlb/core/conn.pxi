@@ -41,8 +41,8 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
     cdef linger lg
     cdef Listener *l = &W.listeners[c.listener]
-    if c.state == CS_UDP_FLOW:
-        udp_flow_close(c)               # core/udp.pxi
+    if c.state >= CS_UDP_FLOW:
+        udp_conn_close(c)               # core/udp.pxi: a flow or a spare socket
         return
     if reset:
         lg.l_onoff = 1

@@ -117,8 +117,8 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
     c = &W.conns[slot]
     if c.state == CS_FREE or c.gen != gen:
         return                          # stale: the slot was freed (and maybe reused) meanwhile
-    if c.state == CS_UDP_FLOW:
-        udp_flow_event(c, e)            # core/udp.pxi
+    if c.state >= CS_UDP_FLOW:
+        udp_event(c, e)                 # core/udp.pxi: a flow's or a spare's backend socket
         return
     if (u & 1) == SIDE_CLIENT:
         if e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -195,6 +195,7 @@ cdef int housekeeping() noexcept nogil:
     W.me.active = W.active
     W.me.pipes_pooled = <uint64_t>W.n_pooled
     W.me.pipes_in_use = <uint64_t>W.pipes_in_use
+    udp_sweep()                         # core/udp.pxi: close spare sockets unused for a while
     for i in range(W.n_listeners):
         l = &W.listeners[i]
         if l.fd < 0:

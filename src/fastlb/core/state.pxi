@@ -6,6 +6,7 @@ cdef enum:
     CS_CONNECTING = 1    # client accepted, non-blocking connect to a backend in flight
     CS_ESTABLISHED = 2   # both sockets open, forwarding both ways
     CS_UDP_FLOW = 3      # a UDP flow (core/udp.pxi): bfd is its connected backend socket, no cfd
+    CS_UDP_SPARE = 4     # a spare connected UDP socket to `backend`, kept for the next flow (core/udp.pxi)
 
 # Connection flags.  *_RD / *_WR: the socket is known readable / writable (edge-triggered epoll:
 # set by an event, cleared only by EAGAIN).  *_EOF: we read EOF from that side.  *_SHUT: we sent

@@ -29,6 +29,9 @@ cdef enum:
     UDP_CTRL_WORDS = 8      # 64 bytes of control message space per datagram (in6_pktinfo needs 40)
     UDP_KEY_LEN = 44        # listener (4) + family (2) + port (2) + address (16) + local address (16) + ifindex (4)
     UDP_RX_ROUNDS = 8       # recvmmsg calls per listener per loop turn before other work runs
+    UDP_SPARE_MAX = 256     # spare backend sockets kept per backend per worker
+    UDP_SPARE_IDLE_MS = 2000  # a spare unused this long is closed
+    UDP_SWEEP_MS = 500      # how often spares are looked at for that
 
 
 ctypedef struct UdpFlow:
@@ -37,6 +40,7 @@ ctypedef struct UdpFlow:
     uint8_t peer[FLB_ADDR_LEN]   # the client's sockaddr_in / sockaddr_in6 (replies go there)
     uint32_t peerlen
     uint32_t expect              # replies still expected (udp_responses per client datagram)
+    uint32_t seq                 # the backend slot's seq when the socket was connected
 
 
 ctypedef struct Udp:
@@ -57,10 +61,14 @@ ctypedef struct Udp:
     iovec tx_iov[UDP_BATCH]
     sockaddr_in6 tx_name[UDP_BATCH]
     uint64_t tx_ctrl[UDP_BATCH * UDP_CTRL_WORDS]
-    uint32_t tx_backend[UDP_BATCH]
     char *tx_buf
     int n_tx
     uint32_t tx_listener
+    # spare sockets: per backend, a LIFO list (through Conn.next_free) of CS_UDP_SPARE slots
+    int32_t *spare_head         # [n_backends]
+    uint32_t *n_spare           # [n_backends]
+    int64_t n_spares
+    uint64_t next_sweep_ms
 
 
 cdef Udp U
@@ -90,8 +98,15 @@ cdef int udp_setup() noexcept nogil:
     U.flows = <UdpFlow *>calloc(W.n_conns, sizeof(UdpFlow))
     U.rx_buf = <char *>malloc(<size_t>UDP_BATCH * UDP_BUF)
     U.tx_buf = <char *>malloc(<size_t>UDP_BATCH * UDP_BUF)
-    if U.index == NULL or U.flows == NULL or U.rx_buf == NULL or U.tx_buf == NULL:
+    U.spare_head = <int32_t *>malloc(sizeof(int32_t) * (W.hdr.n_backends + 1))
+    U.n_spare = <uint32_t *>calloc(W.hdr.n_backends + 1, sizeof(uint32_t))
+    if U.index == NULL or U.flows == NULL or U.rx_buf == NULL or U.tx_buf == NULL \
+            or U.spare_head == NULL or U.n_spare == NULL:
         return -ENOMEM
+    for i in range(<int>W.hdr.n_backends):
+        U.spare_head[i] = -1
+    U.n_spares = 0
+    U.next_sweep_ms = W.now_ms + UDP_SWEEP_MS
     W.me.udp_flow_capacity = <uint64_t>U.capacity
     return 0
 
@@ -173,49 +188,173 @@ cdef void udp_index_remove(int32_t slot) noexcept nogil:
         i = j
 
 
-cdef void udp_flow_close(Conn *c) noexcept nogil:
-    """Forget flow c: unindex it, close its backend socket (which leaves epoll), release the
-    counters and the timer, free the slot.  Replies already queued for its client still go out."""
+cdef void udp_flow_end(Conn *c, bint reuse) noexcept nogil:
+    """Forget flow c: unindex it, release the counters and the timer.  With `reuse` (the flow got
+    every reply it expected, so nothing more is due on its socket) the slot and its connected
+    backend socket become a spare for the next flow to the same backend; otherwise the socket is
+    closed (which takes it out of epoll) and the slot freed.  Replies already queued for the
+    client still go out (the batch holds copies)."""
     cdef Listener *l = &W.listeners[c.listener]
     cdef int32_t slot = <int32_t>(c - W.conns)
+    cdef uint32_t idx = c.backend
     udp_index_remove(slot)
-    close_fd(c.bfd)
-    c.bfd = -1
-    if c.backend != FLB_NONE:
-        lb_drop(c.backend)
-        c.backend = FLB_NONE
+    if idx != FLB_NONE:
+        lb_drop(idx)
     timer_unlink(c)
     flb_sadd64(&l.shm.active, -1)
     W.wactive[W.hdr.n_backends + c.listener] -= 1
     W.active -= 1
     U.n_flows -= 1
     W.me.udp_flows = <uint64_t>U.n_flows
+    if reuse and idx != FLB_NONE and U.n_spare[idx] < UDP_SPARE_MAX and not W.stopping \
+            and flb_load32(&W.backends[idx].health) == FLB_HEALTH_UP:
+        c.state = CS_UDP_SPARE
+        c.active_ms = W.now_ms
+        c.next_free = U.spare_head[idx]
+        U.spare_head[idx] = slot
+        U.n_spare[idx] += 1
+        U.n_spares += 1
+        return
+    close_fd(c.bfd)
+    c.bfd = -1
+    c.backend = FLB_NONE
     slab_free(c)
 
 
-cdef int udp_flow_connect(Conn *c, Listener *l) noexcept nogil:
+cdef inline void udp_flow_close(Conn *c) noexcept nogil:
+    """Forget flow c and close its backend socket."""
+    udp_flow_end(c, False)
+
+
+cdef void udp_spare_unlink(Conn *s) noexcept nogil:
+    """Take spare s off its backend's list (a walk of at most UDP_SPARE_MAX entries)."""
+    cdef uint32_t idx = s.backend
+    cdef int32_t slot = <int32_t>(s - W.conns), k = U.spare_head[idx], prev = -1
+    while k >= 0 and k != slot:
+        prev = k
+        k = W.conns[k].next_free
+    if k < 0:
+        return
+    if prev < 0:
+        U.spare_head[idx] = s.next_free
+    else:
+        W.conns[prev].next_free = s.next_free
+    U.n_spare[idx] -= 1
+    U.n_spares -= 1
+    s.next_free = -1
+
+
+cdef void udp_spare_close(Conn *s) noexcept nogil:
+    """Close spare s (on its backend's list) and free its slot."""
+    udp_spare_unlink(s)
+    close_fd(s.bfd)
+    s.bfd = -1
+    s.backend = FLB_NONE
+    slab_free(s)
+
+
+cdef int udp_spare_drain(Conn *s) noexcept nogil:
+    """Read and drop whatever a spare's socket holds (replies nobody expects any more, counted in
+    udp_drop_unexpected).  Returns 0, or -1 if the socket reports an error (ICMP from the backend:
+    counted like a flow's; the caller closes it)."""
+    cdef char byte
+    cdef ssize_t n
+    cdef int e
+    cdef flb_backend_t *b = &W.backends[s.backend]
+    while True:
+        n = recv(s.bfd, &byte, 1, MSG_DONTWAIT | MSG_TRUNC)
+        if n >= 0:
+            flb_add64(&W.listeners[s.listener].shm.udp_drop_unexpected, 1)
+            continue
+        e = errno
+        if e == EINTR:
+            continue
+        if e == EAGAIN:
+            return 0
+        if udp_icmp_error(e):
+            flb_add64(&b.udp_unreachable, 1)
+            backend_failed(b, False)
+        return -1
+
+
+cdef Conn *udp_spare_take(uint32_t idx) noexcept nogil:
+    """A spare connected socket (with its slot) to backend idx, drained, off the list; NULL if none.
+    A spare whose backend slot was rewritten since (seq moved) is closed, not returned."""
+    cdef Conn *s
+    cdef uint32_t seq = flb_load32_acq(&W.backends[idx].seq)
+    while U.spare_head[idx] >= 0:
+        s = &W.conns[U.spare_head[idx]]
+        U.spare_head[idx] = s.next_free
+        U.n_spare[idx] -= 1
+        U.n_spares -= 1
+        s.next_free = -1
+        if U.flows[s - W.conns].seq == seq and udp_spare_drain(s) == 0:
+            return s
+        close_fd(s.bfd)
+        s.bfd = -1
+        s.backend = FLB_NONE
+        slab_free(s)
+    return NULL
+
+
+cdef void udp_sweep() noexcept nogil:
+    """Every UDP_SWEEP_MS: close the spares unused for UDP_SPARE_IDLE_MS."""
+    cdef uint32_t idx
+    cdef int32_t k, nxt
+    if U.n_spares == 0 or W.now_ms < U.next_sweep_ms:
+        return
+    U.next_sweep_ms = W.now_ms + UDP_SWEEP_MS
+    for idx in range(W.hdr.n_backends):
+        k = U.spare_head[idx]
+        while k >= 0:
+            nxt = W.conns[k].next_free
+            if W.now_ms - W.conns[k].active_ms >= UDP_SPARE_IDLE_MS:
+                udp_spare_close(&W.conns[k])
+            k = nxt
+
+
+cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
     """Pick a backend for flow c (up to the pool's retries when a socket cannot be connected at
-    once) and give c a connected, non-blocking UDP socket to it, registered with epoll.
-    Returns 0, -1 when no backend could be picked, -2 when socket() failed (fd limit)."""
+    once) and give c a connected, non-blocking UDP socket to it, registered with epoll - or hand
+    over a spare socket to that backend: then c's slot is freed and the spare's slot (already in
+    epoll) is returned as the flow.  Returns the flow's slot with *rc = 0, or NULL with *rc = -1
+    when no backend could be picked, -2 when socket() failed (fd limit)."""
     cdef flb_pool_t *p = &W.pools[l.pool]
     cdef flb_backend_t *b
     cdef uint32_t idx
     cdef int fd, e
+    cdef Conn *s
     cdef uint8_t addr[FLB_ADDR_LEN]
     cdef socklen_t alen
     cdef epoll_event ev
+    rc[0] = -1
     while c.attempts <= p.retries and c.attempts < MAX_TRIES:
         idx = lb_pick(c, l.pool)
         if idx == FLB_NONE:
             if c.attempts == 0:
                 flb_add64(&p.no_backend, 1)
                 W.me.no_backend += 1
-            return -1
+            return NULL
         c.tried[c.attempts] = idx
         c.attempts += 1
         if c.attempts > 1:
             W.me.retries += 1
         b = &W.backends[idx]
+        flb_add64(&b.attempts, 1)
+        s = udp_spare_take(idx)
+        if s != NULL:
+            s.state = CS_UDP_FLOW
+            s.flags = 0
+            s.listener = c.listener
+            s.key_hash = c.key_hash
+            s.active_ms = c.active_ms
+            s.attempts = c.attempts
+            memcpy(s.tried, c.tried, sizeof(c.tried))
+            slab_free(c)
+            lb_take(idx)
+            flb_add64(&b.total, 1)
+            rc[0] = 0
+            return s
         alen = backend_addr(b, addr)
         fd = socket((<sockaddr *>addr).sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
@@ -223,8 +362,8 @@ cdef int udp_flow_connect(Conn *c, Listener *l) noexcept nogil:
             if e == EMFILE or e == ENFILE:
                 W.me.emfile += 1
             W.me.udp_socket_errors += 1
-            return -2
-        flb_add64(&b.attempts, 1)
+            rc[0] = -2
+            return NULL
         if connect(fd, <sockaddr *>addr, alen) < 0:
             # a UDP connect only sets the default destination: it fails at once or not at all
             close_fd(fd)
@@ -236,13 +375,16 @@ cdef int udp_flow_connect(Conn *c, Listener *l) noexcept nogil:
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
             close_fd(fd)
             W.me.udp_socket_errors += 1
-            return -2
+            rc[0] = -2
+            return NULL
         c.bfd = fd
         c.backend = idx
+        U.flows[c - W.conns].seq = flb_load32_acq(&b.seq)
         lb_take(idx)
         flb_add64(&b.total, 1)
-        return 0
-    return -1
+        rc[0] = 0
+        return c
+    return NULL
 
 
 cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
@@ -250,6 +392,7 @@ cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
     """A new flow for this key with a backend socket, indexed and on the timer wheel; NULL when
     the datagram must be dropped (counted: table full, no backend, draining)."""
     cdef Conn *c
+    cdef Conn *flow
     cdef UdpFlow *f
     cdef int rc
     cdef flb_pool_t *p = &W.pools[l.pool]
@@ -258,7 +401,7 @@ cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
         return NULL
     # reserve a place first, so that all workers together never exceed max_flows
     if flb_sadd64(&l.shm.active, 1) > <int64_t>l.max_flows or U.n_flows >= U.capacity \
-            or slab_full() or fds_short():
+            or slab_full() or fds_short() or W.active * 2 + U.n_spares + FD_RESERVE >= W.nofile:
         flb_sadd64(&l.shm.active, -1)
         flb_add64(&l.shm.udp_drop_table_full, 1)
         return NULL
@@ -268,14 +411,15 @@ cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
     c.active_ms = W.now_ms
     if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
         c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>peer, l.fd)
-    rc = udp_flow_connect(c, l)
-    if rc < 0:
+    flow = udp_flow_connect(c, l, &rc)
+    if flow == NULL:
         flb_sadd64(&l.shm.active, -1)
         flb_add64(&l.shm.udp_drop_no_backend if rc == -1 else &l.shm.udp_drop_table_full, 1)
         if rc == -1:
             flb_add64(&l.shm.rejected, 1)
         slab_free(c)
         return NULL
+    c = flow
     f = &U.flows[c - W.conns]
     f.hash = h
     memcpy(f.key, key, UDP_KEY_LEN)
@@ -533,7 +677,7 @@ cdef void udp_flow_event(Conn *c, uint32_t events) noexcept nogil:
         c.active_ms = W.now_ms
         if l.udp_responses > 0 and f.expect == 0:
             flb_add64(&l.shm.udp_expired_responses, 1)
-            udp_flow_close(c)
+            udp_flow_end(c, True)       # nothing more is due on its socket: keep it as a spare
 
 
 cdef void udp_flow_timeout(Conn *c) noexcept nogil:
@@ -543,7 +687,28 @@ cdef void udp_flow_timeout(Conn *c) noexcept nogil:
     udp_flow_close(c)
 
 
+cdef void udp_event(Conn *c, uint32_t events) noexcept nogil:
+    """An epoll event on a UDP slot: a flow's backend socket, or a spare's (stray datagrams are
+    dropped; an error closes the spare)."""
+    if c.state == CS_UDP_FLOW:
+        udp_flow_event(c, events)
+    elif udp_spare_drain(c) < 0:
+        udp_spare_close(c)
+
+
+cdef void udp_conn_close(Conn *c) noexcept nogil:
+    """conn_close() for a UDP slot (drain deadline, teardown): a flow or a spare."""
+    if c.state == CS_UDP_FLOW:
+        udp_flow_close(c)
+    else:
+        udp_spare_close(c)
+
+
 cdef void udp_teardown() noexcept nogil:
+    free(U.spare_head)
+    free(U.n_spare)
+    U.spare_head = NULL
+    U.n_spare = NULL
     free(U.index)
     free(U.flows)
     free(U.rx_buf)
