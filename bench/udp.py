@@ -396,7 +396,20 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def wait_quiet(bench: Bench) -> float:
+    """Wait (bounded, as bench/compare.py does) until other processes leave our two CPUs mostly idle."""
+    t0 = time.monotonic()
+    while True:
+        before = cmp.CpuSnapshot.take(None)
+        time.sleep(0.5)
+        other = cmp.CpuSnapshot.take(None).other_since(before, bench.a.balancer_cpu, bench.a.load_cpu)
+        waited = time.monotonic() - t0
+        if cmp.CpuSnapshot.noise(other) < cmp.NOISY * 0.5 or waited > cmp.QUIET_WAIT_S:
+            return waited
+
+
 def bench_round(bench: Bench, target: str, rnd: int, records: list) -> None:
+    waited = wait_quiet(bench)
     port, handle = bench.start_target(target)
     try:
         for workload in WORKLOADS:
@@ -406,7 +419,7 @@ def bench_round(bench: Bench, target: str, rnd: int, records: list) -> None:
                 log(f"round {rnd} {target} {workload}: FAILED {exc}")
                 records.append({"target": target, "workload": workload, "round": rnd, "error": str(exc)})
                 continue
-            rec = {"target": target, "workload": workload, "round": rnd, **res}
+            rec = {"target": target, "workload": workload, "round": rnd, "waited_quiet_s": waited, **res}
             records.append(rec)
             per = rec.get("qps_per_cpu_s")
             log(

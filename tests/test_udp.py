@@ -215,3 +215,23 @@ def test_icmp_port_unreachable_counts_and_ejects(fastlb, udp_servers):
     assert st["udp"]["drop_unreachable"] >= 3
     assert b["dead"]["state"] == "ejected", b["dead"]
     assert answered >= 40 - 6  # after the ejection every flow goes to the live backend
+
+
+def test_answered_flows_reuse_backend_sockets_and_strays_never_reach_the_next_client(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "double"))  # every datagram answered twice
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)], udp_responses=1, udp_idle_timeout="60s")
+    for i in range(30):
+        c = udp_client(lb.addr, timeout=5)  # a new client port: a new flow each time
+        msg = b"client %d" % i
+        c.send(msg)
+        assert c.recv(100) == msg  # its own reply, never the previous client's second copy
+        c.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            c.recv(100)
+        c.close()
+    st = listener_status(lb)
+    assert st["accepted"] == 30 and st["udp"]["expired_responses"] == 30
+    assert st["udp"]["datagrams_out"] == 30
+    assert st["udp"]["drop_unexpected"] == 30  # every second copy was dropped and counted
+    # the backend saw far fewer source ports than flows: answered flows hand their socket on
+    assert srv.stats()["peers"]["a"] < 10
