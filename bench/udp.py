@@ -67,7 +67,7 @@ $servers
     server {
         listen $LOOPBACK:$port udp reuseport;
         proxy_pass dns;
-        proxy_responses $responses;
+$responses_line
         proxy_timeout $timeout;
     }
 }
@@ -161,7 +161,8 @@ class Bench:
                     LOOPBACK=LOOPBACK,
                     port=port,
                     servers=servers,
-                    responses=responses,
+                    # nginx: no proxy_responses = any number of replies (fastlb's udp_responses = 0)
+                    responses_line=f"        proxy_responses {responses};" if responses else "",
                     timeout=timeout,
                 )
             )
@@ -375,7 +376,10 @@ def run(args: argparse.Namespace) -> dict:
         if not args.quick:
             for target in ("nginx", "fastlb"):
                 if target in args.targets:
-                    idle[target] = bench.idle(target)
+                    try:
+                        idle[target] = bench.idle(target)
+                    except cmp.BenchError as exc:
+                        idle[target] = {"error": str(exc)}
                     log(f"idle {target}: {idle[target]}")
         meta = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -514,6 +518,9 @@ def render(result: dict) -> str:
             "|---|---:|---:|---:|",
         ]
         for target, r in result["idle"].items():
+            if "error" in r:
+                lines.append(f"| {target} | failed: {r['error'][:80]} | | |")
+                continue
             slab = sum(r["kernel_slab_bytes_per_flow"].values())
             lines.append(
                 f"| {target} | {r['rss_bytes_per_flow']:,.0f} | {r['pss_bytes_per_flow']:,.0f} | {slab:,.0f} |"
