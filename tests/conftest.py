@@ -94,17 +94,17 @@ def udp_servers(tmp_path, request):
 
 @pytest.fixture
 def dnsmasq(tmp_path, request):
-    """Factory: dnsmasq(answer="127.0.0.9", host="127.0.0.1") -> a started Dnsmasq answering every
-    name under test.example with `answer`; each is stopped at teardown."""
-    from support.udp import Dnsmasq
+    """Factory: dnsmasq(answer="127.0.0.9", host="127.0.0.1") -> a started support.dns.Dnsmasq
+    answering every name under test.example with `answer`; each is stopped at teardown."""
+    from support.dns import Dnsmasq
 
     started: list = []
 
-    def start(answer: str, host: str = "127.0.0.1", **kw):
-        d = Dnsmasq(tmp_path / f"dns{len(started)}", answer, host, **kw)
+    def start(answer: str, host: str = "127.0.0.1"):
+        d = Dnsmasq(tmp_path / f"dns{len(started)}", host)
         started.append(d)
         _logs(request.node).append((f"dnsmasq {answer} log", d.log_text))
-        return d.start()
+        return d.start(wildcard=[("test.example", answer)])
 
     yield start
     for d in started:

@@ -145,7 +145,7 @@ def test_killed_server_leaves_after_fall_and_returns_after_rise(fastlb, dnsmasq)
     got = query_many(lb.addr, 600)
     assert got["lost"] == 0 and got[ANSWERS[1]] == 0, got
     assert got[ANSWERS[0]] > 0 and got[ANSWERS[2]] > 0, got
-    victim.start(port=victim.port)
+    victim.restart()
     wait_until(lambda: states(lb)["b"] == "up", 10, lambda: f"b up again (states {states(lb)})")
     got = query_many(lb.addr, 300)
     assert got["lost"] == 0 and got[ANSWERS[1]] >= 50, got

@@ -13,7 +13,17 @@ from fastlb.config.values import _fmt_seconds, _quote, _Table
 
 PROTOCOLS = ("tcp", "udp")
 UDP_LISTENER_KEYS = ("udp_idle_timeout", "udp_responses", "max_flows")
-TCP_ONLY_LISTENER_KEYS = ("connect_timeout", "idle_timeout", "max_connections", "backlog")
+TCP_ONLY_LISTENER_KEYS = (
+    "connect_timeout",
+    "idle_timeout",
+    "max_connections",
+    "backlog",
+    # preludes read a TCP stream (PROXY header, TLS ClientHello): nothing of the sort for datagrams
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "sni_timeout",
+    "sni_no_match",
+)
 UDP_HEALTH_CHECK_TYPES = ("udp_send_expect", "dns")
 UDP_HEALTH_TYPE_KEYS = {"udp_send_expect": ("send", "expect"), "dns": ("query",)}
 
@@ -51,6 +61,14 @@ def listener_udp_fields(t: _Table) -> dict:
         "udp_responses": t.get_int("udp_responses", DEFAULT_UDP_RESPONSES, 0, MAX_UDP_RESPONSES),
         "max_flows": t.get_int("max_flows", DEFAULT_MAX_FLOWS, 1, MAX_MAX_FLOWS),
     }
+
+
+def check_udp_routes(t: _Table, protocol: str, needs_sni: bool) -> None:
+    """A UDP listener's routes match on the source address only (a datagram has no server name)."""
+    if protocol == "udp" and needs_sni:
+        raise t.error(
+            "routes", 'match.sni applies only to protocol = "tcp" (UDP routes match on source only)'
+        )
 
 
 def health_udp_fields(kind: str, t: _Table) -> dict:

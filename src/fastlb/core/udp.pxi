@@ -319,7 +319,7 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
     over a spare socket to that backend: then c's slot is freed and the spare's slot (already in
     epoll) is returned as the flow.  Returns the flow's slot with *rc = 0, or NULL with *rc = -1
     when no backend could be picked, -2 when socket() failed (fd limit)."""
-    cdef flb_pool_t *p = &W.pools[l.pool]
+    cdef flb_pool_t *p = &W.pools[c.pool]
     cdef flb_backend_t *b
     cdef uint32_t idx
     cdef int fd, e
@@ -329,7 +329,7 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
     cdef epoll_event ev
     rc[0] = -1
     while c.attempts <= p.retries and c.attempts < MAX_TRIES:
-        idx = lb_pick(c, l.pool)
+        idx = lb_pick(c, c.pool)
         if idx == FLB_NONE:
             if c.attempts == 0:
                 flb_add64(&p.no_backend, 1)
@@ -346,6 +346,10 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
             s.state = CS_UDP_FLOW
             s.flags = 0
             s.listener = c.listener
+            s.route = c.route
+            s.pool = c.pool
+            s.peer_len = c.peer_len
+            memcpy(s.peer, c.peer, sizeof(c.peer))
             s.key_hash = c.key_hash
             s.active_ms = c.active_ms
             s.attempts = c.attempts
@@ -395,7 +399,6 @@ cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
     cdef Conn *flow
     cdef UdpFlow *f
     cdef int rc
-    cdef flb_pool_t *p = &W.pools[l.pool]
     if W.stopping:
         flb_add64(&l.shm.udp_drop_no_backend, 1)
         return NULL
@@ -409,8 +412,16 @@ cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
     c.listener = li
     c.state = CS_UDP_FLOW
     c.active_ms = W.now_ms
-    if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
-        c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>peer, l.fd)
+    c.accepted_us = W.now_us
+    c.peer_len = <uint8_t>(peerlen if peerlen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
+    memcpy(c.peer, peer, c.peer_len)
+    # routes (core/routes.pxi): source matches and the split pick c.pool (and c.key_hash)
+    if route_select(c, NULL, 0) == FLB_NONE:
+        flb_sadd64(&l.shm.active, -1)
+        flb_add64(&l.shm.udp_drop_no_backend, 1)
+        flb_add64(&l.shm.rejected, 1)
+        slab_free(c)
+        return NULL
     flow = udp_flow_connect(c, l, &rc)
     if flow == NULL:
         flb_sadd64(&l.shm.active, -1)
@@ -471,7 +482,7 @@ cdef void udp_from_client(Listener *l, uint32_t li, mmsghdr *m, sockaddr_in6 *pe
     if slot >= 0:
         c = &W.conns[slot]
         # a flow whose backend went down moves to another one with its next datagram
-        if flb_load32(&W.backends[c.backend].health) != FLB_HEALTH_UP and not W.pools[l.pool].panic:
+        if flb_load32(&W.backends[c.backend].health) != FLB_HEALTH_UP and not W.pools[c.pool].panic:
             udp_flow_close(c)
             slot = -1
     if slot < 0:
