@@ -235,3 +235,35 @@ def test_answered_flows_reuse_backend_sockets_and_strays_never_reach_the_next_cl
     assert st["udp"]["drop_unexpected"] == 30  # every second copy was dropped and counted
     # the backend saw far fewer source ports than flows: answered flows hand their socket on
     assert srv.stats()["peers"]["a"] < 10
+
+
+def test_routes_pick_the_pool_of_a_flow_by_source_address(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "tag"), udp_server("b", "tag"))
+    extra = f"""
+[pools.other]
+backends = [{{ name = "b", address = "{srv.address("b")}" }}]
+
+[[listeners.web.routes]]
+name = "lab"
+match = {{ source = ["127.0.0.2/32"] }}
+backends = [{{ pool = "other" }}]
+
+[[listeners.web.routes]]
+name = "default"
+backends = [{{ pool = "web" }}]
+"""
+    lb = fastlb(
+        backends=[("a", srv.address("a"), None)],
+        listener={"protocol": "udp", "pool": None},
+        extra=extra,
+    )
+    for src, want in (("127.0.0.1", b"a"), ("127.0.0.2", b"b"), ("127.0.0.1", b"a"), ("127.0.0.2", b"b")):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.settimeout(5)
+        c.bind((src, 0))
+        c.connect(lb.addr)
+        c.send(b"from " + src.encode())
+        assert c.recv(100) == want + b" from " + src.encode()
+        c.close()
+    routes = {r["name"]: r for r in listener_status(lb)["routes"]}
+    assert routes["lab"]["connections"] == 2 and routes["default"]["connections"] == 2

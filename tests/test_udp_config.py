@@ -108,3 +108,27 @@ def test_udp_send_expect_parses():
     )
     check = hc.pools["p"].health_check
     assert check is not None and (check.send, check.expect) == (b"ping", b"pong")
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ('protocol = "udp"\nproxy_protocol = "v1"\nproxy_protocol_from = ["10.0.0.0/8"]', "proxy_protocol"),
+        ('protocol = "udp"\nsni_timeout = "1s"', "sni_timeout"),
+    ],
+)
+def test_udp_listener_has_no_preludes(extra, key):
+    msg = error(listener(extra))
+    assert msg.startswith(f"f.toml: listeners.l.{key}: ") and 'applies only to protocol = "tcp"' in msg
+
+
+def test_udp_routes_match_on_source_only():
+    text = (
+        '[listeners.l]\nbind = "127.0.0.1:53"\nprotocol = "udp"\n'
+        '[[listeners.l.routes]]\nname = "r"\nmatch = { sni = ["a.example"] }\nbackends = [{ pool = "p" }]\n'
+        '[[listeners.l.routes]]\nname = "d"\nbackends = [{ pool = "p" }]\n' + POOL
+    )
+    msg = error(text)
+    assert msg.startswith("f.toml: listeners.l.routes: ") and "source only" in msg
+    ok = text.replace('match = { sni = ["a.example"] }', 'match = { source = ["10.0.0.0/8"] }')
+    assert parse_config(ok).listeners["l"].protocol == "udp"
