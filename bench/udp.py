@@ -49,7 +49,6 @@ WORKLOADS = {
 }
 IDLE_FLOWS = 5000
 N_NAMES = 1000
-PORT_BASE = 19000
 SLAB_CACHES = ("UDP", "UDPv6", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq")
 
 NGINX_CONF = string.Template(
@@ -109,7 +108,9 @@ class Bench:
         self.rundir = Path(tempfile.mkdtemp(prefix="fastlb-bench-udp-"))
         self.procs = cmp.Procs()
         self.cpu = cmp.CpuLimit(args.cpu_quota_pct, args.cpu_period_us, True)
-        self.backend_ports = [PORT_BASE + 1, PORT_BASE + 2]
+        # free ports (UDP and TCP: dnsmasq binds both) chosen now: the machine may be shared
+        self.backend_ports = [free_port(), free_port()]
+        self.target_ports = {t: free_port() for t in TARGETS}
         self.queries = self.rundir / "queries.txt"
         self.queries.write_text("".join(f"q{i}.test.example A\n" for i in range(N_NAMES)))
 
@@ -145,7 +146,7 @@ class Bench:
         """Start target; returns (port clients use, Running-like handle with .proc and .extra)."""
         if target == "direct":
             return self.backend_ports[0], cmp.Running(target, 1, {})
-        port = PORT_BASE + 100 + TARGETS.index(target)
+        port = self.target_ports[target]
         workers = self.a.workers
         log_path = self.logs / f"{target}.log"
         run = cmp.Running(target, workers, {"dns": port}, log_path=log_path)
@@ -298,6 +299,21 @@ class Bench:
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def free_port() -> int:
+    """A loopback port free for both UDP and TCP right now."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((LOOPBACK, 0))
+            port = u.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                    t.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise cmp.BenchError("no free port")
 
 
 def dns_query(qid: int, name: str = "probe.test.example") -> bytes:

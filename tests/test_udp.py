@@ -13,6 +13,7 @@ import socket
 
 import pytest
 
+from support.clients import cli
 from support.helpers import wait_until
 from support.protocols import control
 from support.udp import udp_client, udp_server
@@ -157,6 +158,10 @@ def test_max_flows_drops_new_flows_only(fastlb, udp_servers):
     for i, c in enumerate(clients):  # the existing flows are unaffected
         c.send(b"again %d" % i)
         assert c.recv(100) == b"again %d" % i
+    out = cli("status", "--socket", str(lb.dir / "control.sock"))
+    assert out.returncode == 0, out.stderr
+    assert "listener web udp" in out.stdout and "flows 5 (created 5)" in out.stdout
+    assert "dropped table_full=3" in out.stdout, out.stdout
 
 
 def test_ipv6_listener_and_backends(fastlb, udp_servers):
