@@ -525,6 +525,16 @@ def render(result: dict) -> str:
     for workload, cells in s.items():
         if "fastlb_vs_nginx_per_cpu_s" in cells:
             lines.append(f"- {workload}: **{cells['fastlb_vs_nginx_per_cpu_s']:.2f}x**")
+    lines += [
+        "",
+        "Where the time goes: `perf record` of the fastlb worker under the *few* load shows about 3 % of",
+        "its CPU in fastlb's own code and the rest in the kernel's UDP path (the loopback delivery of",
+        "every datagram it sends, `sock_def_readable` wake-ups, copies). fastlb already needs about 1.5",
+        "system calls per query there (one `send` to the backend, `recvmmsg`/`sendmmsg` batches, a",
+        "`recv` that drains a reused socket), against four or more for nginx, but the datagrams",
+        "themselves cost the same in both; the gap is widest where nginx pays for a socket per",
+        "query (*many*).",
+    ]
     if result.get("idle"):
         lines += [
             "",
