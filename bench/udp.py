@@ -527,13 +527,15 @@ def render(result: dict) -> str:
             lines.append(f"- {workload}: **{cells['fastlb_vs_nginx_per_cpu_s']:.2f}x**")
     lines += [
         "",
-        "Where the time goes: `perf record` of the fastlb worker under the *few* load shows about 3 % of",
-        "its CPU in fastlb's own code and the rest in the kernel's UDP path (the loopback delivery of",
-        "every datagram it sends, `sock_def_readable` wake-ups, copies). fastlb already needs about 1.5",
-        "system calls per query there (one `send` to the backend, `recvmmsg`/`sendmmsg` batches, a",
-        "`recv` that drains a reused socket), against four or more for nginx, but the datagrams",
-        "themselves cost the same in both; the gap is widest where nginx pays for a socket per",
-        "query (*many*).",
+        "Where the time goes (measured outside the benchmark on the same machine): `perf record` of the",
+        "fastlb worker under the *few* load puts about 3 % of its CPU in fastlb's own code; the rest is",
+        "the kernel's UDP path (the loopback delivery of every datagram it sends, `sock_def_readable`",
+        "wake-ups, copies) and the context switches of sleeping in `epoll_wait` between bursts.",
+        "`strace -c` counts about 1.5 system calls per query for fastlb there (one `send` to the",
+        "backend, amortised `recvmmsg`/`sendmmsg` batches, a `recv` draining a reused socket) against",
+        "about 11 for nginx (`socket`, `ioctl`, `connect`, `epoll_ctl`, two `sendmsg`, two `recvfrom`,",
+        "`recvmsg`, `close`, `epoll_wait`: a new upstream socket per query), but the datagrams and the",
+        "wake-ups cost both the same, and below saturation they dominate.",
     ]
     if result.get("idle"):
         lines += [
