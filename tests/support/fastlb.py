@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from .helpers import LOCALHOST, connect, free_port, wait_until
+from .helpers import LOCALHOST, connect, free_port, free_udp_port, wait_until
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 PR_SET_PDEATHSIG = 1
@@ -85,14 +85,17 @@ class FastLB:
         self.nofile = nofile
         self.user = user
         self.host = host
-        self.port = free_port(host)
+        udp = (listener or {}).get("protocol") == "udp"
+        self.port = free_udp_port(host) if udp else free_port(host)
         self.config_path = workdir / "fastlb.toml"
         self.log_path = workdir / "fastlb.log"
         self.notify_path = workdir / "notify.sock"
         bind = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         g = {"workers": workers, "control_socket": str(workdir / "control.sock"), "shutdown_timeout": "30s"}
         g.update(global_ or {})
-        lst = {"bind": bind, "pool": "web", "connect_timeout": "2s", "idle_timeout": "5m"}
+        lst = {"bind": bind, "pool": "web"}
+        if not udp:  # these keys apply to TCP listeners only
+            lst.update({"connect_timeout": "2s", "idle_timeout": "5m"})
         lst.update(listener or {})
         lst = {k: v for k, v in lst.items() if v is not None}
         entries = []

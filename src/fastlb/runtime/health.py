@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fastlb.runtime.health_udp import UDP_CHECK_TYPES, udp_check
+
 __all__ = [
     "CheckResult",
     "CheckTarget",
@@ -50,7 +52,7 @@ _REASON_BYTES = 64
 # Close check sockets with RST (SO_LINGER 0) so thousands of checks per second do not leave
 # thousands of TIME_WAIT sockets on the balancer; HAProxy's checks do the same.
 _LINGER_ZERO = struct.pack("ii", 1, 0)
-_CHECK_TYPES = frozenset({"tcp", "http", "send_expect"})
+_CHECK_TYPES = frozenset({"tcp", "http", "send_expect", *UDP_CHECK_TYPES})
 # A check that fails for one of these reasons failed here, not at the backend: the control process is
 # out of descriptors or memory.  It is counted as local and changes no backend state.
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -62,7 +64,7 @@ class HealthCheckConfig(Protocol):
     Read-only members, so frozen dataclasses match."""
 
     @property
-    def type(self) -> str: ...  # "tcp" | "http" | "send_expect"
+    def type(self) -> str: ...  # "tcp" | "http" | "send_expect" | "udp_send_expect" | "dns"
     @property
     def interval(self) -> float: ...
     @property
@@ -87,6 +89,8 @@ class HealthCheckConfig(Protocol):
     def expect_status(self) -> tuple[int, int]: ...
     @property
     def expect_body(self) -> str | None: ...
+    @property
+    def query(self) -> str | None: ...  # dns (runtime/health_udp.py)
 
 
 class OutlierConfig(Protocol):
@@ -274,18 +278,23 @@ async def check_once(target: CheckTarget) -> CheckResult:
         async with asyncio.timeout(cfg.timeout):
             addr = target.check_address()
             family, sockaddr = await _resolve(*addr)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            await loop.sock_connect(sock, sockaddr)
-            if cfg.type == "tcp":
-                reason = "ok"
-            elif cfg.type == "http":
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                reason = await _http(loop, sock, target, addr)
+            if cfg.type in UDP_CHECK_TYPES:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                reason = await udp_check(loop, sock, sockaddr, cfg)  # health_udp.py
             else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                reason = await _send_expect(loop, sock, cfg)
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                await loop.sock_connect(sock, sockaddr)
+                if cfg.type == "tcp":
+                    reason = "ok"
+                elif cfg.type == "http":
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    reason = await _http(loop, sock, target, addr)
+                else:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    reason = await _send_expect(loop, sock, cfg)
     except TimeoutError:
         reason = "timeout"
     except socket.gaierror as exc:

@@ -35,6 +35,7 @@ from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
 from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.tables import table_capacity
+from fastlb.runtime.udp import udp_listener_fields, udp_listener_status
 from fastlb.runtime.watchdog import Watchdog
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
@@ -156,6 +157,7 @@ class Supervisor:
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
                 round(lc.half_close_timeout * 1000),
+                **udp_listener_fields(lc),
             )
         return region
 
@@ -423,8 +425,8 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        listeners_old = [(lc.name, str(lc.bind)) for lc in self.config.listeners.values()]
-        listeners_new = [(lc.name, str(lc.bind)) for lc in new.listeners.values()]
+        listeners_old = [(lc.name, str(lc.bind), lc.protocol) for lc in self.config.listeners.values()]
+        listeners_new = [(lc.name, str(lc.bind), lc.protocol) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
         if not restart and any(
             RouteManager.prelude_changed(old, new.listeners[old.name])
@@ -571,6 +573,7 @@ class Supervisor:
                     "accept_errors": li["accept_errors"],
                     "no_route": li["no_route"],
                     "routes": self.routes.routes_status(lc.name),
+                    **udp_listener_status(lc, li),
                 }
             )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]

@@ -36,7 +36,7 @@ from typing import Any
 
 from fastlb.config import Config
 from fastlb.runtime import runfile
-from fastlb.runtime.listeners import BindError, Key, check_free, is_listening_on
+from fastlb.runtime.listeners import BindError, Key, bind_key, check_free, is_listening_on
 
 log = logging.getLogger("fastlb")
 
@@ -127,7 +127,7 @@ def prepare(config: Config, takeover: bool) -> Predecessor:
                 pred = _crash_takeover(rf, orphans)
     try:
         for lc in config.listeners.values():
-            if str(lc.bind) not in pred.shared:
+            if bind_key(lc) not in pred.shared:
                 check_free(lc)
     except BindError as exc:
         pred.abandon()
