@@ -55,7 +55,7 @@ def test_kill9_worker_under_load_loses_no_queued_connection(backends, fastlb):
     load = Load(lb.addr, short_threads=3).start()
     try:
         load.wait_short(50)
-        lost = _kill_workers(lb, 8, load)
+        lost = _kill_workers(lb, 5, load)
     finally:
         res = load.stop()
     _check(res, lost)
