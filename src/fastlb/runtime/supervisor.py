@@ -79,6 +79,7 @@ class Supervisor:
         self.pools: dict[str, PoolState] = {}
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.restarts: dict[int, int] = {}  # worker index -> consecutive quick deaths
+        self.restart_count: dict[int, int] = {}  # worker index -> restarts since start
         self.started_at: dict[int, float] = {}
         self.stopping = False
         self.ready = False
@@ -242,6 +243,7 @@ class Supervisor:
                 self.startup_failure = f"worker {index} failed to start ({_describe_exit(code)})"
                 continue
             log.error("worker %d (pid %d) died (%s); restarting it", index, pid, _describe_exit(code))
+            self.restart_count[index] = self.restart_count.get(index, 0) + 1
             # killed from outside (kill -9, the OOM killer, our watchdog): back at once, on the same
             # sockets.  Back-off is only for a worker that keeps dying by itself.
             quick = code != -signal.SIGKILL and time.monotonic() - self.started_at.get(index, 0.0) < 5.0
@@ -511,7 +513,15 @@ class Supervisor:
                     "accept_errors": li["accept_errors"],
                 }
             )
-        workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
+        workers = [
+            dict(
+                r.worker(i),
+                index=i,
+                restarts=self.restart_count.get(i, 0),
+                stalls=self.watchdog.stalls_of.get(i, 0),
+            )
+            for i in range(self.n_workers)
+        ]
         return {
             "pid": os.getpid(),
             "generation": r.generation,

@@ -28,13 +28,14 @@ START_TIMEOUT = 15.0  # seconds a restarted worker may take to set up (the super
 class Watchdog:
     """Checks the heartbeats of a supervisor's workers; call check() a few times a second."""
 
-    __slots__ = ("sup", "timeout_ms", "killed", "stalls")
+    __slots__ = ("sup", "timeout_ms", "killed", "stalls", "stalls_of")
 
     def __init__(self, sup: Any, timeout: float) -> None:
         self.sup = sup
         self.timeout_ms = int(timeout * 1000)
         self.killed: set[int] = set()  # pids already sent SIGKILL (until reaped)
         self.stalls = 0  # workers killed for a stale heartbeat, since start
+        self.stalls_of: dict[int, int] = {}  # worker index -> such kills (status: workers[].stalls)
 
     def check(self) -> None:
         now_ms = time.monotonic_ns() // 1_000_000
@@ -62,6 +63,7 @@ class Watchdog:
 
     def _kill(self, pid: int, index: int, why: str, active: int) -> None:
         self.stalls += 1
+        self.stalls_of[index] = self.stalls_of.get(index, 0) + 1
         self.killed.add(pid)
         log.error(
             "worker %d (pid %d) %s, %d connections on it; killing and replacing it", index, pid, why, active
