@@ -18,6 +18,7 @@ import pytest
 from fastlb.control import ControlClient
 from fastlb.runtime import runfile
 from support.backends import server
+from support.clients import assert_one_line_error, cli
 from support.helpers import wait_until
 from support.load import Load
 
@@ -169,3 +170,29 @@ def test_takeover_by_a_different_build(backends, fastlb, tmp_path):
         res = load.stop()
     assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
     assert lb.wait_exit(40) == 0
+
+
+def test_upgrade_command_restarts_in_place(backends, fastlb):
+    """`fastlb upgrade -c FILE`: the running control process starts its successor itself (so under
+    systemd it stays in the service), the command waits until the successor answers."""
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=2)
+    load = Load(lb.addr, short_threads=3, long_transfers=1).start()
+    try:
+        load.wait_short(50)
+        r = cli("upgrade", "-c", str(lb.config_path), timeout=90)
+        assert r.returncode == 0, r
+        old, new = (int(x) for x in r.stdout.split("pid ")[1].split(" -> "))
+        assert old == lb.pid
+        proc = psutil.Process(new)
+        lb._known[new] = proc  # teardown: it lives in the old instance's process group
+        for w in proc.children():
+            lb._known[w.pid] = w
+        load.wait_short(50)
+    finally:
+        res = load.stop()
+    assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
+    assert lb.wait_exit(40) == 0
+    assert ControlClient(str(lb.dir / "control.sock")).status()["pid"] == new
+    again = cli("upgrade", "--socket", str(lb.dir / "nowhere.sock"))
+    assert_one_line_error(again, "cannot reach fastlb")

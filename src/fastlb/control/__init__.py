@@ -7,6 +7,7 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "status"}
   {"cmd": "set-weight", "pool": P, "backend": B, "weight": W}
   {"cmd": "drain" | "enable" | "disable", "pool": P, "backend": B}
+  {"cmd": "upgrade"}  (like SIGUSR2: start `fastlb serve --takeover`; -> {"successor": PID})
   {"cmd": "shutdown"}  (like SIGTERM; with "successor": PID, that pid is the new main process)
   {"cmd": "handover", "pid": PID}  (the listening sockets, as SCM_RIGHTS descriptors: see
       fastlb.runtime.takeover and docs/failure-behaviour.md; used by `fastlb serve --takeover`)
@@ -73,3 +74,7 @@ class ControlClient:
 
     def disable(self, pool: str, backend: str) -> dict[str, Any]:
         return self.request({"cmd": "disable", "pool": pool, "backend": backend})
+
+    def upgrade(self) -> dict[str, Any]:
+        """Ask the running fastlb to start its successor (`fastlb serve --takeover`)."""
+        return self.request({"cmd": "upgrade"})

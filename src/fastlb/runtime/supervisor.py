@@ -355,19 +355,20 @@ class Supervisor:
             log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
         log.info("reloaded %s", path)
 
-    def upgrade(self) -> None:
-        """SIGUSR2: restart in place without refusing a connection (runtime/takeover.py)."""
+    def upgrade(self) -> str | None:
+        """SIGUSR2 or `fastlb upgrade`: restart in place without refusing a connection
+        (runtime/takeover.py).  Returns None, or why it did not start one."""
         if self.stopping or self.successor_pid:
-            log.warning(
-                "upgrade: %s; SIGUSR2 ignored", "stopping" if self.stopping else "already in progress"
-            )
-            return
+            why = "stopping" if self.stopping else f"an upgrade to pid {self.successor_pid} is in progress"
+            log.warning("upgrade not started: %s", why)
+            return why
         try:
             self.successor_pid = takeover.spawn_successor(self.config.file, self.workers_override)
         except OSError as exc:
             log.error("upgrade failed: cannot start a new instance: %s", exc)
-            return
+            return f"cannot start a new instance: {exc}"
         log.info("upgrade: started pid %d with --takeover", self.successor_pid)
+        return None
 
     def begin_shutdown(self, sig: signal.Signals | None, successor: int | None = None) -> None:
         """Stop accepting (close the listening sockets: new connections are refused, unless a
@@ -549,14 +550,14 @@ def _temp_socket_path(path: str) -> str:
 
 
 def _takeover_request(line: bytes) -> dict | None:
-    """The request if it is one runtime/takeover.py answers ("handover", "shutdown"), else None."""
-    if b"handover" not in line and b"shutdown" not in line:
+    """The request if it is one runtime/takeover.py answers (TAKEOVER_COMMANDS), else None."""
+    if not any(c.encode() in line for c in takeover.TAKEOVER_COMMANDS):
         return None
     try:
         req = json.loads(line)
     except ValueError:
         return None
-    if isinstance(req, dict) and req.get("cmd") in ("handover", "shutdown"):
+    if isinstance(req, dict) and req.get("cmd") in takeover.TAKEOVER_COMMANDS:
         return req
     return None
 
