@@ -235,6 +235,35 @@ def set_split(
 
 
 @main.command()
+@_control_options
+@click.option(
+    "--timeout", type=click.FloatRange(1, 600), default=60.0, help="Seconds to wait for the new one."
+)
+def upgrade(config_file: str | None, socket_path: str | None, timeout: float) -> None:
+    """Restart the running fastlb in place, dropping no connection: it starts `fastlb serve --takeover`
+    (from the fastlb installed now) in its own service, which takes the listening sockets over; the
+    old one drains.  Waits until the new instance answers on the control socket."""
+    import time
+
+    from fastlb.control import ControlError
+
+    client = _client(config_file, socket_path)
+    r = _run_control(client.upgrade)
+    old, new = r["pid"], r["successor"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.status().get("pid") == new:
+                click.echo(f"upgraded: pid {old} -> {new}")
+                return
+        except ControlError:  # the socket is being replaced: ask again
+            pass
+        time.sleep(0.1)
+    click.echo(f"fastlb: pid {new} did not take over within {timeout:.0f}s (see the log)", err=True)
+    sys.exit(1)
+
+
+@main.command()
 @click.option("--seconds", type=click.FloatRange(0.5, 60), default=3.0, help="How long to send traffic.")
 @click.option("--workers", type=click.IntRange(1, 64), default=2)
 def demo(seconds: float, workers: int) -> None:

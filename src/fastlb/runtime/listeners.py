@@ -156,6 +156,7 @@ class ListenerSockets:
                     if s is not None and is_listening_on(s, lc):
                         s.setblocking(False)
                         if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1:
+                            s.listen(lc.backlog)  # listen() again on a listening socket: new backlog
                             self.socks[k] = s
                             continue
                     if s is not None:

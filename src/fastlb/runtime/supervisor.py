@@ -88,6 +88,7 @@ class Supervisor:
         self.pools: dict[str, PoolState] = {}
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.restarts: dict[int, int] = {}  # worker index -> consecutive quick deaths
+        self.restart_count: dict[int, int] = {}  # worker index -> restarts since start
         self.started_at: dict[int, float] = {}
         self.stopping = False
         self.ready = False
@@ -272,6 +273,7 @@ class Supervisor:
                 self.startup_failure = f"worker {index} failed to start ({_describe_exit(code)})"
                 continue
             log.error("worker %d (pid %d) died (%s); restarting it", index, pid, _describe_exit(code))
+            self.restart_count[index] = self.restart_count.get(index, 0) + 1
             # killed from outside (kill -9, the OOM killer, our watchdog): back at once, on the same
             # sockets.  Back-off is only for a worker that keeps dying by itself.
             quick = code != -signal.SIGKILL and time.monotonic() - self.started_at.get(index, 0.0) < 5.0
@@ -445,19 +447,20 @@ class Supervisor:
             log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
         log.info("reloaded %s", path)
 
-    def upgrade(self) -> None:
-        """SIGUSR2: restart in place without refusing a connection (runtime/takeover.py)."""
+    def upgrade(self) -> str | None:
+        """SIGUSR2 or `fastlb upgrade`: restart in place without refusing a connection
+        (runtime/takeover.py).  Returns None, or why it did not start one."""
         if self.stopping or self.successor_pid:
-            log.warning(
-                "upgrade: %s; SIGUSR2 ignored", "stopping" if self.stopping else "already in progress"
-            )
-            return
+            why = "stopping" if self.stopping else f"an upgrade to pid {self.successor_pid} is in progress"
+            log.warning("upgrade not started: %s", why)
+            return why
         try:
             self.successor_pid = takeover.spawn_successor(self.config.file, self.workers_override)
         except OSError as exc:
             log.error("upgrade failed: cannot start a new instance: %s", exc)
-            return
+            return f"cannot start a new instance: {exc}"
         log.info("upgrade: started pid %d with --takeover", self.successor_pid)
+        return None
 
     def begin_shutdown(self, sig: signal.Signals | None, successor: int | None = None) -> None:
         """Stop accepting (close the listening sockets: new connections are refused, unless a
@@ -576,7 +579,15 @@ class Supervisor:
                     **udp_listener_status(lc, li),
                 }
             )
-        workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
+        workers = [
+            dict(
+                r.worker(i),
+                index=i,
+                restarts=self.restart_count.get(i, 0),
+                stalls=self.watchdog.stalls_of.get(i, 0),
+            )
+            for i in range(self.n_workers)
+        ]
         extra = {}
         if self.access_log is not None:
             dropped = self.access_log.dropped()
@@ -614,14 +625,14 @@ def _state_name(b: dict) -> str:
 
 
 def _takeover_request(line: bytes) -> dict | None:
-    """The request if it is one runtime/takeover.py answers ("handover", "shutdown"), else None."""
-    if b"handover" not in line and b"shutdown" not in line:
+    """The request if it is one runtime/takeover.py answers (TAKEOVER_COMMANDS), else None."""
+    if not any(c.encode() in line for c in takeover.TAKEOVER_COMMANDS):
         return None
     try:
         req = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(req, dict) and req.get("cmd") in ("handover", "shutdown"):
+    except (ValueError, RecursionError):
+        return None  # handle_request answers it (with the one-line error)
+    if isinstance(req, dict) and req.get("cmd") in takeover.TAKEOVER_COMMANDS:
         return req
     return None
 
