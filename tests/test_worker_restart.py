@@ -52,7 +52,12 @@ def _check(res, lost: set[int]) -> None:
 
 def test_kill9_worker_under_load_loses_no_queued_connection(backends, fastlb):
     b = backends(server("a", "id"), server("b", "id"))
-    lb = fastlb([("a", b.address("a"), None), ("b", b.address("b"), None)], workers=2)
+    # the watchdog stays out of it: the victim is frozen (SIGSTOP) while its connections are listed
+    lb = fastlb(
+        [("a", b.address("a"), None), ("b", b.address("b"), None)],
+        workers=2,
+        global_={"worker_stall_timeout": "60s"},
+    )
     load = Load(lb.addr, short_threads=3).start()
     try:
         load.wait_short(50)
@@ -67,7 +72,12 @@ def test_kill9_worker_under_load_loses_no_queued_connection(backends, fastlb):
 @pytest.mark.slow
 def test_kill9_worker_20_times_under_load(backends, fastlb):
     b = backends(server("a", "id"), server("b", "id"))
-    lb = fastlb([("a", b.address("a"), None), ("b", b.address("b"), None)], workers=2)
+    # the watchdog stays out of it: the victim is frozen (SIGSTOP) while its connections are listed
+    lb = fastlb(
+        [("a", b.address("a"), None), ("b", b.address("b"), None)],
+        workers=2,
+        global_={"worker_stall_timeout": "60s"},
+    )
     load = Load(lb.addr, short_threads=3).start()
     try:
         load.wait_short(50)
