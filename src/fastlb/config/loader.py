@@ -94,7 +94,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
+_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", "metrics")
 _LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
 _POOL_KEYS = (
     "algorithm",
@@ -136,7 +136,16 @@ def _global(data: object, file: str) -> GlobalConfig:
         control_socket=sock,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
+        metrics=_metrics_address(t, file),
     )
+
+
+def _metrics_address(t: _Table, file: str) -> Address | None:
+    """[global] metrics: an address to serve Prometheus /metrics on, or "off" (the default)."""
+    value = t.data.get("metrics", "off")
+    if value == "off":
+        return None
+    return parse_address(value, t.key("metrics"), file)
 
 
 def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:

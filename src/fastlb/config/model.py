@@ -161,6 +161,7 @@ class GlobalConfig:
     control_socket: str = "/run/fastlb/control.sock"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    metrics: Address | None = None  # Prometheus /metrics listen address; None = off
 
 
 @dataclass(frozen=True)
