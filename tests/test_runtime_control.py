@@ -359,7 +359,7 @@ def test_status_table_and_json(backends, fastlb):
         "c": ("drain", 2, 0),
     }
     assert [li["name"] for li in st["listeners"]] == ["web"] and st["listeners"][0]["accepted"] == 20
-    assert len(st["workers"]) == 2 and all(w["state"] == 1 for w in st["workers"])
+    assert len(st["workers"]) == 2 and all(w["state"] == "running" for w in st["workers"])
     assert isinstance(st["generation"], int)
 
 

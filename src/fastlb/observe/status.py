@@ -44,6 +44,6 @@ def format_status(st: dict[str, Any]) -> str:
             f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
             f"accepted {li['accepted']}, rejected {li['rejected']}"
         )
-    alive = sum(1 for w in st["workers"] if w["state"] == 1)
+    alive = sum(1 for w in st["workers"] if w["state"] == "running")
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)

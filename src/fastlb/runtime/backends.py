@@ -39,6 +39,8 @@ class BackendSlot:
     drain_since: float | None = None
     drain_closed: bool = False  # drain_timeout passed: workers told to close
     eff_weight: int = 0
+    ejections: int = 0  # times passive ejection took it out (metrics, status)
+    drains: int = 0  # times a drain began (operator, or removed from the config)
 
     @property
     def health(self) -> str:
@@ -174,6 +176,7 @@ class BackendManager:
         now = time.monotonic()
         if admin == "drain":
             slot.drain_since = now
+            slot.drains += 1
         else:
             slot.drain_since = None
             if slot.drain_closed:
@@ -260,6 +263,7 @@ class BackendManager:
                     failures = self.region.consecutive_failures(slot.index)
                     if tracker.observe(slot.name, failures, now):
                         slot.ejected = True
+                        slot.ejections += 1
                         changed = True
                         log.warning(
                             "pool %s backend %s: EJECTED after %d consecutive failures, for %.1fs",
@@ -326,6 +330,7 @@ class BackendManager:
                     if slot.admin != "drain":
                         slot.admin = "drain"
                         slot.drain_since = now
+                        slot.drains += 1
                     log.info("pool %s backend %s: removed from the config; draining", name, bname)
             for bc in pc.backends:
                 slot = ps.slots.get(bc.name)

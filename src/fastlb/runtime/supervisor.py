@@ -24,8 +24,10 @@ from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.control.server import handle_request
+from fastlb.observe.document import backend_extras, worker_status
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
+from fastlb.runtime.ops import OpsServices
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
@@ -97,6 +99,7 @@ class Supervisor:
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
         self.checker: HealthChecker | None = None
+        self.ops = OpsServices(config)
 
     # --- shared memory -----------------------------------------------------------------------
 
@@ -253,6 +256,7 @@ class Supervisor:
             await asyncio.sleep(0.01)
         self.ready = True
         await self._start_control_socket()
+        await self.ops.start(self)
         tasks = [asyncio.create_task(self._tick_loop())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
@@ -268,6 +272,7 @@ class Supervisor:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._stop_control_socket()
+        await self.ops.stop()
         log.info("stopped")
         return self.exit_code
 
@@ -384,6 +389,7 @@ class Supervisor:
 
     def status(self) -> dict:
         r = self.region
+        checks = {(c["pool"], c["backend"]): c for c in self.checker.snapshot()} if self.checker else {}
         pools = []
         for ps in self.pools.values():
             backends = []
@@ -408,6 +414,7 @@ class Supervisor:
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
                         "removed": slot.removed,
+                        **backend_extras(b, slot, checks.get((ps.config.name, slot.name))),
                     }
                 )
             p = r.pool(ps.index)
@@ -437,14 +444,21 @@ class Supervisor:
                     "accept_errors": li["accept_errors"],
                 }
             )
-        workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
         return {
             "pid": os.getpid(),
             "generation": r.generation,
+            "config_file": self.config.file,
             "listeners": listeners,
             "pools": pools,
-            "workers": workers,
+            "workers": [worker_status(r.worker(i), i) for i in range(self.n_workers)],
+            **self.ops.status(),
         }
+
+    def connect_histogram(self, pool: str, backend: str) -> list[int] | None:
+        """The backend's connect-time histogram buckets (shm_layout.h hist_connect), for metrics."""
+        ps = self.pools.get(pool)
+        slot = ps.slots.get(backend) if ps else None
+        return None if slot is None else self.region.backend(slot.index)["hist_connect"]
 
 
 def _state_name(b: dict) -> str:
