@@ -28,6 +28,7 @@ include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
 include "core/conn.pxi"
+include "core/reload.pxi"
 include "core/loop.pxi"
 
 

@@ -181,7 +181,7 @@ cdef class Region:
     # --- configuration (before fork, or published afterwards) ------------------------------
 
     def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                     int max_connections, bytes sockaddr) -> None:
+                     int max_connections, bytes sockaddr, int backlog=0) -> None:
         cdef flb_listener_t *l = self._listener(i)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")
@@ -193,6 +193,18 @@ cdef class Region:
         memset(l.addr, 0, FLB_ADDR_LEN)
         memcpy(l.addr, <char *>sockaddr, len(sockaddr))
         l.addrlen = len(sockaddr)
+        l.backlog = backlog
+
+    def set_listener_runtime(self, int i, int pool, int connect_timeout_ms, int idle_timeout_ms,
+                             int max_connections, int backlog) -> None:
+        """A reload's listener settings (single 32-bit stores); publish() afterwards: workers
+        re-read them, and call listen() again when the backlog changed."""
+        cdef flb_listener_t *l = self._listener(i)
+        flb_store32(&l.pool, pool)
+        flb_store32(&l.connect_timeout_ms, connect_timeout_ms)
+        flb_store32(&l.idle_timeout_ms, idle_timeout_ms)
+        flb_store32(&l.max_connections, max_connections)
+        flb_store32(&l.backlog, backlog)
 
     def set_pool(self, int i, str name, str algorithm, str hash_key, int retries, int first_backend,
                  int n_backends, str all_down="reject") -> None:
@@ -205,6 +217,15 @@ cdef class Region:
         p.n_backends = n_backends
         p.scan_len = n_backends          # narrowed by set_scan_len() once the used slots are known
         p.all_down_policy = ALL_DOWN[all_down]
+
+    def set_pool_runtime(self, int i, str algorithm, str hash_key, int retries, str all_down) -> None:
+        """A reload's pool settings (single 32-bit stores; publish() afterwards).  A hashing
+        algorithm needs its table built into the buffers first (capacity checked by the caller)."""
+        cdef flb_pool_t *p = self._pool(i)
+        flb_store32(&p.hash_key, HASH_KEYS[hash_key])
+        flb_store32(&p.retries, retries)
+        flb_store32(&p.all_down_policy, ALL_DOWN[all_down])
+        flb_store32(&p.algorithm, ALGORITHMS[algorithm])
 
     def set_backend(self, int i, int pool, str name, bytes sockaddr, int weight, bint in_use=True) -> None:
         """Write a backend slot (seqlock around name and address); weight is both the configured
@@ -304,7 +325,7 @@ cdef class Region:
             "idle_timeout_ms": l.idle_timeout_ms, "max_connections": l.max_connections,
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
-            "accept_errors": flb_load64(&l.accept_errors),
+            "accept_errors": flb_load64(&l.accept_errors), "backlog": flb_load32(&l.backlog),
         }
 
     def pool(self, int i) -> dict:

@@ -7,6 +7,8 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "status"}
   {"cmd": "set-weight", "pool": P, "backend": B, "weight": W}
   {"cmd": "drain" | "enable" | "disable", "pool": P, "backend": B}
+  {"cmd": "reload"} -> {"ok": true, "file": F, "applied": [...], "needs_restart": [...]}
+                       or {"ok": false, "error": "reload refused, nothing changed: ..."}
 Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.  A malformed or unknown request
 changes nothing.
 """
@@ -70,3 +72,7 @@ class ControlClient:
 
     def disable(self, pool: str, backend: str) -> dict[str, Any]:
         return self.request({"cmd": "disable", "pool": pool, "backend": backend})
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file; raises ControlError (nothing changed) if it is refused."""
+        return self.request({"cmd": "reload"})

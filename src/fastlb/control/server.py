@@ -31,6 +31,7 @@ class ControlTarget(Protocol):
     backends: _Backends
 
     def status(self) -> dict[str, Any]: ...
+    def reload(self) -> dict[str, Any]: ...
 
 
 ADMIN_FOR = {"drain": "drain", "enable": "ready", "disable": "maint"}
@@ -73,6 +74,8 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             old = slot.admin
             sup.backends.set_admin(slot, ADMIN_FOR[cmd])
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
-        raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable)")
+        if cmd == "reload":
+            return sup.reload()
+        raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable, reload)")
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}

@@ -176,6 +176,7 @@ cdef inline void sync_generation() noexcept nogil:
     cdef uint64_t g = flb_load64_acq(&W.hdr.generation)
     if g != W.generation:
         W.generation = g
+        listeners_refresh()
         lb_refresh()
         close_condemned()
         W.me.generation_seen = g
@@ -296,6 +297,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         W.listeners[i].connect_timeout_ms = sl.connect_timeout_ms
         W.listeners[i].idle_timeout_ms = sl.idle_timeout_ms
         W.listeners[i].max_connections = sl.max_connections
+        W.listeners[i].backlog = sl.backlog  # the control process listened with it
         W.listeners[i].pending = 1
         ev.events = EPOLLIN | EPOLLET
         ev.data.u64 = TAG_SPECIAL | <uint64_t>i

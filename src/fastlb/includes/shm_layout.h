@@ -14,7 +14,8 @@
  *   header.tables_off        per pool, two table buffers (double buffer for maglev / ring_hash)
  *
  * Publishing rules (writer = control process only):
- *   - weight, eff_weight, admin, health: single aligned 32-bit stores (never torn).
+ *   - weight, eff_weight, admin, health, listener timeouts/max_connections/pool/backlog: single
+ *     aligned 32-bit stores (never torn).
  *   - address/name of a backend: seqlock `seq` (odd while writing; readers retry).
  *   - hash tables: write the inactive buffer, then release-store pool.table_active,
  *     then bump header.generation (release).  A backend slot is written before any
@@ -126,7 +127,13 @@ typedef struct {
     uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
     uint64_t accept_errors;
     uint64_t _cpad[3];
-} flb_listener_t;                /* 192 bytes */
+    /* ops (issue 12): settings a reload changes in place.  pool, connect_timeout_ms,
+       idle_timeout_ms and max_connections above are rewritten by a reload too (single aligned
+       32-bit stores); workers re-read all of them when the generation moves. */
+    uint32_t backlog;            /* listen(2) backlog; a worker calls listen() again on its socket
+                                    when this differs from what it last applied (0 = unchanged) */
+    uint32_t _opad[15];
+} flb_listener_t;                /* 256 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -206,7 +213,7 @@ typedef struct {
 } flb_worker_t;                  /* 128 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 128, "header size");
-_Static_assert(sizeof(flb_listener_t) == 192, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 256, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 192, "pool size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
 _Static_assert(sizeof(flb_worker_t) == 128, "worker size");

@@ -75,6 +75,7 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t rejected
         uint64_t paused_full
         uint64_t accept_errors
+        uint32_t backlog
 
     ctypedef struct flb_pool_t:
         char name[64]

@@ -22,6 +22,16 @@ def worker_status(w: dict[str, Any], index: int) -> dict[str, Any]:
     return out
 
 
+def listener_settings(li: dict[str, Any]) -> dict[str, Any]:
+    """The settings the workers run a listener with now (a reload changes them in place)."""
+    return {
+        "connect_timeout_ms": li["connect_timeout_ms"],
+        "idle_timeout_ms": li["idle_timeout_ms"],
+        "max_connections": li["max_connections"],
+        "backlog": li["backlog"],
+    }
+
+
 def check_status(check: dict[str, Any] | None) -> dict[str, Any] | None:
     """The last active health check of a backend, or None when its pool has no health_check."""
     if check is None:

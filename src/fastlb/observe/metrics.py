@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -310,12 +311,8 @@ async def _serve(
         writer.close()
 
 
-async def start_metrics_server(source: MetricsSource, host: str, port: int) -> asyncio.AbstractServer:
-    """Listen on host:port; each connection gets one response (HTTP/1.1, Connection: close)."""
+async def start_metrics_server(source: MetricsSource, sock: socket.socket) -> asyncio.AbstractServer:
+    """Serve /metrics on the listening socket; one response per connection (Connection: close)."""
     return await asyncio.start_server(
-        lambda r, w: _serve(lambda: render(source), r, w),
-        host,
-        port,
-        limit=MAX_REQUEST_HEAD,
-        reuse_address=True,
+        lambda r, w: _serve(lambda: render(source), r, w), sock=sock, limit=MAX_REQUEST_HEAD
     )

@@ -47,3 +47,15 @@ def format_status(st: dict[str, Any]) -> str:
     alive = sum(1 for w in st["workers"] if w["state"] == "running")
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
+
+
+def format_reload(r: dict[str, Any]) -> str:
+    """`fastlb reload`'s output: what was applied, and what needs a restart."""
+    lines = [f"reloaded {r['file']}: {len(r['applied'])} changes applied"]
+    lines += [f"  applied: {a}" for a in r["applied"]]
+    if r["needs_restart"]:
+        lines.append(
+            f"NOT applied, {len(r['needs_restart'])} changes need a restart (fastlb serve --takeover):"
+        )
+        lines += [f"  restart: {x}" for x in r["needs_restart"]]
+    return "\n".join(lines)

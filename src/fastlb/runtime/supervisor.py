@@ -22,12 +22,13 @@ import traceback
 
 from fastlb import worker
 from fastlb._shm import Region
-from fastlb.config import Config, ConfigError, load_config
+from fastlb.config import Config
 from fastlb.control.server import handle_request
-from fastlb.observe.document import backend_extras, worker_status
+from fastlb.observe.document import backend_extras, listener_settings, worker_status
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.ops import OpsServices
+from fastlb.runtime.reload import reload_config
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
@@ -131,6 +132,7 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                lc.backlog,
             )
         return region
 
@@ -308,24 +310,10 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config; a bad one changes nothing and says why."""
-        path = self.config.file
-        try:
-            new = load_config(path)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        listeners_old = [(lc.name, str(lc.bind), lc.pool) for lc in self.config.listeners.values()]
-        listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
-        restart = [] if listeners_old == listeners_new else ["listeners"]
-        restart += self.backends.reload(new)
-        self.poke()
-        if self.checker is not None:
-            self.checker.set_targets(self.backends.check_targets())
-        if restart:
-            log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
-        log.info("reloaded %s", path)
+    def reload(self) -> dict:
+        """SIGHUP / `fastlb reload`: re-read the config, apply what can be applied, name the rest
+        (fastlb.runtime.reload); a bad file changes nothing and says why."""
+        return reload_config(self, sd_notify)
 
     def begin_shutdown(self, sig: signal.Signals | None) -> None:
         if self.stopping:
@@ -442,6 +430,7 @@ class Supervisor:
                     "rejected": li["rejected"],
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
+                    **listener_settings(li),
                 }
             )
         return {

@@ -1,0 +1,185 @@
+"""Reload (SIGHUP, `fastlb reload`, `systemctl reload`): re-read the config file and apply every
+change that can be applied to the running process; name every one that cannot.
+
+Applied in place: listener timeouts, max_connections, backlog (listen(2) again on the existing
+sockets) and pool; pool settings and backends (fastlb.runtime.backends); [global] log_level,
+metrics, control_socket and shutdown_timeout (for workers started from now on).  Needing a restart
+(`fastlb serve --takeover` carries the sockets over): listeners added, removed or re-bound, pools
+added or removed, [global] workers, backends beyond a pool's spare slots, hash tables that outgrow
+their buffers.  Those stay as they run, and the log line and the reply name each one.
+
+systemd sees RELOADING=1 (with MONOTONIC_USEC) before and READY=1 after every reload, with a
+STATUS= line that says how it went; `fastlb reload` (the unit's ExecReload) exits non-zero when the
+file was refused, so `systemctl reload` reports the failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from fastlb.config import Config, ConfigError, GlobalConfig, ListenerConfig, load_config
+
+log = logging.getLogger("fastlb")
+
+RESTART_HINT = "restart (fastlb serve --takeover keeps the sockets)"
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
+    """Re-read sup.config.file and apply it; the reply of the control socket's `reload`."""
+    path = sup.config.file
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        result = {"ok": False, "file": path, "error": f"reload refused, nothing changed: {exc}"}
+        sup.ops.record_reload(result)
+        notify(f"READY=1\nSTATUS=reload failed: {exc}")
+        return result
+    g_applied, g_restart, running_global = _global(sup, new)
+    b_applied, b_restart = sup.backends.reload(new)
+    l_applied, l_restart, listeners = _listeners(sup, new)
+    applied, needs_restart = g_applied + l_applied + b_applied, g_restart + l_restart + b_restart
+    sup.config = Config(
+        file=path,
+        global_=running_global,
+        listeners=listeners,
+        pools={name: ps.config for name, ps in sup.pools.items()},
+    )
+    sup.ops.config = sup.config
+    for i, lc in enumerate(listeners.values()):
+        sup.region.set_listener_runtime(
+            i,
+            sup.pools[lc.pool].index,
+            _ms(lc.connect_timeout),
+            _ms(lc.idle_timeout),
+            lc.max_connections,
+            lc.backlog,
+        )
+    sup.region.publish()
+    if sup.checker is not None:
+        sup.checker.set_targets(sup.backends.check_targets())
+    sup.poke()
+    for line in applied:
+        log.info("reload: %s", line)
+    if needs_restart:
+        log.warning("reload: NOT applied, these need a %s: %s", RESTART_HINT, "; ".join(needs_restart))
+    log.info("reloaded %s: %d changes applied, %d need a restart", path, len(applied), len(needs_restart))
+    result = {"ok": True, "file": path, "applied": applied, "needs_restart": needs_restart}
+    sup.ops.record_reload(result)
+    state = f"{len(needs_restart)} changes need a restart" if needs_restart else "all changes applied"
+    notify(f"READY=1\nSTATUS=reloaded {path}: {state}")
+    return result
+
+
+def _global(sup: Any, new: Config) -> tuple[list[str], list[str], GlobalConfig]:
+    old, g = sup.config.global_, new.global_
+    applied: list[str] = []
+    restart: list[str] = []
+    running = g
+    if g.workers != old.workers:
+        restart.append(
+            f"global.workers: {old.workers} -> {g.workers} (the shared region is sized for the running workers)"
+        )
+        running = replace(running, workers=old.workers)
+    if g.log_level != old.log_level:
+        logging.getLogger().setLevel(getattr(logging, g.log_level.upper()))
+        applied.append(f"global.log_level: {old.log_level} -> {g.log_level}")
+    if g.shutdown_timeout != old.shutdown_timeout:
+        sup.shutdown_timeout = g.shutdown_timeout
+        applied.append(
+            f"global.shutdown_timeout: {old.shutdown_timeout:g}s -> {g.shutdown_timeout:g}s (workers started from now on)"
+        )
+        restart.append(
+            f"global.shutdown_timeout: running workers keep {old.shutdown_timeout:g}s until they are restarted"
+        )
+    if g.control_socket != old.control_socket:
+        try:
+            move_control_socket(sup, g.control_socket)
+            applied.append(f"global.control_socket: {old.control_socket} -> {g.control_socket}")
+        except OSError as exc:
+            restart.append(
+                f"global.control_socket: cannot listen on {g.control_socket}: {exc.strerror or exc}"
+            )
+            running = replace(running, control_socket=old.control_socket)
+    if g.metrics != old.metrics:
+        try:
+            sup.ops.move_metrics(sup, g.metrics)
+            applied.append(f"global.metrics: {old.metrics or 'off'} -> {g.metrics or 'off'}")
+        except OSError as exc:
+            restart.append(f"global.metrics: cannot listen on {g.metrics}: {exc.strerror or exc}")
+            running = replace(running, metrics=old.metrics)
+    return applied, restart, running
+
+
+def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, ListenerConfig]]:
+    """Listeners keep their sockets: the running set stays; each one's settings come from `new`."""
+    old = sup.config.listeners
+    applied: list[str] = []
+    restart = [f"listeners.{n}: new listener (needs new sockets)" for n in new.listeners if n not in old]
+    restart += [
+        f"listeners.{n}: removed from the config, still accepting" for n in old if n not in new.listeners
+    ]
+    running: dict[str, ListenerConfig] = {}
+    for name, lc in old.items():
+        nc = new.listeners.get(name)
+        if nc is None:
+            running[name] = lc
+            continue
+        if nc.bind != lc.bind:
+            restart.append(f"listeners.{name}.bind: {lc.bind} -> {nc.bind} (needs new sockets)")
+            nc = replace(nc, bind=lc.bind)
+        if nc.pool != lc.pool and nc.pool not in sup.pools:
+            restart.append(f"listeners.{name}.pool: {lc.pool} -> {nc.pool} (pool {nc.pool} is not running)")
+            nc = replace(nc, pool=lc.pool)
+        for key in ("pool", "connect_timeout", "idle_timeout", "max_connections", "backlog"):
+            a, b = getattr(lc, key), getattr(nc, key)
+            if a != b:
+                shown = (f"{a:g}s", f"{b:g}s") if key.endswith("timeout") else (a, b)
+                applied.append(f"listeners.{name}.{key}: {shown[0]} -> {shown[1]}")
+        running[name] = nc
+    return applied, restart, running
+
+
+def move_control_socket(sup: Any, path: str) -> None:
+    """Listen on `path` now (raises OSError), serve it from the loop, then close the old socket."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    old_server, old_path = sup._control_server, getattr(sup, "_control_path", None)
+
+    async def serve() -> None:
+        sup._control_server = await asyncio.start_unix_server(sup._serve_client, sock=sock)
+        sup._control_path = path
+        if old_server is not None:
+            old_server.close()
+        if old_path and old_path != path:
+            with contextlib.suppress(OSError):
+                os.unlink(old_path)
+
+    sup.ops.spawn(serve())
