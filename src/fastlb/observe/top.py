@@ -87,12 +87,16 @@ class Rates:
 def _header(st: Status, source: str) -> Text:
     running = sum(1 for w in st["workers"] if w["state"] == "running")
     active = sum(li["active"] for li in st["listeners"])
-    return Text.assemble(
+    text = Text.assemble(
         ("fastlb top", "bold"),
-        f"  {source}  pid {st['pid']}  workers {running}/{len(st['workers'])}  ",
-        f"active {active}  gen {st['generation']}  ",
+        f"  pid {st['pid']}  workers {running}/{len(st['workers'])}  active {active}  ",
+        f"gen {st['generation']}  ",
         ("q quits", "dim"),
+        f"  {source}",
     )
+    text.no_wrap = True
+    text.overflow = "ellipsis"
+    return text
 
 
 def _listeners(st: Status, rates: Rates, budget: int) -> tuple[Table, int]:
