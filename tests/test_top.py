@@ -64,7 +64,9 @@ def test_top_shows_backends_and_rates_in_80x24_and_q_quits(backends, fastlb, tmp
             screen = tmux.screen()
             rows = {
                 m.group(1): m
-                for m in re.finditer(r"^\s*web/([abc])\s+up\s+(\d+)\s+(\d+)\s+([\d.]+k?)\s+(\S+)", screen, re.M)
+                for m in re.finditer(
+                    r"^\s*web/([abc])\s+up\s+(\d+)\s+(\d+)\s+([\d.]+k?)\s+(\S+)", screen, re.M
+                )
             }
             if set(rows) == {"a", "b", "c"} and all(float(m.group(4).rstrip("k")) > 0 for m in rows.values()):
                 return screen
