@@ -111,7 +111,8 @@ typedef struct {
 } flb_header_t;                  /* 128 bytes */
 
 typedef struct {
-    /* configuration (control writes before fork; read-only afterwards) */
+    /* configuration (control writes before fork; a reload may rewrite pool, timeouts,
+       max_connections and backlog) */
     char     name[FLB_NAME_LEN];
     uint32_t pool;               /* index into pools[] */
     uint32_t connect_timeout_ms;
@@ -119,7 +120,11 @@ typedef struct {
     uint32_t max_connections;    /* across all workers; 0 = unlimited */
     uint8_t  addr[FLB_ADDR_LEN]; /* struct sockaddr_in / sockaddr_in6 */
     uint32_t addrlen;
-    uint32_t _pad1[4];
+    uint32_t backlog;            /* ops (issue 12): listen(2) backlog; a worker calls listen() again
+                                    on its socket when this differs from what it applied.  A reload
+                                    rewrites pool, the timeouts, max_connections and backlog (single
+                                    32-bit stores); workers re-read them when the generation moves. */
+    uint32_t _pad1[3];
     /* counters (workers, atomic) - own cache line */
     int64_t  active;             /* connections open now, all workers */
     uint64_t accepted;
@@ -127,13 +132,7 @@ typedef struct {
     uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
     uint64_t accept_errors;
     uint64_t _cpad[3];
-    /* ops (issue 12): settings a reload changes in place.  pool, connect_timeout_ms,
-       idle_timeout_ms and max_connections above are rewritten by a reload too (single aligned
-       32-bit stores); workers re-read all of them when the generation moves. */
-    uint32_t backlog;            /* listen(2) backlog; a worker calls listen() again on its socket
-                                    when this differs from what it last applied (0 = unchanged) */
-    uint32_t _opad[15];
-} flb_listener_t;                /* 256 bytes */
+} flb_listener_t;                /* 192 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -213,7 +212,7 @@ typedef struct {
 } flb_worker_t;                  /* 128 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 128, "header size");
-_Static_assert(sizeof(flb_listener_t) == 256, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 192, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 192, "pool size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
 _Static_assert(sizeof(flb_worker_t) == 128, "worker size");

@@ -52,6 +52,7 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
     b_applied, b_restart = sup.backends.reload(new)
     l_applied, l_restart, listeners = _listeners(sup, new)
     applied, needs_restart = g_applied + l_applied + b_applied, g_restart + l_restart + b_restart
+    needs_restart += _routes(sup, new, same_listeners=not l_restart)
     sup.config = Config(
         file=path,
         global_=running_global,
@@ -60,9 +61,10 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
     )
     sup.ops.config = sup.config
     for i, lc in enumerate(listeners.values()):
+        pool = sup.pools.get(getattr(lc, "pool", None) or "")
         sup.region.set_listener_runtime(
             i,
-            sup.pools[lc.pool].index,
+            pool.index if pool is not None else sup.region.listener(i)["pool"],
             _ms(lc.connect_timeout),
             _ms(lc.idle_timeout),
             lc.max_connections,
@@ -151,6 +153,22 @@ def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, L
                 applied.append(f"listeners.{name}.{key}: {shown[0]} -> {shown[1]}")
         running[name] = nc
     return applied, restart, running
+
+
+def _routes(sup: Any, new: Config, same_listeners: bool) -> list[str]:
+    """Routes and splits (issue 10, fastlb.runtime.routes, once present as sup.routes): the file's
+    routes replace the published ones; prelude settings (PROXY protocol, SNI) need a restart."""
+    routes = getattr(sup, "routes", None)
+    if routes is None:
+        return []
+    restart = [
+        f"listeners.{name}: proxy_protocol / sni settings changed"
+        for name, lc in sup.config.listeners.items()
+        if name in new.listeners and routes.prelude_changed(lc, new.listeners[name])
+    ]
+    if same_listeners and not restart:
+        restart += routes.reload(new)
+    return restart
 
 
 def move_control_socket(sup: Any, path: str) -> None:
