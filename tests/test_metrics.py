@@ -110,6 +110,12 @@ def test_metrics_text_counts_every_connection(backends, fastlb):
 
     checks = wait_until(checked, 10, "a check result for every backend")
     assert by_backend(checks) == {"a": 1, "b": 1, "c": 1}
+    # every family is documented in docs/metrics.md
+    doc = set(re.findall(r"`(fastlb_[a-z_]+)`", (HEADER.parents[3] / "docs/metrics.md").read_text()))
+    names = {
+        re.sub(r"_(bucket|sum|count)$", "", n) if "connect_time_seconds" in n else n for n in scrape(addr)
+    }
+    assert names - doc == set(), f"undocumented metrics: {sorted(names - doc)}"
     # only /metrics, only GET/HEAD
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://{addr}/other", timeout=5)
