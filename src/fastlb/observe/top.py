@@ -110,7 +110,11 @@ def _listeners(st: Status, rates: Rates, budget: int) -> tuple[Table, int]:
     ):
         t.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
     rows = 0
-    for li in st["listeners"]:
+    for n, li in enumerate(st["listeners"]):
+        if rows >= budget - 1 and n < len(st["listeners"]) - 1:
+            t.add_row(f"+{len(st['listeners']) - n} more", "", "", "", "")
+            rows += 1
+            break
         routes = li.get("routes") or []
         target = li.get("pool", "")
         if len(routes) == 1 and routes[0].get("name") == "default":
@@ -127,8 +131,6 @@ def _listeners(st: Status, rates: Rates, budget: int) -> tuple[Table, int]:
             split = " ".join(f"{pool}={w}" for pool, w in (r.get("split") or {}).items())
             t.add_row("", "", f" {r['name']}: {split}", "", "")
             rows += 1
-        if rows >= budget:
-            break
     return t, rows
 
 
