@@ -50,6 +50,11 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
         return result
     g_applied, g_restart, running_global = _global(sup, new)
     b_applied, b_restart = sup.backends.reload(new)
+    discovery = getattr(sup, "discovery", None)
+    if discovery is not None:  # DNS discovery: the file's discover settings replace the running ones
+        discovery.update(
+            {n: p.discover for n, p in new.pools.items() if getattr(p, "discover", None) is not None}
+        )
     l_applied, l_restart, listeners = _listeners(sup, new)
     applied, needs_restart = g_applied + l_applied + b_applied, g_restart + l_restart + b_restart
     needs_restart += _routes(sup, new, same_listeners=not l_restart)
@@ -123,7 +128,15 @@ def _global(sup: Any, new: Config) -> tuple[list[str], list[str], GlobalConfig]:
         except OSError as exc:
             restart.append(f"global.metrics: cannot listen on {g.metrics}: {exc.strerror or exc}")
             running = replace(running, metrics=old.metrics)
+    for key in _GLOBAL_RESTART:
+        if hasattr(g, key) and getattr(g, key) != getattr(old, key):
+            restart.append(f"global.{key}: {getattr(old, key)!r} -> {getattr(g, key)!r} (read at start)")
+            running = replace(running, **{key: getattr(old, key)})
     return applied, restart, running
+
+
+# [global] keys other features read only at start: a change is named, never ignored silently
+_GLOBAL_RESTART = ("access_log", "access_log_format", "access_log_buffer", "admin")
 
 
 def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, ListenerConfig]]:
