@@ -3,7 +3,9 @@ counted against the connections the test made; the histogram from the workers' b
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -152,3 +154,31 @@ def test_real_prometheus_scrapes_per_backend_counts(backends, fastlb, tmp_path):
         assert len(q) == 1 and 0 < next(iter(q.values())) < 5
     finally:
         prom.stop()
+
+
+def test_access_log_drops_are_a_metric(backends, fastlb, tmp_path):
+    b = backends(server("a", "id"))
+    port = free_port()
+    lb = fastlb(
+        [("a", b.address("a"), 1)],
+        global_={
+            "metrics": f"127.0.0.1:{port}",
+            "access_log": str(tmp_path / "access.log"),
+            "access_log_buffer": 64,
+        },
+    )
+    addr = f"127.0.0.1:{port}"
+    os.kill(lb.pid, signal.SIGSTOP)  # the control process stops draining the rings: they fill
+    try:
+        assert sum(count_backends(lb.addr, 100, concurrency=1).values()) == 100
+    finally:
+        os.kill(lb.pid, signal.SIGCONT)
+
+    def accounted():  # every connection's record is either written or counted as dropped
+        s = scrape(addr)
+        written = s.get("fastlb_access_log_records_written_total", {}).get((), 0)
+        dropped = s.get("fastlb_access_log_records_dropped_total", {}).get((("worker", "0"),), 0)
+        return (written, dropped) if written + dropped == 100 else None
+
+    written, dropped = wait_until(accounted, 10, "every record written or counted as dropped")
+    assert written >= 64 and dropped >= 30, (written, dropped)

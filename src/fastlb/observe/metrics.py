@@ -131,9 +131,27 @@ class FastlbCollector:
         for result in ("ok", "failed"):
             fam.add_metric([result], reload.get(f"{result}_total", 0))
         yield fam
+        yield from self._access_log(st)
         yield from self._listeners(st)
         yield from self._pools(st)
         yield from self._workers(st)
+
+    def _access_log(self, st: dict[str, Any]) -> Iterator[Metric]:
+        """The access log's records written and dropped (a worker's ring was full), when it is on."""
+        al = st.get("access_log")
+        if not al:
+            return
+        yield CounterMetricFamily(
+            "fastlb_access_log_records_written", "Access-log records written.", al["written"]
+        )
+        fam = CounterMetricFamily(
+            "fastlb_access_log_records_dropped",
+            "Access-log records dropped: the worker's ring was full.",
+            labels=["worker"],
+        )
+        for w in st["workers"]:
+            fam.add_metric([str(w["index"])], w.get("log_dropped", 0))
+        yield fam
 
     def _listeners(self, st: dict[str, Any]) -> Iterator[Metric]:
         rows = [([li["name"]], li) for li in st["listeners"]]
