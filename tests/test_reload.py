@@ -103,6 +103,17 @@ def test_reload_applies_settings_in_place_and_names_what_needs_a_restart(backend
         "health checks run after the reload",
     )
     assert checks
+    # a hashing algorithm whose table was never allocated: named, the pool keeps running as it was
+    doc["pools"]["web"]["algorithm"] = "maglev"
+    write_config(lb, doc)
+    r = cli("reload", "--socket", sock)
+    assert r.returncode == 3 and any(
+        x.startswith("pools.web.algorithm: round_robin -> maglev (its table does not fit")
+        for x in re.findall(r"^  restart: (.*)$", r.stdout, re.M)
+    ), r.stdout
+    assert ControlClient(sock).status()["pools"][0]["algorithm"] == "round_robin"
+    doc["pools"]["web"]["algorithm"] = "round_robin"
+    write_config(lb, doc)
     # an unchanged file: a reload changes nothing and says so
     r = cli("reload", "--socket", sock)
     restart_again = re.findall(r"^  restart: (.*)$", r.stdout, re.M)
