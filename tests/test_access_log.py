@@ -39,7 +39,7 @@ def test_json_records_say_who_where_how_much_and_why(fastlb, backends, tmp_path)
     recs = _records(log, 3)
     for r in recs:
         assert r["termination"] == "client_close"
-        assert (r["listener"], r["route"], r["pool"], r["backend"]) == ("web", None, "web", "a")
+        assert (r["listener"], r["route"], r["pool"], r["backend"]) == ("web", "default", "web", "a")
         assert r["bytes_out"] == 2 and r["bytes_in"] == 0 and r["retries"] == 0
         assert (
             r["client"].startswith("127.0.0.1:")
@@ -97,7 +97,7 @@ def test_backend_close_idle_timeout_and_connect_failure_in_text(fastlb, backends
         )
 
     first = line(1)[0].split()
-    assert first[2:4] == ["web/-", "web/x"] and "out=10000" in first and first[-1] == "backend_close"
+    assert first[2:4] == ["web/default", "web/x"] and "out=10000" in first and first[-1] == "backend_close"
 
     c = ControlClient(_sock(lb))
     c.set_weight("web", "x", 0)
@@ -114,7 +114,12 @@ def test_backend_close_idle_timeout_and_connect_failure_in_text(fastlb, backends
     assert s.recv(10) == b""
     s.close()
     third = line(3)[2].split()
-    assert third[-1] == "connect_failed" and third[3] == "web/-" and "connect=-" in third
+    assert (
+        third[-1] == "connect_failed"
+        and third[3] == "web/-"
+        and third[2] == "web/default"
+        and "connect=-" in third
+    )
 
 
 def test_sigusr1_reopens_and_a_full_ring_drops_and_counts(fastlb, backends, tmp_path):

@@ -88,6 +88,11 @@ def test_metrics_text_counts_every_connection(backends, fastlb):
     assert m["fastlb_pool_connections_total"] == {(("pool", "web"),): 100.0}
     assert m["fastlb_listener_connections_accepted_total"] == {(("listener", "web"),): 100.0}
     assert by_backend(m["fastlb_backend_weight"]) == WEIGHTS
+    # the listener's one (short-form) route
+    assert m["fastlb_route_connections_total"] == {(("listener", "web"), ("route", "default")): 100.0}
+    assert m["fastlb_route_split_weight"] == {
+        (("listener", "web"), ("pool", "web"), ("route", "default")): 1.0
+    }
     # the histogram: cumulative buckets ending in +Inf == count == established connections
     for name, n in counts.items():
         key = (("backend", name), ("le", "+Inf"), ("pool", "web"))

@@ -14,7 +14,7 @@ import urllib.request
 from fastlb.control import ControlClient
 from support.backends import server
 from support.clients import cli, count_backends
-from support.fastlb import read_config, write_config
+from support.fastlb import FastLB, read_config, write_config
 from support.helpers import free_port, wait_closed, wait_until
 
 
@@ -186,3 +186,33 @@ def test_status_without_options_uses_the_default_socket():
     if r.returncode == 0:  # a fastlb really runs on this host
         return
     assert r.returncode == 1 and "/run/fastlb/control.sock" in r.stderr, r.stderr
+
+
+def test_reload_applies_a_route_split_and_says_so(backends, tmp_path):
+    b = backends(server("a", "id"), server("b", "id"))
+    lb = FastLB(tmp_path / "lb", [("a", b.address("a"), 1)], workers=1)
+    doc = read_config(lb)
+    doc["pools"]["v2"] = {"backends": [{"name": "b", "address": b.address("b")}]}
+    del doc["listeners"]["web"]["pool"]
+    doc["listeners"]["web"]["routes"] = [
+        {"name": "main", "backends": [{"pool": "web", "weight": 100}, {"pool": "v2", "weight": 0}]}
+    ]
+    write_config(lb, doc)
+    try:
+        lb.start()
+        sock = str(lb.dir / "control.sock")
+        assert set(count_backends(lb.addr, 10)) == {"a"}
+        doc["listeners"]["web"]["routes"][0]["backends"] = [
+            {"pool": "web", "weight": 0},
+            {"pool": "v2", "weight": 100},
+        ]
+        write_config(lb, doc)
+        r = cli("reload", "--socket", sock)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (
+            "  applied: listeners.web.routes.main.split: web=100 v2=0 -> web=0 v2=100"
+            in r.stdout.splitlines()
+        )
+        assert set(count_backends(lb.addr, 10)) == {"b"}
+    finally:
+        lb.stop()

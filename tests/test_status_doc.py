@@ -14,11 +14,15 @@ from support.helpers import wait_until
 DOC = Path(__file__).resolve().parents[1] / "docs" / "status.md"
 
 
+NAME_KEYED = {"split", "pools"}  # dicts keyed by pool names (user data), not by field names
+
+
 def keys(obj, out: set[str]) -> set[str]:
     if isinstance(obj, dict):
         for k, v in obj.items():
             out.add(k)
-            keys(v, out)
+            if k not in NAME_KEYED or isinstance(v, list):
+                keys(v, out)
     elif isinstance(obj, list):
         for v in obj:
             keys(v, out)

@@ -194,6 +194,40 @@ _admin_command("enable", "Put BACKEND back in service (ready).")
 _admin_command("disable", "Put BACKEND in maintenance: no new connections.")
 
 
+@main.command("set-split", context_settings={"ignore_unknown_options": True})
+@_control_options
+@click.argument("listener")
+@click.argument("route")
+@click.argument("weights", nargs=-1, required=True)
+def set_split(
+    config_file: str | None, socket_path: str | None, listener: str, route: str, weights: tuple[str, ...]
+) -> None:
+    """Set ROUTE's whole split on LISTENER: POOL=WEIGHT... (0..1000; pools left out get 0), in one
+    atomic publish: every connection accepted after the reply goes by it.  E.g. v1=0 v2=100."""
+    from fastlb.control import MAX_WEIGHT
+
+    split: dict[str, int] = {}
+    for arg in weights:
+        pool, sep, text = arg.partition("=")
+        try:
+            w = int(text, 10) if sep and pool else -1
+        except ValueError:
+            w = -1
+        if not 0 <= w <= MAX_WEIGHT:
+            click.echo(f"fastlb: expected POOL=WEIGHT with a weight 0..{MAX_WEIGHT}, got {arg!r}", err=True)
+            sys.exit(1)
+        if pool in split:
+            click.echo(f"fastlb: pool {pool!r} given twice", err=True)
+            sys.exit(1)
+        split[pool] = w
+    r = _run_control(lambda: _client(config_file, socket_path).set_split(listener, route, split))
+
+    def fmt(s: dict) -> str:
+        return " ".join(f"{p}={w}" for p, w in s.items())
+
+    click.echo(f"{listener}/{route}: {fmt(r['previous'])} -> {fmt(r['weights'])}")
+
+
 @main.command()
 @_control_options
 def reload(config_file: str | None, socket_path: str | None) -> None:

@@ -39,7 +39,16 @@ HIST_BOUNDS_US = (
 )
 WORKER_STATE_NAMES = {0: "starting", 1: "running", 2: "draining", 3: "exited"}  # flb_worker_t.state
 
-EXPECTED_RECORD_SIZES = {"header": 128, "listener": 192, "pool": 192, "backend": 384, "worker": 128}
+EXPECTED_RECORD_SIZES = {
+    "header": 192,
+    "listener": 256,
+    "pool": 256,
+    "backend": 384,
+    "worker": 128,
+    "route": 448,
+    "cidr": 64,
+    "sni": 320,
+}
 
 
 def sockaddr_bytes(addr: Address) -> bytes:

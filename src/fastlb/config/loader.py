@@ -37,6 +37,16 @@ from fastlb.config.model import (
     PoolConfig,
 )
 from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.routes import (
+    LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
+)
+from fastlb.config.routes import (
+    check_route_pools,
+    health_send_proxy,
+    listener_prelude,
+    listener_routes,
+    pool_send_proxy,
+)
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -44,10 +54,8 @@ from fastlb.config.values import (
     _check_host,
     _check_name,
     _describe,
-    _did_you_mean,
     _fmt_seconds,
     _is_prime,
-    _join,
     _quote,
     _Table,
     parse_address,
@@ -83,16 +91,10 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     root = _Table(doc, "", file)
     root.only(("global", "listeners", "pools"))
     global_ = _global(root.data.get("global", {}), file)
-    listeners = _listeners(root, file)
+    short_form: set[str] = set()
+    listeners = _listeners(root, file, short_form)
     pools = _pools(root, file)
-    for lst in listeners.values():
-        if lst.pool not in pools:
-            defined = ", ".join(pools) if pools else "none"
-            raise ConfigError(
-                file,
-                _join(_join("listeners", lst.name), "pool"),
-                f"unknown pool {_quote(lst.pool)}{_did_you_mean(lst.pool, pools)}; defined pools: {defined}",
-            )
+    check_route_pools(listeners, pools, file, short_form)
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
@@ -105,7 +107,15 @@ _GLOBAL_KEYS = (
     *ACCESS_LOG_KEYS,
     "metrics",
 )
-_LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
+_LISTENER_KEYS = (
+    "bind",
+    "pool",
+    "connect_timeout",
+    "idle_timeout",
+    "max_connections",
+    "backlog",
+    *_ROUTE_LISTENER_KEYS,
+)
 _POOL_KEYS = (
     "algorithm",
     "backends",
@@ -119,10 +129,11 @@ _POOL_KEYS = (
     "health_check",
     "outlier_detection",
     "discover",
+    "send_proxy",
 )
 _BACKEND_KEYS = ("name", "address", "weight")
 _OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
-_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address")
+_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
     "tcp": (),
     "http": ("path", "host", "expect_status", "expect_body"),
@@ -164,7 +175,7 @@ def _metrics_address(t: _Table, file: str) -> Address | None:
     return parse_address(value, t.key("metrics"), file)
 
 
-def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
+def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:
     if "listeners" not in root.data:
         raise ConfigError(
             file, "listeners", "no listeners defined; add a [listeners.NAME] table with bind and pool"
@@ -188,9 +199,9 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
         if ident in bound:
             raise t.error("bind", f"{bind} is already the bind address of listener {_quote(bound[ident])}")
         bound[ident] = name
-        pool = t.required("pool", " (the name of a [pools.NAME] table)")
-        if not isinstance(pool, str):
-            raise t.error("pool", f"expected a pool name (a string), got {_describe(pool)}")
+        pool, routes = listener_routes(t)
+        if not routes:
+            short_form.add(name)
         d = ListenerConfig(name=name, bind=bind, pool=pool)
         listeners[name] = ListenerConfig(
             name=name,
@@ -200,6 +211,8 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
             idle_timeout=t.get_duration("idle_timeout", d.idle_timeout, positive=True),
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
+            routes=routes,
+            **listener_prelude(t, routes or d.routes),
         )
     return listeners
 
@@ -250,9 +263,10 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             "maglev_table_size", f"{table_size} is smaller than the pool's {len(backends)} backends"
         )
 
+    send_proxy = pool_send_proxy(t)
     health = None
     if "health_check" in t.data:
-        health = _health_check(t.data["health_check"], t.key("health_check"), file)
+        health = _health_check(t.data["health_check"], t.key("health_check"), file, send_proxy)
     return PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -267,6 +281,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         health_check=health,
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
         discover=discover,
+        send_proxy=send_proxy,
     )
 
 
@@ -307,7 +322,7 @@ def _backends(pool: _Table, file: str, backends_before: int) -> tuple[BackendCon
     return tuple(backends)
 
 
-def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
+def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "off") -> HealthCheckConfig:
     t = _Table(data, path, file)
     if "type" not in t.data:
         raise t.error("type", f"missing required key (one of: {', '.join(HEALTH_CHECK_TYPES)})")
@@ -373,6 +388,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
         host=host,
         expect_status=status,
         expect_body=expect_body,
+        send_proxy=health_send_proxy(t, pool_send_proxy),
     )
 
 

@@ -13,7 +13,6 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
     cdef socklen_t plen
     cdef Conn *c
     cdef epoll_event ev
-    cdef flb_pool_t *p = &W.pools[l.pool]
     for k in range(ACCEPT_BATCH):
         # reserve a place first, so that all workers together never exceed max_connections
         if flb_sadd64(&l.shm.active, 1) > <int64_t>l.max_connections and l.max_connections > 0:
@@ -48,7 +47,6 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         c = slab_alloc()
         c.cfd = fd
         c.listener = li
-        c.pool = l.pool
         c.accepted_us = W.now_us
         c.peer_len = <uint8_t>(plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
         memcpy(c.peer, &peer, c.peer_len)
@@ -58,14 +56,14 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
-        if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
-            c.key_hash = lb_key_hash(p.hash_key, &peer, fd)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
             conn_close(c, True)
             continue
-        if conn_connect(c) < 0:
+        if route_select(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
+            if c.term == 0:
+                c.term = FLB_TERM_NO_BACKEND + 1   # no route took it
             flb_add64(&l.shm.rejected, 1)
             conn_close(c, False)
 
@@ -183,6 +181,7 @@ cdef inline void sync_generation() noexcept nogil:
         W.generation = g
         listeners_refresh()
         lb_refresh()
+        routes_refresh()
         close_condemned()
         W.me.generation_seen = g
 
@@ -312,12 +311,16 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         ev.data.u64 = TAG_SPECIAL | <uint64_t>i
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fds[i], &ev) < 0:
             return -errno
+    rc = routes_setup()
+    if rc < 0:
+        return rc
     ev.events = EPOLLIN
     ev.data.u64 = TAG_SPECIAL | SPECIAL_SIGNAL
     if epoll_ctl(W.ep, EPOLL_CTL_ADD, W.sfd, &ev) < 0:
         return -errno
     W.generation = flb_load64_acq(&W.hdr.generation)
     lb_refresh()
+    routes_refresh()
     W.me.generation_seen = W.generation
     W.me.pid = getpid()
     W.me.state = 1

@@ -57,7 +57,7 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
         )
     l_applied, l_restart, listeners = _listeners(sup, new)
     applied, needs_restart = g_applied + l_applied + b_applied, g_restart + l_restart + b_restart
-    needs_restart += _routes(sup, new, same_listeners=not l_restart)
+    needs_restart += _routes(sup, new, not l_restart, applied)
     sup.config = Config(
         file=path,
         global_=running_global,
@@ -168,7 +168,7 @@ def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, L
     return applied, restart, running
 
 
-def _routes(sup: Any, new: Config, same_listeners: bool) -> list[str]:
+def _routes(sup: Any, new: Config, same_listeners: bool, applied: list[str]) -> list[str]:
     """Routes and splits (issue 10, fastlb.runtime.routes, once present as sup.routes): the file's
     routes replace the published ones; prelude settings (PROXY protocol, SNI) need a restart."""
     routes = getattr(sup, "routes", None)
@@ -180,8 +180,19 @@ def _routes(sup: Any, new: Config, same_listeners: bool) -> list[str]:
         if name in new.listeners and routes.prelude_changed(lc, new.listeners[name])
     ]
     if same_listeners and not restart:
+        before = {(r["listener"], r["name"]): r["split"] for r in routes.routes_status()}
         restart += routes.reload(new)
+        for r in routes.routes_status():
+            old = before.get((r["listener"], r["name"]))
+            if old is not None and old != r["split"]:
+                applied.append(
+                    f"listeners.{r['listener']}.routes.{r['name']}.split: {_split(old)} -> {_split(r['split'])}"
+                )
     return restart
+
+
+def _split(weights: dict[str, int]) -> str:
+    return " ".join(f"{pool}={w}" for pool, w in weights.items())
 
 
 def move_control_socket(sup: Any, path: str) -> None:

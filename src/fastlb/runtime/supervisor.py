@@ -30,6 +30,7 @@ from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.ops import OpsServices
 from fastlb.runtime.reload import reload_config
+from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
@@ -105,6 +106,7 @@ class Supervisor:
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
+        self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
         self.checker: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.access_log: AccessLog | None = None
@@ -124,8 +126,19 @@ class Supervisor:
             self.pools[name] = PoolState(i, pc, first, n_slots)
             caps.append(table_capacity(pc.algorithm, n_slots, pc.maglev_table_size, pc.ring_vnodes))
             first += n_slots
+        n_routes, n_cidrs, n_snis = route_layout(cfg)
         log_slots = cfg.global_.access_log_buffer if cfg.global_.access_log != "off" else 0
-        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps, log_slots)
+        region = Region(
+            len(cfg.listeners),
+            len(cfg.pools),
+            first,
+            self.n_workers,
+            caps,
+            n_routes=n_routes,
+            n_cidrs=n_cidrs,
+            n_snis=n_snis,
+            log_slots=log_slots,
+        )
         for ps in self.pools.values():
             pc = ps.config
             region.set_pool(
@@ -321,12 +334,8 @@ class Supervisor:
         def backend_names() -> dict[int, str]:
             return {s.index: s.name for ps in self.pools.values() for s in ps.slots.values()}
 
-        routes = getattr(self, "routes", None)
         names = Names(
-            list(self.config.listeners),
-            list(self.config.pools),
-            backend_names,
-            getattr(routes, "index_names", None),
+            list(self.config.listeners), list(self.config.pools), backend_names, self.routes.index_names
         )
         self.access_log = AccessLog(self.region, self.n_workers, g.access_log, g.access_log_format, names)
         self.access_log.start()
@@ -500,6 +509,8 @@ class Supervisor:
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
                     **listener_settings(li),
+                    "no_route": li["no_route"],
+                    "routes": self.routes.routes_status(lc.name),
                 }
             )
         workers = [worker_status(r.worker(i), i) for i in range(self.n_workers)]
