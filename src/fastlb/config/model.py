@@ -215,6 +215,7 @@ class ListenerConfig:
     idle_timeout: float = 600.0
     max_connections: int = 0  # 0 = unlimited
     backlog: int = 4096
+    half_close_timeout: float = 60.0  # after one side finished, the other's limit; 0 = none
     routes: tuple[RouteConfig, ...] = ()  # () = the short form: one route "default" -> pool
     proxy_protocol: str = "off"  # "off" | "v1" | "v2" | "any"
     proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header
@@ -241,6 +242,8 @@ class GlobalConfig:
     access_log: str = "off"  # "off" | "stdout" | an absolute path
     access_log_format: str = "json"  # "json" | "text"
     access_log_buffer: int = 16384  # records per worker ring
+    orphan_timeout: float = 300.0  # workers whose control process died drain this long after
+    worker_stall_timeout: float = 3.0  # a worker's heartbeat older than this: killed and replaced
     metrics: Address | None = None  # Prometheus /metrics listen address; None = off
 
 

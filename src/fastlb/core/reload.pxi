@@ -1,6 +1,7 @@
 # core/reload.pxi - listener settings a reload changes in place (issue 12).
 #
-# The control process rewrites a listener's pool, timeouts, max_connections and backlog in its
+# The control process rewrites a listener's pool, timeouts (connect, idle, half-close),
+# max_connections and backlog in its
 # shared record (single 32-bit stores) and bumps the generation; sync_generation() calls
 # listeners_refresh(), so every worker applies them within one loop turn, without restarting.
 
@@ -22,6 +23,7 @@ cdef void listeners_refresh() noexcept nogil:
         l.connect_timeout_ms = flb_load32(&l.shm.connect_timeout_ms)
         l.idle_timeout_ms = flb_load32(&l.shm.idle_timeout_ms)
         l.max_connections = flb_load32(&l.shm.max_connections)
+        l.half_close_timeout_ms = flb_load32(&l.shm.half_close_timeout_ms)
         if l.paused_full and l.max_connections == 0:
             l.paused_full = 0
             l.pending = 1

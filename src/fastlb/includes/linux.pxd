@@ -40,7 +40,18 @@ cdef extern from "<fcntl.h>" nogil:
         F_GETPIPE_SZ
         O_NONBLOCK
         O_CLOEXEC
+        O_RDONLY
     int fcntl(int fd, int cmd, ...)
+    int open(const char *path, int flags)
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ            # bytes in a TCP socket's send queue (unsent + unacknowledged)
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -82,6 +93,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_RDWR
         MSG_DONTWAIT
         MSG_NOSIGNAL
+        MSG_PEEK
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -131,6 +143,7 @@ cdef extern from "<signal.h>" nogil:
         SIGHUP
         SIGPIPE
         SIGUSR1
+        SIGUSR2
 
 
 cdef extern from "<sys/signalfd.h>" nogil:
@@ -188,3 +201,11 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     int getpid()
     int getppid()
+
+
+cdef extern from "<sys/syscall.h>" nogil:
+    # pidfd_open(2) (Linux 5.3): glibc before 2.36 has no wrapper, so it is called through syscall()
+    enum:
+        SYS_pidfd_open
+    long syscall(long number, ...)
+    unsigned int geteuid()

@@ -94,6 +94,17 @@ _WORKER = [
     ("pipes_in_use", "pipes_in_use", "Pipes held by connections now.", False),
     ("pipes_pooled", "pipes_pooled", "Pipes idle in the worker's pool.", False),
     ("conn_capacity", "connection_slots", "Connection slots in the worker's slab.", False),
+    ("deadline_resets", "deadline_resets", "Connections reset by shutdown_timeout or drain_timeout.", True),
+    ("half_close_timeouts", "half_close_timeouts", "Connections reset by half_close_timeout.", True),
+    (
+        "early_close_retries",
+        "early_close_retries",
+        "Connections retried after a backend closed before any byte.",
+        True,
+    ),
+    ("flushed_resets", "flushed_resets", "Resets delivered after forwarding what the dead side sent.", True),
+    ("seqlock_fallbacks", "seqlock_fallbacks", "Backend addresses read from the last good copy.", True),
+    ("pipes_small", "pipes_small", "Pipes smaller than the default 64 KiB.", True),
 ]
 
 

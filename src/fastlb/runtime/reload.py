@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -74,6 +76,7 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
             _ms(lc.idle_timeout),
             lc.max_connections,
             lc.backlog,
+            round(getattr(lc, "half_close_timeout", 0.0) * 1000),
         )
     sup.region.publish()
     if sup.checker is not None:
@@ -128,15 +131,51 @@ def _global(sup: Any, new: Config) -> tuple[list[str], list[str], GlobalConfig]:
         except OSError as exc:
             restart.append(f"global.metrics: cannot listen on {g.metrics}: {exc.strerror or exc}")
             running = replace(running, metrics=old.metrics)
-    for key in _GLOBAL_RESTART:
-        if hasattr(g, key) and getattr(g, key) != getattr(old, key):
+    watchdog = getattr(sup, "watchdog", None)
+    if watchdog is not None and g.worker_stall_timeout != old.worker_stall_timeout:
+        watchdog.timeout_ms = int(g.worker_stall_timeout * 1000)
+        applied.append(
+            f"global.worker_stall_timeout: {old.worker_stall_timeout:g}s -> {g.worker_stall_timeout:g}s"
+        )
+    for key in _fields(g):
+        if key not in _GLOBAL_HANDLED and getattr(g, key) != getattr(old, key):
             restart.append(f"global.{key}: {getattr(old, key)!r} -> {getattr(g, key)!r} (read at start)")
             running = replace(running, **{key: getattr(old, key)})
     return applied, restart, running
 
 
-# [global] keys other features read only at start: a change is named, never ignored silently
-_GLOBAL_RESTART = ("access_log", "access_log_format", "access_log_buffer", "admin")
+# [global] keys this module applies or names itself; any other key that changes is named as read
+# at start (a feature added later is never ignored silently)
+_GLOBAL_HANDLED = (
+    "workers",
+    "log_level",
+    "shutdown_timeout",
+    "control_socket",
+    "metrics",
+    "worker_stall_timeout",
+)
+_LISTENER_APPLIED = (
+    "pool",
+    "connect_timeout",
+    "idle_timeout",
+    "half_close_timeout",
+    "max_connections",
+    "backlog",
+)
+# listener keys handled elsewhere: bind (above), routes and preludes (runtime/routes.py via _routes)
+_LISTENER_ELSEWHERE = (
+    "name",
+    "bind",
+    "routes",
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "sni_timeout",
+    "sni_no_match",
+)
+
+
+def _fields(obj: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
 
 
 def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, ListenerConfig]]:
@@ -159,11 +198,23 @@ def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, L
         if nc.pool != lc.pool and nc.pool not in sup.pools:
             restart.append(f"listeners.{name}.pool: {lc.pool} -> {nc.pool} (pool {nc.pool} is not running)")
             nc = replace(nc, pool=lc.pool)
-        for key in ("pool", "connect_timeout", "idle_timeout", "max_connections", "backlog"):
+        for key in _LISTENER_APPLIED:
+            if not hasattr(lc, key):
+                continue
             a, b = getattr(lc, key), getattr(nc, key)
             if a != b:
                 shown = (f"{a:g}s", f"{b:g}s") if key.endswith("timeout") else (a, b)
                 applied.append(f"listeners.{name}.{key}: {shown[0]} -> {shown[1]}")
+        for key in _fields(lc):
+            if (
+                key not in _LISTENER_APPLIED
+                and key not in _LISTENER_ELSEWHERE
+                and getattr(lc, key) != getattr(nc, key)
+            ):
+                restart.append(
+                    f"listeners.{name}.{key}: {getattr(lc, key)!r} -> {getattr(nc, key)!r} (read at start)"
+                )
+                nc = replace(nc, **{key: getattr(lc, key)})
         running[name] = nc
     return applied, restart, running
 
@@ -195,9 +246,33 @@ def _split(weights: dict[str, int]) -> str:
     return " ".join(f"{pool}={w}" for pool, w in weights.items())
 
 
+def _answers(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _move_runfile(sup: Any, control_socket: str) -> None:
+    """The runtime file (pids for a later takeover) lives next to the control socket: follow it."""
+    if not hasattr(sup, "runfile_path"):
+        return
+    from fastlb.runtime import runfile
+
+    runfile.remove_if_mine(sup.runfile_path)
+    sup.runfile_path = runfile.path_for(control_socket)
+    sup.write_runfile()
+
+
 def move_control_socket(sup: Any, path: str) -> None:
     """Listen on `path` now (raises OSError), serve it from the loop, then close the old socket."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+    if _answers(path):
+        raise OSError(errno.EADDRINUSE, "another process answers on it")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -215,13 +290,19 @@ def move_control_socket(sup: Any, path: str) -> None:
         raise
     old_server, old_path = sup._control_server, getattr(sup, "_control_path", None)
 
+    old_ino = getattr(sup, "_control_ino", 0)
+
     async def serve() -> None:
         sup._control_server = await asyncio.start_unix_server(sup._serve_client, sock=sock)
         sup._control_path = path
+        with contextlib.suppress(OSError):
+            sup._control_ino = os.stat(path).st_ino
         if old_server is not None:
             old_server.close()
         if old_path and old_path != path:
             with contextlib.suppress(OSError):
-                os.unlink(old_path)
+                if not old_ino or os.stat(old_path).st_ino == old_ino:  # not a successor's
+                    os.unlink(old_path)
+        _move_runfile(sup, path)
 
     sup.ops.spawn(serve())
