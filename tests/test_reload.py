@@ -46,7 +46,9 @@ def test_reload_applies_settings_in_place_and_names_what_needs_a_restart(backend
     doc["global"]["log_level"] = "debug"
     doc["global"]["workers"] = 3  # needs a restart
     web = doc["listeners"]["web"]
-    web.update(idle_timeout="1s", connect_timeout="1500ms", max_connections=1000, backlog=77)
+    web.update(
+        idle_timeout="1s", connect_timeout="1500ms", max_connections=1000, backlog=77, half_close_timeout="7s"
+    )
     doc["listeners"]["extra"] = {"bind": f"127.0.0.1:{free_port()}", "pool": "web"}  # needs a restart
     doc["pools"]["web"].update(
         algorithm="round_robin", retries=1, health_check={"type": "tcp", "interval": "200ms"}
@@ -64,6 +66,7 @@ def test_reload_applies_settings_in_place_and_names_what_needs_a_restart(backend
         "listeners.web.idle_timeout: 300s -> 1s",
         "listeners.web.max_connections: 0 -> 1000",
         "listeners.web.backlog: 4096 -> 77",
+        "listeners.web.half_close_timeout: 60s -> 7s",
         "pools.web.algorithm: weighted_round_robin -> round_robin",
         "pools.web.retries: 2 -> 1",
         "pools.web.health_check: off -> on",

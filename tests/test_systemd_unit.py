@@ -121,6 +121,8 @@ def test_limits_user_and_directories(unit):
     assert svc["LimitNOFILE"] == ["1048576"]
     assert svc.get("DynamicUser") == ["yes"] or svc.get("User") == ["fastlb"]
     assert svc["RuntimeDirectory"] == ["fastlb"]  # default control socket: /run/fastlb/control.sock
+    # the runtime file and control socket survive a crash restart: the new instance takes the orphans over
+    assert svc["RuntimeDirectoryPreserve"] == ["restart"]
 
 
 def test_privileges_and_sandbox(unit):
