@@ -70,6 +70,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
     int socket(int domain, int type, int protocol)
     int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int listen(int sockfd, int backlog)
     int connect(int sockfd, const sockaddr *addr, socklen_t addrlen)
     int shutdown(int sockfd, int how)
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
