@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 
+from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
 from fastlb.config.model import (
     ALGORITHM_ALIASES,
     ALGORITHMS,
@@ -35,6 +36,17 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.routes import (
+    LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
+)
+from fastlb.config.routes import (
+    check_route_pools,
+    health_send_proxy,
+    listener_prelude,
+    listener_routes,
+    pool_send_proxy,
+)
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -42,10 +54,8 @@ from fastlb.config.values import (
     _check_host,
     _check_name,
     _describe,
-    _did_you_mean,
     _fmt_seconds,
     _is_prime,
-    _join,
     _quote,
     _Table,
     parse_address,
@@ -81,20 +91,23 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     root = _Table(doc, "", file)
     root.only(("global", "listeners", "pools"))
     global_ = _global(root.data.get("global", {}), file)
-    listeners = _listeners(root, file)
+    short_form: set[str] = set()
+    listeners = _listeners(root, file, short_form)
     pools = _pools(root, file)
-    for lst in listeners.values():
-        if lst.pool not in pools:
-            defined = ", ".join(pools) if pools else "none"
-            raise ConfigError(
-                file,
-                _join(_join("listeners", lst.name), "pool"),
-                f"unknown pool {_quote(lst.pool)}{_did_you_mean(lst.pool, pools)}; defined pools: {defined}",
-            )
+    check_route_pools(listeners, pools, file, short_form)
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
+_GLOBAL_KEYS = (
+    "workers",
+    "control_socket",
+    "shutdown_timeout",
+    "log_level",
+    "orphan_timeout",
+    "worker_stall_timeout",
+    *ADMIN_KEYS,
+    *ACCESS_LOG_KEYS,
+)
 _LISTENER_KEYS = (
     "bind",
     "pool",
@@ -103,6 +116,7 @@ _LISTENER_KEYS = (
     "max_connections",
     "backlog",
     "half_close_timeout",
+    *_ROUTE_LISTENER_KEYS,
 )
 MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
@@ -117,10 +131,12 @@ _POOL_KEYS = (
     "drain_timeout",
     "health_check",
     "outlier_detection",
+    "discover",
+    "send_proxy",
 )
 _BACKEND_KEYS = ("name", "address", "weight")
 _OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
-_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address")
+_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
     "tcp": (),
     "http": ("path", "host", "expect_status", "expect_body"),
@@ -140,15 +156,30 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
+    access_log = parse_access_log(t)
     return GlobalConfig(
         workers=workers,
         control_socket=sock,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
+        admin=parse_admin(t),
+        access_log=access_log[0],
+        access_log_format=access_log[1],
+        access_log_buffer=access_log[2],
+        orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
+        worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
     )
 
 
-def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
+def _stall_timeout(t: _Table, default: float) -> float:
+    """worker_stall_timeout: at least 500ms (a worker's loop turns at least every 100 ms)."""
+    seconds = t.get_duration("worker_stall_timeout", default, positive=True)
+    if seconds < 0.5:
+        raise t.error("worker_stall_timeout", "must be at least 500ms (workers beat every 100 ms at most)")
+    return seconds
+
+
+def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:
     if "listeners" not in root.data:
         raise ConfigError(
             file, "listeners", "no listeners defined; add a [listeners.NAME] table with bind and pool"
@@ -172,9 +203,9 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
         if ident in bound:
             raise t.error("bind", f"{bind} is already the bind address of listener {_quote(bound[ident])}")
         bound[ident] = name
-        pool = t.required("pool", " (the name of a [pools.NAME] table)")
-        if not isinstance(pool, str):
-            raise t.error("pool", f"expected a pool name (a string), got {_describe(pool)}")
+        pool, routes = listener_routes(t)
+        if not routes:
+            short_form.add(name)
         d = ListenerConfig(name=name, bind=bind, pool=pool)
         listeners[name] = ListenerConfig(
             name=name,
@@ -185,6 +216,8 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
             half_close_timeout=_half_close_timeout(t, d.half_close_timeout),
+            routes=routes,
+            **listener_prelude(t, routes or d.routes),
         )
     return listeners
 
@@ -227,7 +260,9 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             )
         algorithm, hash_key = real, implied_key
 
-    backends = _backends(t, file, backends_before)
+    discover = parse_discover(t)
+    # with DNS discovery the static list is optional (and may be empty)
+    backends = _backends(t, file, backends_before) if discover is None or t.data.get("backends") else ()
     table_size = t.get_int(
         "maglev_table_size", d.maglev_table_size, MIN_MAGLEV_TABLE_SIZE, MAX_MAGLEV_TABLE_SIZE
     )
@@ -240,9 +275,10 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             "maglev_table_size", f"{table_size} is smaller than the pool's {len(backends)} backends"
         )
 
+    send_proxy = pool_send_proxy(t)
     health = None
     if "health_check" in t.data:
-        health = _health_check(t.data["health_check"], t.key("health_check"), file)
+        health = _health_check(t.data["health_check"], t.key("health_check"), file, send_proxy)
     return PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -256,6 +292,8 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         drain_timeout=t.get_duration("drain_timeout", d.drain_timeout),
         health_check=health,
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
+        discover=discover,
+        send_proxy=send_proxy,
     )
 
 
@@ -296,7 +334,7 @@ def _backends(pool: _Table, file: str, backends_before: int) -> tuple[BackendCon
     return tuple(backends)
 
 
-def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
+def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "off") -> HealthCheckConfig:
     t = _Table(data, path, file)
     if "type" not in t.data:
         raise t.error("type", f"missing required key (one of: {', '.join(HEALTH_CHECK_TYPES)})")
@@ -362,6 +400,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
         host=host,
         expect_status=status,
         expect_body=expect_body,
+        send_proxy=health_send_proxy(t, pool_send_proxy),
     )
 
 

@@ -142,6 +142,7 @@ cdef extern from "<signal.h>" nogil:
         SIGHUP
         SIGPIPE
         SIGUSR1
+        SIGUSR2
 
 
 cdef extern from "<sys/signalfd.h>" nogil:
@@ -178,6 +179,7 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(clockid_t clk, timespec *tp)
     enum:
         CLOCK_MONOTONIC
+        CLOCK_REALTIME
         CLOCK_MONOTONIC_COARSE
 
 
@@ -199,3 +201,10 @@ cdef extern from "<unistd.h>" nogil:
     int getpid()
     int getppid()
     unsigned int geteuid()
+
+
+cdef extern from "<sys/syscall.h>" nogil:
+    # pidfd_open(2) (Linux 5.3): glibc before 2.36 has no wrapper, so it is called through syscall()
+    enum:
+        SYS_pidfd_open
+    long syscall(long number, ...)
