@@ -74,10 +74,10 @@ ctypedef struct Conn:
     uint64_t key_hash       # hash of the client key, for the hashing algorithms
     uint64_t start_us       # connect start (for the connect timeout and the connect-time average)
     uint64_t active_ms      # last traffic (idle timeout)
-    uint64_t half_ms        # when the first direction finished (half_close_timeout), 0 = not yet
     uint8_t peer[FLB_ADDR_LEN]  # the client's sockaddr_in/in6 (accepted, or from a PROXY header)
     uint32_t route          # global route index, FLB_NONE before route_select()
     uint32_t pool           # the pool route_select() chose, FLB_NONE before
+    uint64_t half_ms        # when the first direction finished (half_close_timeout), 0 = not yet
     uint8_t attempts        # connect attempts so far
     uint32_t tried[MAX_TRIES]
     Pipe c2b                # client -> backend
@@ -178,15 +178,15 @@ ctypedef struct Worker:
     uint32_t *rr            # per pool round-robin cursor
     PoolView *views         # per pool: what may take new connections (rebuilt on publish)
     uint8_t *ok             # per backend: 1 if in its pool's view
-    uint8_t *addr_copy      # per backend: last address read under an even seq (FLB_ADDR_LEN each)
-    uint32_t *addr_copy_len # its length; 0 = never read
-    int err_fd              # the descriptor whose call failed when pump() returned -errno
     # routes (core/routes.pxi)
     flb_route_t *routes
     flb_cidr_t *cidrs
     flb_sni_t *snis
     uint64_t *route_pools   # [n_routes][n_pools] connections per route and pool
     RouteView *rviews       # per route: the local copy of its split
+    uint8_t *addr_copy      # per backend: last address read under an even seq (FLB_ADDR_LEN each)
+    uint32_t *addr_copy_len # its length; 0 = never read
+    int err_fd              # the descriptor whose call failed when pump() returned -errno
     uint64_t rng
     # lifecycle
     int stopping
