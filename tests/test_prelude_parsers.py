@@ -23,7 +23,7 @@ from fastlb import _prelude as P
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def client_hello(server_name: str | None, *, tls13: bool = True) -> bytes:
     """The first flight a real Python ssl client sends (one ClientHello, usually one record)."""
     ctx = ssl.create_default_context()
