@@ -52,7 +52,7 @@ def test_region_header_self_describes() -> None:
     r = _shm.Region(1, 1, 4, 2, [0])
     h = r.header()
     assert h["magic"] == _shm.MAGIC and h["layout_version"] == _shm.LAYOUT_VERSION
-    assert (h["listener_size"], h["pool_size"], h["backend_size"], h["worker_size"]) == (192, 192, 384, 128)
+    assert (h["listener_size"], h["pool_size"], h["backend_size"], h["worker_size"]) == (320, 256, 384, 128)
     assert (
         h["listeners_off"]
         < h["pools_off"]

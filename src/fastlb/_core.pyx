@@ -8,11 +8,14 @@
 #   core/timers.pxi  the timer wheel (connect and idle timeouts)
 #   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
+#   core/prelude.pxi PROXY protocol accept/send and the TLS SNI peek, before the backend connect
+#   core/routes_stub.pxi  route_select() stub until core/routes.pxi lands
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
 from libc.errno cimport (
-    EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EIO, EMFILE, ENFILE, ENOBUFS, ENOMEM, ETIMEDOUT, errno,
+    EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EINVAL, EIO, EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO,
+    ETIMEDOUT, errno,
 )
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
@@ -20,6 +23,7 @@ from libc.string cimport memcpy, memset
 
 from flb_atomic cimport *
 from flb_hash cimport FLB_SEED_KEY, flb_hash64
+from flb_prelude cimport *
 from linux cimport *
 from shm_layout cimport *
 
@@ -28,6 +32,8 @@ include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
 include "core/conn.pxi"
+include "core/routes_stub.pxi"
+include "core/prelude.pxi"
 include "core/loop.pxi"
 
 

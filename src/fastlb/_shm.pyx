@@ -62,9 +62,11 @@ cdef class Region:
     cdef readonly int fd
     cdef flb_header_t *hdr
 
-    def __cinit__(self, int n_listeners, int n_pools, int n_backends, int n_workers, list table_capacity):
-        """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold."""
-        cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off
+    def __cinit__(self, int n_listeners, int n_pools, int n_backends, int n_workers, list table_capacity,
+                  int n_cidrs=0):
+        """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold;
+        n_cidrs: address ranges (the listeners' proxy_protocol_from) in the cidrs array."""
+        cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off, c_off
         cdef int i
         cdef flb_pool_t *pools
         if len(table_capacity) != n_pools:
@@ -83,6 +85,8 @@ cdef class Region:
         t_off = off
         for cap in table_capacity:
             off = _align(off + 2 * 4 * <uint64_t>cap, 64)
+        c_off = off
+        off = _align(off + sizeof(flb_cidr_t) * <uint64_t>n_cidrs, 64)
         size = _align(off, 4096)
         self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
         os.fchmod(self.fd, 0o600)
@@ -108,6 +112,8 @@ cdef class Region:
         self.hdr.workers_off = w_off
         self.hdr.tables_off = t_off
         self.hdr.wactive_off = wa_off
+        self.hdr.cidrs_off = c_off
+        self.hdr.n_cidrs = n_cidrs
         self.hdr.listener_size = sizeof(flb_listener_t)
         self.hdr.pool_size = sizeof(flb_pool_t)
         self.hdr.backend_size = sizeof(flb_backend_t)
@@ -193,6 +199,38 @@ cdef class Region:
         memset(l.addr, 0, FLB_ADDR_LEN)
         memcpy(l.addr, <char *>sockaddr, len(sockaddr))
         l.addrlen = len(sockaddr)
+
+    def set_listener_prelude(self, int i, int proxy_protocol, int proxy_from_first, int proxy_from_n,
+                             bint needs_sni, int sni_timeout_ms, int sni_policy) -> None:
+        """Preludes of listener i: the PROXY protocol it accepts (enum flb_proxy_protocol) from the
+        senders in cidrs[first, first + n), whether it peeks at the SNI, the prelude timeout and the
+        no-SNI policy (enum flb_sni_policy).  Before fork."""
+        cdef flb_listener_t *l = self._listener(i)
+        if proxy_from_n < 0 or proxy_from_first < 0 or proxy_from_first + proxy_from_n > <int>self.hdr.n_cidrs:
+            raise IndexError("proxy_from slice out of range")
+        l.proxy_protocol = proxy_protocol
+        l.proxy_from_first = proxy_from_first
+        l.proxy_from_n = proxy_from_n
+        l.needs_sni = needs_sni
+        l.sni_timeout_ms = sni_timeout_ms
+        l.sni_policy = sni_policy
+
+    def set_cidr(self, int i, int family, bytes addr, int prefix) -> None:
+        """cidrs[i] = addr/prefix (addr: 4 or 16 bytes, network order; host bits must be zero)."""
+        cdef flb_cidr_t *c
+        if i < 0 or i >= <int>self.hdr.n_cidrs:
+            raise IndexError(f"cidr index {i} out of range")
+        if len(addr) > 16 or prefix < 0 or prefix > 8 * len(addr):
+            raise ValueError("bad address range")
+        c = &(<flb_cidr_t *>(self.base + self.hdr.cidrs_off))[i]
+        memset(c, 0, sizeof(flb_cidr_t))
+        c.family = family
+        c.prefix = prefix
+        memcpy(c.addr, <char *>addr, len(addr))
+
+    def set_pool_send_proxy(self, int i, int send_proxy) -> None:
+        """The PROXY header (enum flb_send_proxy) pool i's backends get before any client byte."""
+        self._pool(i).send_proxy = send_proxy
 
     def set_pool(self, int i, str name, str algorithm, str hash_key, int retries, int first_backend,
                  int n_backends, str all_down="reject") -> None:
@@ -305,6 +343,12 @@ cdef class Region:
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
             "accept_errors": flb_load64(&l.accept_errors),
+            "proxy_protocol": l.proxy_protocol, "needs_sni": l.needs_sni,
+            "sni_timeout_ms": l.sni_timeout_ms, "sni_policy": l.sni_policy,
+            "proxy_accepted": flb_load64(&l.proxy_accepted), "proxy_refused": flb_load64(&l.proxy_refused),
+            "proxy_errors": flb_load64(&l.proxy_errors), "prelude_timeouts": flb_load64(&l.prelude_timeouts),
+            "sni_found": flb_load64(&l.sni_found), "sni_missing": flb_load64(&l.sni_missing),
+            "sni_rejected": flb_load64(&l.sni_rejected),
         }
 
     def pool(self, int i) -> dict:
@@ -316,6 +360,7 @@ cdef class Region:
             "table_active": flb_load32(&p.table_active), "table_capacity": p.table_capacity,
             "scan_len": flb_load32(&p.scan_len),
             "no_backend": flb_load64(&p.no_backend),
+            "send_proxy": p.send_proxy,
         }
 
     def backend(self, int i) -> dict:

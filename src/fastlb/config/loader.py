@@ -35,6 +35,7 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config import prelude
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -157,7 +158,7 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
         path = section.key(name)
         _check_name(name, path, file, "listener")
         t = _Table(data, path, file)
-        t.only(_LISTENER_KEYS)
+        t.only(_LISTENER_KEYS + prelude.LISTENER_KEYS)
         bind = parse_address(t.required("bind", ' (e.g. bind = "0.0.0.0:80")'), t.key("bind"), file)
         ident = (bind.family, bind.host, bind.port)
         if ident in bound:
@@ -175,6 +176,7 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
             idle_timeout=t.get_duration("idle_timeout", d.idle_timeout, positive=True),
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
+            **prelude.listener_fields(t),
         )
     return listeners
 
@@ -189,7 +191,7 @@ def _pools(root: _Table, file: str) -> dict[str, PoolConfig]:
         path = section.key(name)
         _check_name(name, path, file, "pool")
         t = _Table(data, path, file)
-        t.only(_POOL_KEYS)
+        t.only(_POOL_KEYS + prelude.POOL_KEYS)
         pool = _pool(name, t, file, total_backends)
         total_backends += len(pool.backends)
         pools[name] = pool
@@ -226,6 +228,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
     health = None
     if "health_check" in t.data:
         health = _health_check(t.data["health_check"], t.key("health_check"), file)
+        prelude.check_health_send_proxy(t, health.send_proxy)
     return PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -239,6 +242,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         drain_timeout=t.get_duration("drain_timeout", d.drain_timeout),
         health_check=health,
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
+        **prelude.pool_fields(t),
     )
 
 
@@ -287,7 +291,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
     elsewhere = {
         k: f'applies only to type = "{other}"' for other, ks in _HEALTH_TYPE_KEYS.items() for k in ks
     }
-    t.only(_HEALTH_COMMON_KEYS + _HEALTH_TYPE_KEYS[kind], elsewhere)
+    t.only(_HEALTH_COMMON_KEYS + prelude.HEALTH_KEYS + _HEALTH_TYPE_KEYS[kind], elsewhere)
 
     d = HealthCheckConfig(type=kind)
     interval = t.get_duration("interval", d.interval, positive=True)
@@ -345,6 +349,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
         host=host,
         expect_status=status,
         expect_body=expect_body,
+        **prelude.health_fields(t),
     )
 
 

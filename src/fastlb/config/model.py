@@ -117,6 +117,7 @@ class HealthCheckConfig:
     host: str | None = None  # http Host header; None = the address checked
     expect_status: tuple[int, int] = (200, 399)  # http, inclusive range
     expect_body: str | None = None  # http: substring the body must contain
+    send_proxy: bool = False  # preludes: send the pool's PROXY header (pool.send_proxy) first
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class PoolConfig:
     drain_timeout: float = 300.0
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierConfig = OutlierConfig()
+    send_proxy: str = "off"  # preludes: "off" | "v1" | "v2" (config/prelude.py)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,12 @@ class ListenerConfig:
     idle_timeout: float = 600.0
     max_connections: int = 0  # 0 = unlimited
     backlog: int = 4096
+    # preludes (config/prelude.py)
+    proxy_protocol: str = "off"  # "off" | "v1" | "v2" | "any"
+    proxy_protocol_from: tuple = ()  # ip_network objects: the trusted PROXY senders
+    sni_timeout: float = 5.0
+    sni_policy: str = "default"  # "default" | "reject"
+    needs_sni: bool = False  # STUB until routes: any route matches on sni
 
 
 @dataclass(frozen=True)

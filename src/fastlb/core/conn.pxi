@@ -55,6 +55,7 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     c.bfd = -1
     pipe_put(&c.c2b)
     pipe_put(&c.b2c)
+    prelude_release(c)
     if c.backend != FLB_NONE:
         lb_drop(c.backend)
         c.backend = FLB_NONE
@@ -75,7 +76,7 @@ cdef int conn_connect(Conn *c) noexcept nogil:
     closes the client).
     """
     cdef Listener *l = &W.listeners[c.listener]
-    cdef flb_pool_t *p = &W.pools[l.pool]
+    cdef flb_pool_t *p = &W.pools[c.pool]
     cdef flb_backend_t *b
     cdef uint32_t idx
     cdef int fd, rc, e, one = 1
@@ -83,7 +84,7 @@ cdef int conn_connect(Conn *c) noexcept nogil:
     cdef socklen_t alen
     cdef epoll_event ev
     while c.attempts <= p.retries and c.attempts < MAX_TRIES:
-        idx = lb_pick(c, l.pool)
+        idx = lb_pick(c, c.pool)
         if idx == FLB_NONE:
             if c.attempts == 0:
                 flb_add64(&p.no_backend, 1)
@@ -304,6 +305,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
     """Advance c as far as its sockets allow (called after an event on either of them)."""
     cdef flb_backend_t *b
     cdef int rc
+    if c.state >= CS_PRELUDE:
+        prelude_run(c)
+        return
     if c.state == CS_CONNECTING:
         if c.flags & F_C_ERR:
             conn_close(c, True)             # the client went away while we were connecting
@@ -315,6 +319,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
             conn_connect_failed(c, False)
             return
         conn_connected(c)
+        if (c.pre != NULL or W.pools[c.pool].send_proxy != FLB_SEND_PROXY_OFF) and prelude_connected(c) < 0:
+            conn_close(c, True)
+            return
     b = &W.backends[c.backend]
     if c.flags & (F_C_ERR | F_B_ERR):
         if (c.flags & F_B_ERR) and not (c.flags & F_B_DATA):
@@ -322,7 +329,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
             flb_add64(&b.consecutive_failures, 1)
         conn_close(c, True)
         return
-    rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, F_C_HUP, F_C2B_BULK, &b.bytes_in)
+    rc = prelude_flush(c) if c.pre != NULL else 1   # a PROXY header still going out comes first
+    if rc > 0:
+        rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, F_C_HUP, F_C2B_BULK, &b.bytes_in)
     if rc < 0:
         conn_close(c, True)
         return
@@ -341,7 +350,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
 
 
 cdef void conn_timeout(Conn *c) noexcept nogil:
-    if c.state == CS_CONNECTING:
+    if c.state >= CS_PRELUDE:
+        prelude_timeout(c)
+    elif c.state == CS_CONNECTING:
         conn_connect_failed(c, True)
     else:
         W.me.timeouts_idle += 1

@@ -5,6 +5,7 @@ cdef enum:
     CS_FREE = 0          # slot on the free list
     CS_CONNECTING = 1    # client accepted, non-blocking connect to a backend in flight
     CS_ESTABLISHED = 2   # both sockets open, forwarding both ways
+    # CS_PRELUDE (3), CS_PRELUDE_SNI (4): core/prelude.pxi (before CS_CONNECTING)
 
 # Connection flags.  *_RD / *_WR: the socket is known readable / writable (edge-triggered epoll:
 # set by an event, cleared only by EAGAIN).  *_EOF: we read EOF from that side.  *_SHUT: we sent
@@ -59,6 +60,10 @@ ctypedef struct Conn:
     uint16_t flags
     uint32_t listener
     uint32_t backend        # global backend index, FLB_NONE while unassigned
+    uint32_t route          # routes (INTERFACES §1): global route index, FLB_NONE before selection
+    uint32_t pool           # the pool route_select() chose for this connection
+    uint8_t peer[FLB_ADDR_LEN]  # the client: the accepted peer, or the source a PROXY header announced
+    void *pre               # preludes: PreludeState (core/prelude.pxi) while one is needed, else NULL
     uint64_t key_hash       # hash of the client key, for the hashing algorithms
     uint64_t start_us       # connect start (for the connect timeout and the connect-time average)
     uint64_t active_ms      # last traffic (idle timeout)
@@ -200,6 +205,8 @@ cdef inline Conn *slab_alloc() noexcept nogil:
     c.cfd = -1
     c.bfd = -1
     c.backend = FLB_NONE
+    c.route = FLB_NONE
+    c.pool = FLB_NONE
     c.c2b.rfd = -1
     c.c2b.wfd = -1
     c.b2c.rfd = -1

@@ -63,6 +63,8 @@ cdef uint64_t conn_deadline(Conn *c) noexcept nogil:
     cdef Listener *l = &W.listeners[c.listener]
     if c.state == CS_CONNECTING:
         return c.start_us // 1000ULL + l.connect_timeout_ms
+    if c.state >= CS_PRELUDE:
+        return c.start_us // 1000ULL + l.shm.sni_timeout_ms
     if l.idle_timeout_ms == 0:
         return 0xFFFFFFFFFFFFFFFFULL
     return c.active_ms + l.idle_timeout_ms

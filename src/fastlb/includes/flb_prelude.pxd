@@ -38,3 +38,13 @@ cdef extern from "flb_tls.h" nogil:
 
     int flb_sni_parse(const uint8_t *buf, size_t len, uint8_t *scratch, size_t scratch_cap,
                       char *name, size_t name_cap, size_t *name_len)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        MSG_PEEK
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint16_t htons(uint16_t v)
+    uint16_t ntohs(uint16_t v)

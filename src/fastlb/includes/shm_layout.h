@@ -12,6 +12,7 @@
  *   header.workers_off       flb_worker_t[n_workers]
  *   header.wactive_off       int32_t[n_workers][n_backends + n_listeners] (per-worker active shares)
  *   header.tables_off        per pool, two table buffers (double buffer for maglev / ring_hash)
+ *   header.cidrs_off         flb_cidr_t[n_cidrs]   (address ranges; listeners' proxy_from slices)
  *
  * Publishing rules (writer = control process only):
  *   - weight, eff_weight, admin, health: single aligned 32-bit stores (never torn).
@@ -62,6 +63,27 @@ enum flb_hash_key {
     FLB_HASH_FOUR_TUPLE = 2,
 };
 
+/* listener.proxy_protocol */
+enum flb_proxy_protocol {
+    FLB_PROXY_OFF = 0,
+    FLB_PROXY_V1 = 1,
+    FLB_PROXY_V2 = 2,
+    FLB_PROXY_ANY = 3,
+};
+
+/* listener.sni_policy */
+enum flb_sni_policy {
+    FLB_SNI_POLICY_DEFAULT = 0,  /* route as if the client had sent no server name */
+    FLB_SNI_POLICY_REJECT = 1,   /* close the connection, counted */
+};
+
+/* pool.send_proxy */
+enum flb_send_proxy {
+    FLB_SEND_PROXY_OFF = 0,
+    FLB_SEND_PROXY_V1 = 1,
+    FLB_SEND_PROXY_V2 = 2,
+};
+
 /* backend.admin (operator's intent) */
 enum flb_admin {
     FLB_ADMIN_READY = 0,   /* takes new connections */
@@ -102,11 +124,11 @@ typedef struct {
     uint32_t backend_size;
     uint32_t worker_size;
     uint32_t stopping;           /* 1: control process is shutting down */
-    uint32_t _pad0;
+    uint32_t n_cidrs;            /* preludes: entries in cidrs[] */
     uint64_t wactive_off;        /* int32_t[n_workers][n_backends + n_listeners]: each worker's own
                                     share of the active counters, so the control process can take
                                     a crashed worker's connections back out of the shared totals */
-    uint64_t _reserved;
+    uint64_t cidrs_off;          /* preludes: flb_cidr_t[n_cidrs], written before fork */
 } flb_header_t;                  /* 128 bytes */
 
 typedef struct {
@@ -126,7 +148,24 @@ typedef struct {
     uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
     uint64_t accept_errors;
     uint64_t _cpad[3];
-} flb_listener_t;                /* 192 bytes */
+    /* preludes (issue 10: PROXY protocol accept, TLS SNI peek) - configuration, written before fork */
+    uint32_t proxy_protocol;     /* enum flb_proxy_protocol: headers accepted from trusted senders */
+    uint32_t proxy_from_first;   /* trusted senders: cidrs[first, first + n) */
+    uint32_t proxy_from_n;
+    uint32_t needs_sni;          /* 1: read the ClientHello's server_name before routing */
+    uint32_t sni_timeout_ms;     /* bound on the whole prelude (PROXY header and ClientHello) */
+    uint32_t sni_policy;         /* enum flb_sni_policy: no ClientHello / not TLS / no SNI */
+    uint32_t _ppad[10];
+    /* preludes - counters (workers, atomic) */
+    uint64_t proxy_accepted;     /* PROXY headers accepted */
+    uint64_t proxy_refused;      /* connections from senders outside proxy_from: reset at once */
+    uint64_t proxy_errors;       /* missing, malformed, truncated or oversized header: reset */
+    uint64_t prelude_timeouts;   /* prelude not complete within sni_timeout_ms */
+    uint64_t sni_found;          /* ClientHellos with a server_name */
+    uint64_t sni_missing;        /* no ClientHello, not TLS, no SNI, too big or timeout */
+    uint64_t sni_rejected;       /* of those, closed by sni_policy = reject */
+    uint64_t _pcpad[1];
+} flb_listener_t;                /* 320 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -146,7 +185,10 @@ typedef struct {
     /* counters (workers, atomic) */
     uint64_t no_backend;         /* picks that found no eligible backend */
     uint64_t _cpad[7];
-} flb_pool_t;                    /* 192 bytes */
+    /* preludes (issue 10: PROXY protocol send) - configuration */
+    uint32_t send_proxy;         /* enum flb_send_proxy: header written to the backend first */
+    uint32_t _spad[15];
+} flb_pool_t;                    /* 256 bytes */
 
 /* Table formats (uint32 entries):
  *   maglev:    table_len = M entries, each a global backend index (or FLB_NONE).
@@ -205,9 +247,18 @@ typedef struct {
     uint64_t generation_seen;
 } flb_worker_t;                  /* 128 bytes */
 
+/* preludes: an address range (proxy_protocol_from) */
+typedef struct {
+    uint32_t family;             /* AF_INET or AF_INET6 */
+    uint32_t prefix;             /* leading bits that must match: 0..32 / 0..128 */
+    uint8_t  addr[16];           /* network order; IPv4 in the first 4 bytes; host bits zero */
+    uint32_t _pad[2];
+} flb_cidr_t;                    /* 32 bytes: read-only after fork, no counters */
+
 _Static_assert(sizeof(flb_header_t) == 128, "header size");
-_Static_assert(sizeof(flb_listener_t) == 192, "listener size");
-_Static_assert(sizeof(flb_pool_t) == 192, "pool size");
+_Static_assert(sizeof(flb_cidr_t) == 32, "cidr size");
+_Static_assert(sizeof(flb_listener_t) == 320, "listener size");
+_Static_assert(sizeof(flb_pool_t) == 256, "pool size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
 _Static_assert(sizeof(flb_worker_t) == 128, "worker size");
 

@@ -26,6 +26,21 @@ cdef extern from "shm_layout.h" nogil:
         FLB_HASH_SOURCE_IP_PORT
         FLB_HASH_FOUR_TUPLE
 
+    cdef enum flb_proxy_protocol:
+        FLB_PROXY_OFF
+        FLB_PROXY_V1
+        FLB_PROXY_V2
+        FLB_PROXY_ANY
+
+    cdef enum flb_sni_policy:
+        FLB_SNI_POLICY_DEFAULT
+        FLB_SNI_POLICY_REJECT
+
+    cdef enum flb_send_proxy:
+        FLB_SEND_PROXY_OFF
+        FLB_SEND_PROXY_V1
+        FLB_SEND_PROXY_V2
+
     cdef enum flb_admin:
         FLB_ADMIN_READY
         FLB_ADMIN_DRAIN
@@ -60,7 +75,14 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t backend_size
         uint32_t worker_size
         uint32_t stopping
+        uint32_t n_cidrs
         uint64_t wactive_off
+        uint64_t cidrs_off
+
+    ctypedef struct flb_cidr_t:
+        uint32_t family
+        uint32_t prefix
+        uint8_t addr[16]
 
     ctypedef struct flb_listener_t:
         char name[64]
@@ -75,6 +97,19 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t rejected
         uint64_t paused_full
         uint64_t accept_errors
+        uint32_t proxy_protocol
+        uint32_t proxy_from_first
+        uint32_t proxy_from_n
+        uint32_t needs_sni
+        uint32_t sni_timeout_ms
+        uint32_t sni_policy
+        uint64_t proxy_accepted
+        uint64_t proxy_refused
+        uint64_t proxy_errors
+        uint64_t prelude_timeouts
+        uint64_t sni_found
+        uint64_t sni_missing
+        uint64_t sni_rejected
 
     ctypedef struct flb_pool_t:
         char name[64]
@@ -91,6 +126,7 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t panic
         uint32_t scan_len
         uint64_t no_backend
+        uint32_t send_proxy
 
     ctypedef struct flb_backend_t:
         uint32_t seq

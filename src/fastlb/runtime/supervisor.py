@@ -27,6 +27,7 @@ from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.tables import table_capacity
+from fastlb.runtime.preludes import publish_preludes
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
 log = logging.getLogger("fastlb")
@@ -109,7 +110,8 @@ class Supervisor:
             self.pools[name] = PoolState(i, pc, first, n_slots)
             caps.append(table_capacity(pc.algorithm, n_slots, pc.maglev_table_size, pc.ring_vnodes))
             first += n_slots
-        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps)
+        n_cidrs = sum(len(lc.proxy_protocol_from) for lc in cfg.listeners.values())
+        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps, n_cidrs)
         for ps in self.pools.values():
             pc = ps.config
             region.set_pool(
@@ -129,6 +131,7 @@ class Supervisor:
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
             )
+        publish_preludes(region, cfg, {name: ps.index for name, ps in self.pools.items()})
         return region
 
     # --- workers -----------------------------------------------------------------------------
