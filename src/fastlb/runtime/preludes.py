@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from fastlb._shm import Region
-from fastlb.config import Config
+from fastlb.config import Config, ListenerConfig
 from fastlb.config.prelude import PROXY_PROTOCOLS, SEND_PROXY, SNI_POLICIES
 
 
@@ -30,3 +30,26 @@ def publish_preludes(region: Region, cfg: Config, pool_index: dict[str, int]) ->
         )
     for name, pc in cfg.pools.items():
         region.set_pool_send_proxy(pool_index[name], SEND_PROXY.index(pc.send_proxy))
+
+
+PRELUDE_COUNTERS = (
+    "proxy_accepted",
+    "proxy_refused",
+    "proxy_errors",
+    "prelude_timeouts",
+    "sni_found",
+    "sni_missing",
+    "sni_rejected",
+)
+
+
+def prelude_status(lc: ListenerConfig, record: dict) -> dict:
+    """The `preludes` part of a listener's status: its settings and the workers' counters."""
+    return {
+        "proxy_protocol": lc.proxy_protocol,
+        "proxy_protocol_from": [str(n) for n in lc.proxy_protocol_from],
+        "sni": lc.needs_sni,
+        "sni_timeout": lc.sni_timeout,
+        "sni_policy": lc.sni_policy,
+        **{k: record[k] for k in PRELUDE_COUNTERS},
+    }

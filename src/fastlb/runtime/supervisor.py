@@ -27,7 +27,7 @@ from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.tables import table_capacity
-from fastlb.runtime.preludes import publish_preludes
+from fastlb.runtime.preludes import prelude_status, publish_preludes
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
 log = logging.getLogger("fastlb")
@@ -438,6 +438,7 @@ class Supervisor:
                     "rejected": li["rejected"],
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
+                    "preludes": prelude_status(lc, li),
                 }
             )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
