@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 
+from fastlb.config import prelude
 from fastlb.config.model import (
     ALGORITHM_ALIASES,
     ALGORITHMS,
@@ -35,7 +36,6 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
-from fastlb.config import prelude
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,

@@ -26,8 +26,8 @@ from fastlb.config import Config, ConfigError, load_config
 from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
-from fastlb.runtime.tables import table_capacity
 from fastlb.runtime.preludes import prelude_status, publish_preludes
+from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
 log = logging.getLogger("fastlb")
