@@ -14,7 +14,7 @@ import pytest
 from fastlb import _prelude as P
 from support.helpers import free_port, wait_until
 from support.preludes import RecordingServer, haproxy, nginx
-from support.protocols import control
+from support.protocols import control, states
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -278,3 +278,32 @@ def test_haproxy_accept_proxy_behind_fastlb(fastlb, peers, tmp_path, send) -> No
         ip, port = r.stdout.split()
         assert ip == source and int(port) > 0
         lb.stop()
+
+
+@pytest.mark.parametrize("send", ["v1", "v2"])
+def test_health_checks_send_proxy_only_when_configured(fastlb, peers, tmp_path, send) -> None:
+    """nginx expects PROXY on every connection: an http check that does not send it fails, one with
+    health_check.send_proxy = true passes; traffic gets the header either way."""
+    nport = free_port()
+    log = tmp_path / "nginx" / "access.log"
+    peers.append(nginx(tmp_path / "nginx", NGINX_SITE.format(port=nport, log=log), [("127.0.0.1", nport)]))
+    check = {"type": "http", "interval": "200ms", "timeout": "200ms", "rise": 1, "fall": 1}
+    plain = fastlb([("n", f"127.0.0.1:{nport}", None)], pool={"send_proxy": send, "health_check": check})
+    wait_until(lambda: states(plain) == {"n": "down"}, 15, "the check without PROXY fails against nginx")
+    with_pp = fastlb(
+        [("n", f"127.0.0.1:{nport}", None)],
+        pool={"send_proxy": send, "health_check": {**check, "send_proxy": True}},
+    )
+    # the checks with a header reach nginx as requests (its access log has them); it stays up
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, 15, "3 checks in nginx's log")
+    assert states(with_pp) == {"n": "up"}
+    # v1 announces the check's own endpoints, v2 sends LOCAL (nginx then has no PROXY address)
+    first = log.read_text().splitlines()[0].split()
+    assert first[0] == ("127.0.0.1" if send == "v1" else "-"), first
+    r = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{with_pp.port}/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.stdout.strip() == "ok 127.0.0.1", r.stderr

@@ -228,7 +228,9 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
     health = None
     if "health_check" in t.data:
         health = _health_check(t.data["health_check"], t.key("health_check"), file)
-        prelude.check_health_send_proxy(t, health.send_proxy)
+        health = prelude.resolve_health_send_proxy(
+            t, health, t.get_choice("send_proxy", "off", prelude.SEND_PROXY)
+        )
     return PoolConfig(
         name=name,
         algorithm=algorithm,

@@ -117,7 +117,9 @@ class HealthCheckConfig:
     host: str | None = None  # http Host header; None = the address checked
     expect_status: tuple[int, int] = (200, 399)  # http, inclusive range
     expect_body: str | None = None  # http: substring the body must contain
-    send_proxy: bool = False  # preludes: send the pool's PROXY header (pool.send_proxy) first
+    send_proxy: str = (
+        "off"  # preludes: PROXY header sent first: "off", or the pool's send_proxy ("v1" | "v2")
+    )
 
 
 @dataclass(frozen=True)

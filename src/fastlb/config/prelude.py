@@ -12,6 +12,7 @@ STUB until the `routes` branch lands (it owns these keys and `routes`): `needs_s
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Any
 
@@ -76,15 +77,20 @@ def pool_fields(t: _Table) -> dict[str, Any]:
 
 
 def health_fields(t: _Table) -> dict[str, Any]:
+    """health_check.send_proxy (true | false) as a marker; resolved by resolve_health_send_proxy."""
     value = t.data.get("send_proxy", False)
     if not isinstance(value, bool):
         raise t.error("send_proxy", f"expected true or false, got {_describe(value)}")
-    return {"send_proxy": value}
+    return {"send_proxy": "on" if value else "off"}
 
 
-def check_health_send_proxy(pool: _Table, health_send_proxy: bool) -> None:
-    """health_check.send_proxy = true needs a PROXY version: the pool's send_proxy."""
-    if health_send_proxy and pool.data.get("send_proxy", "off") == "off":
+def resolve_health_send_proxy(pool: _Table, health: Any, send_proxy: str) -> Any:
+    """health_check.send_proxy = true sends the pool's PROXY version (send_proxy "v1" | "v2");
+    returns health with send_proxy set to that version, or "off"."""
+    if health.send_proxy == "off":
+        return health
+    if send_proxy == "off":
         raise pool.error(
             "health_check.send_proxy", 'needs the pool\'s send_proxy = "v1" or "v2" (the header to send)'
         )
+    return dataclasses.replace(health, send_proxy=send_proxy)
