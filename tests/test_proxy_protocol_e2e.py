@@ -37,8 +37,11 @@ def exchange(
         if source:
             s.bind((source, 0))
         s.connect(addr)
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # reset before we were done sending (ENOTCONN, EPIPE, ECONNRESET)
+            raise ConnectionResetError(str(exc)) from exc
         out = b""
         while True:
             d = s.recv(65536)

@@ -3,41 +3,42 @@
 # header fastlb writes to a backend before the first client byte.
 #
 #   accepted -> CS_PRELUDE (PROXY header expected) -> CS_PRELUDE_SNI (ClientHello expected)
-#            -> route_select(c, sni) -> conn_connect -> CS_CONNECTING -> connected: PROXY header out
-#            first (pool.send_proxy), then the client's bytes as they came -> CS_ESTABLISHED
+#            -> route_select(c, sni) -> conn_connect -> CS_CONNECTING -> connected: the PROXY header
+#            (pool.send_proxy) and the client's buffered bytes go out in one send -> CS_ESTABLISHED
 #
-# The client's bytes are never copied into a per-connection buffer: each time the client socket is
-# readable the worker looks at what it has sent so far with recv(MSG_PEEK) into ONE per-worker buffer
-# (PRELUDE_PEEK bytes) and parses it with the pure-C parsers (includes/flb_proxy.h, flb_tls.h).  A
-# received PROXY header is then consumed (recv) and dropped; the ClientHello stays in the kernel's
-# socket buffer and is forwarded by the normal pump, unchanged.  A connection in its prelude holds no
-# memory of its own; the only per-connection allocation is a small PreludeState (from a per-worker
-# free list) for a PROXY destination address to re-announce, or a header the backend's socket did not
-# take at once, released as soon as that header is out.  Everything is bounded by sni_timeout_ms.
+# The client's first bytes are read into a bounded PreludeBuf (PRELUDE_CAP = 16 KiB) taken from a
+# per-worker pool when the first byte arrives and given back as soon as they are all at the backend:
+# a connection that has sent nothing yet, and every established connection, holds none.  The
+# parsers (includes/flb_proxy.h, flb_tls.h) are pure C and stateless: each read re-parses the buffer.
+# A received PROXY header is dropped; every byte after it (the ClientHello included) is forwarded
+# unchanged.  The buffer keeps PP_HEADROOM bytes in front of the client's bytes so that the PROXY
+# header fastlb sends lands right before them and both leave in one send().  Bounded in time by
+# sni_timeout_ms (timer wheel), in memory by PRELUDE_CAP per connection in its prelude.
 
 cdef enum:
     CS_PRELUDE = 3          # listener with proxy_protocol: waiting for the PROXY header
     CS_PRELUDE_SNI = 4      # listener with SNI routes: waiting for the ClientHello's server name
-    PRELUDE_PEEK = 16384    # bytes of the client's first flight looked at (PROXY header + ClientHello)
+    PRELUDE_CAP = 16384     # client bytes a prelude may buffer (PROXY header + ClientHello)
+    PP_HEADROOM = 112       # room in front of them for the PROXY header we send (>= FLB_PP_WRITE_MAX)
     SNI_NAME_CAP = 256
-    PRELUDE_POOL_MAX = 1024 # idle PreludeStates kept per worker
+    PRELUDE_POOL_MAX = 256  # idle buffers kept per worker (4 MiB); more are freed
 
 
-ctypedef struct PreludeState:
-    uint8_t dst[FLB_ADDR_LEN]       # the destination a received PROXY header announced (has_dst)
-    uint8_t has_dst
-    uint8_t hdr_len                 # a PROXY header for the backend: hdr[hdr_sent .. hdr_len) to go
-    uint8_t hdr_sent
-    uint8_t hdr[FLB_PP_WRITE_MAX]
+ctypedef struct PreludeBuf:
+    uint32_t len                    # client bytes in data[PP_HEADROOM ..]
+    uint32_t off                    # of those, the received PROXY header's (dropped)
+    uint32_t out                    # next byte of data[] to send to the backend; 0 = not started
+    uint8_t has_dst                 # dst: the destination a received PROXY header announced
+    uint8_t dst[FLB_ADDR_LEN]
     void *next_free
+    uint8_t data[PP_HEADROOM + PRELUDE_CAP]
 
 
 ctypedef struct PreludeWorker:
-    uint8_t *peek                   # PRELUDE_PEEK bytes: MSG_PEEK copy of the client's first bytes
-    uint8_t *reasm                  # PRELUDE_PEEK bytes: a ClientHello reassembled from its records
+    uint8_t *reasm                  # PRELUDE_CAP bytes: a ClientHello reassembled from its records
     flb_cidr_t *cidrs               # the region's address ranges (proxy_protocol_from slices)
     uint32_t n_cidrs
-    PreludeState *free_list
+    PreludeBuf *free_list
     int n_free
 
 
@@ -45,50 +46,50 @@ cdef PreludeWorker PW
 
 
 cdef int prelude_setup() noexcept nogil:
-    """Allocate the per-worker peek and reassembly buffers (worker_setup).  Returns 0 or -ENOMEM."""
+    """Allocate the per-worker reassembly buffer (worker_setup).  Returns 0 or -ENOMEM."""
     memset(&PW, 0, sizeof(PW))
-    PW.peek = <uint8_t *>malloc(PRELUDE_PEEK)
-    PW.reasm = <uint8_t *>malloc(PRELUDE_PEEK)
-    if PW.peek == NULL or PW.reasm == NULL:
+    PW.reasm = <uint8_t *>malloc(PRELUDE_CAP)
+    if PW.reasm == NULL:
         return -ENOMEM
     PW.cidrs = <flb_cidr_t *>(W.base + W.hdr.cidrs_off)
     PW.n_cidrs = W.hdr.n_cidrs
     return 0
 
 
-cdef inline PreludeState *pstate(Conn *c) noexcept nogil:
-    """c's PreludeState, taken from the free list (or malloc) on first use; NULL when out of memory."""
-    cdef PreludeState *s = <PreludeState *>c.pre
-    if s != NULL:
-        return s
+cdef inline PreludeBuf *pbuf(Conn *c) noexcept nogil:
+    """c's PreludeBuf, taken from the pool (or malloc) on first use; NULL when out of memory."""
+    cdef PreludeBuf *b = <PreludeBuf *>c.pre
+    if b != NULL:
+        return b
     if PW.free_list != NULL:
-        s = PW.free_list
-        PW.free_list = <PreludeState *>s.next_free
+        b = PW.free_list
+        PW.free_list = <PreludeBuf *>b.next_free
         PW.n_free -= 1
     else:
-        s = <PreludeState *>malloc(sizeof(PreludeState))
-        if s == NULL:
+        b = <PreludeBuf *>malloc(sizeof(PreludeBuf))
+        if b == NULL:
             return NULL
-    s.has_dst = 0
-    s.hdr_len = 0
-    s.hdr_sent = 0
-    s.next_free = NULL
-    c.pre = s
-    return s
+    b.len = 0
+    b.off = 0
+    b.out = 0
+    b.has_dst = 0
+    b.next_free = NULL
+    c.pre = b
+    return b
 
 
 cdef void prelude_release(Conn *c) noexcept nogil:
-    """Give c's PreludeState back (conn_close, and once its header is out).  No-op without one."""
-    cdef PreludeState *s = <PreludeState *>c.pre
-    if s == NULL:
+    """Give c's PreludeBuf back (conn_close, and once its bytes are out).  No-op without one."""
+    cdef PreludeBuf *b = <PreludeBuf *>c.pre
+    if b == NULL:
         return
     c.pre = NULL
     if PW.n_free < PRELUDE_POOL_MAX:
-        s.next_free = PW.free_list
-        PW.free_list = s
+        b.next_free = PW.free_list
+        PW.free_list = b
         PW.n_free += 1
     else:
-        free(s)
+        free(b)
 
 
 cdef inline bint prelude_wanted(Listener *l) noexcept nogil:
@@ -159,7 +160,7 @@ cdef void set_sockaddr(uint8_t *out, uint8_t family, const uint8_t *addr, uint16
 
 cdef void prelude_begin(Conn *c, Listener *l) noexcept nogil:
     """A new connection on a listener with preludes: refuse an untrusted PROXY sender at once (reset,
-    counted), else wait for its first bytes (bounded by sni_timeout_ms) and look at what is there."""
+    counted), else wait for its first bytes (bounded by sni_timeout_ms) and read what is there."""
     if l.shm.proxy_protocol != FLB_PROXY_OFF:
         if not proxy_trusted(l, c):
             flb_add64(&l.shm.proxy_refused, 1)
@@ -170,8 +171,7 @@ cdef void prelude_begin(Conn *c, Listener *l) noexcept nogil:
         c.state = CS_PRELUDE_SNI
     c.start_us = W.now_us
     timer_schedule(c, W.now_ms + l.shm.sni_timeout_ms)
-    c.flags |= F_C_RD                   # a sender often has its header out with the handshake: look now
-    prelude_run(c)
+    # no read yet: the EPOLLIN of the registration says when the first bytes are there
 
 
 cdef void prelude_route(Conn *c, const char *sni, uint32_t sni_len) noexcept nogil:
@@ -184,7 +184,6 @@ cdef void prelude_route(Conn *c, const char *sni, uint32_t sni_len) noexcept nog
         conn_close(c, False)
         return
     p = &W.pools[c.pool]
-    c.flags |= F_C_RD                   # the bytes we only looked at are still there for the pump
     if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
         c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>c.peer, c.cfd)
     if conn_connect(c) < 0:
@@ -204,50 +203,69 @@ cdef void sni_fallback(Conn *c, Listener *l) noexcept nogil:
     prelude_route(c, NULL, 0)
 
 
-cdef int proxy_accept(Conn *c, Listener *l, ssize_t n) noexcept nogil:
-    """Parse the PROXY header in PW.peek[0 .. n).  Returns 1 when it was accepted and consumed from
-    the socket (c.peer now the announced source), 0 when more bytes are needed, -1 when c was closed
-    (malformed, oversized, wrong version, or truncated by the client's FIN: reset, counted)."""
+cdef int proxy_accept(Conn *c, Listener *l, PreludeBuf *b) noexcept nogil:
+    """Parse the PROXY header at the start of b's client bytes.  Returns 1 when it was accepted
+    (c.peer is now the announced source; b.off its length), 0 when more bytes are needed, -1 when c
+    was closed (malformed, oversized, wrong version, or cut short by the client's FIN: reset,
+    counted)."""
     cdef flb_proxy_result r
-    cdef PreludeState *s
-    cdef int rc = flb_proxy_parse(PW.peek, <size_t>n, &r)
-    cdef ssize_t got
+    cdef int rc = flb_proxy_parse(b.data + PP_HEADROOM, b.len, &r)
     if rc == 0:
-        if not (c.flags & F_C_HUP):
+        if not (c.flags & F_C_EOF):
             return 0
         rc = -EINVAL                    # the sender finished before its header did
     if rc > 0 and ((l.shm.proxy_protocol == FLB_PROXY_V1 and r.version != 1)
                    or (l.shm.proxy_protocol == FLB_PROXY_V2 and r.version != 2)):
         rc = -EPROTO
-    if rc > 0:
-        # drop the header from the socket: the bytes after it are the client's
-        got = recv(c.cfd, PW.peek, <size_t>rc, MSG_DONTWAIT)
-        if got != rc:
-            rc = -EIO
     if rc < 0:
         flb_add64(&l.shm.proxy_errors, 1)
         conn_close(c, True)
         return -1
     flb_add64(&l.shm.proxy_accepted, 1)
+    b.off = <uint32_t>rc
     if r.family == AF_INET or r.family == AF_INET6:
-        s = pstate(c)
-        if s == NULL:
-            W.me.emfile += 1            # out of memory: treated like the fd limit
-            conn_close(c, True)
-            return -1
         set_sockaddr(c.peer, r.family, r.src_addr, r.src_port)
-        set_sockaddr(s.dst, r.family, r.dst_addr, r.dst_port)
-        s.has_dst = 1
+        set_sockaddr(b.dst, r.family, r.dst_addr, r.dst_port)
+        b.has_dst = 1
     return 1
 
 
-cdef void prelude_run(Conn *c) noexcept nogil:
-    """Look at what the client has sent so far (MSG_PEEK) and move c through its prelude: PROXY
-    header, then ClientHello, then route and connect.  Returns with c waiting for more bytes,
-    connecting, or closed."""
-    cdef Listener *l = &W.listeners[c.listener]
+cdef int prelude_read(Conn *c, PreludeBuf *b) noexcept nogil:
+    """Read what the client has into b (up to PRELUDE_CAP).  A short read proves the socket queue
+    empty (F_C_RD cleared, as pump_small does) unless its FIN was reported: then read on to the EOF
+    (F_C_EOF).  Returns the bytes added (>= 0) or -errno."""
     cdef ssize_t n
-    cdef int rc, e
+    cdef size_t want
+    cdef int added = 0, e
+    while b.len < PRELUDE_CAP and not (c.flags & F_C_EOF):
+        want = PRELUDE_CAP - b.len
+        n = recv(c.cfd, b.data + PP_HEADROOM + b.len, want, MSG_DONTWAIT)
+        if n > 0:
+            b.len += <uint32_t>n
+            added += <int>n
+            if <size_t>n < want and not (c.flags & F_C_HUP):
+                c.flags &= ~F_C_RD
+                break
+            continue
+        if n == 0:
+            c.flags |= F_C_EOF
+            break
+        e = errno
+        if e == EINTR:
+            continue
+        if e == EAGAIN:
+            c.flags &= ~F_C_RD
+            break
+        return -e
+    return added
+
+
+cdef void prelude_run(Conn *c) noexcept nogil:
+    """Read the client's first bytes and move c through its prelude: PROXY header, then ClientHello,
+    then route and connect.  Returns with c waiting for more bytes, connecting, or closed."""
+    cdef Listener *l = &W.listeners[c.listener]
+    cdef PreludeBuf *b
+    cdef int rc
     cdef char name[SNI_NAME_CAP]
     cdef size_t name_len = 0
     if c.flags & F_C_ERR:
@@ -255,52 +273,48 @@ cdef void prelude_run(Conn *c) noexcept nogil:
             flb_add64(&l.shm.proxy_errors, 1)
         conn_close(c, True)
         return
-    if not (c.flags & (F_C_RD | F_C_HUP)):
+    if not (c.flags & F_C_RD):
         return
-    while True:
-        n = recv(c.cfd, PW.peek, PRELUDE_PEEK, MSG_PEEK | MSG_DONTWAIT)
-        if n >= 0:
-            break
-        e = errno
-        if e == EINTR:
-            continue
-        if e == EAGAIN:
-            c.flags &= ~F_C_RD
-            if c.flags & F_C_HUP:
-                n = 0
-                break
-            return
+    b = pbuf(c)
+    if b == NULL:
+        W.me.emfile += 1                # out of memory: treated like the fd limit
+        conn_close(c, True)
+        return
+    rc = prelude_read(c, b)
+    if rc < 0:
         if c.state == CS_PRELUDE:
             flb_add64(&l.shm.proxy_errors, 1)
         conn_close(c, True)
         return
-    c.flags &= ~F_C_RD                  # nothing new until the next EPOLLIN edge
-    if n == 0:
-        # the client closed (or half-closed) before sending anything
-        if c.state == CS_PRELUDE:
-            flb_add64(&l.shm.proxy_errors, 1)
-            conn_close(c, True)
-        else:
-            conn_close(c, False)
+    if b.len == b.off:
+        if c.flags & F_C_EOF:
+            # nothing (more) came before the FIN: a probe or a health check; no backend for it
+            if c.state == CS_PRELUDE and b.len == 0:
+                flb_add64(&l.shm.proxy_errors, 1)
+                conn_close(c, True)
+            else:
+                conn_close(c, False)
+        elif b.len == 0:
+            prelude_release(c)          # woken without bytes: hold no buffer while waiting
         return
     if c.state == CS_PRELUDE:
-        rc = proxy_accept(c, l, n)
+        rc = proxy_accept(c, l, b)
         if rc <= 0:
             return
         if not l.shm.needs_sni:
-            prelude_route(c, NULL, 0)
+            if b.len == b.off and (c.flags & F_C_EOF):
+                conn_close(c, False)    # a header, then the FIN (a sender's health check)
+                return
+            prelude_route(c, NULL, 0)   # at once: the backend may be the one to speak first
             return
         c.state = CS_PRELUDE_SNI
-        # the header is consumed; what followed it is already in PW.peek after the header
-        n = recv(c.cfd, PW.peek, PRELUDE_PEEK, MSG_PEEK | MSG_DONTWAIT)
-        if n <= 0:
-            if n < 0 and errno != EAGAIN and errno != EINTR:
-                conn_close(c, True)
-            elif c.flags & F_C_HUP:
-                conn_close(c, False)    # a header and nothing else, then the FIN
+        if b.len == b.off:
+            if c.flags & F_C_EOF:
+                conn_close(c, False)    # a header, then the FIN
             return
-    rc = flb_sni_parse(PW.peek, <size_t>n, PW.reasm, PRELUDE_PEEK, name, SNI_NAME_CAP, &name_len)
-    if rc == FLB_SNI_NEED_MORE and n < PRELUDE_PEEK and not (c.flags & F_C_HUP):
+    rc = flb_sni_parse(b.data + PP_HEADROOM + b.off, b.len - b.off, PW.reasm, PRELUDE_CAP,
+                       name, SNI_NAME_CAP, &name_len)
+    if rc == FLB_SNI_NEED_MORE and b.len < PRELUDE_CAP and not (c.flags & F_C_EOF):
         return                          # the next segment comes with the next EPOLLIN edge
     if rc == FLB_SNI_FOUND:
         flb_add64(&l.shm.sni_found, 1)
@@ -346,7 +360,7 @@ cdef int proxy_header(Conn *c, int version, uint8_t *out) noexcept nogil:
     """The PROXY header announcing c's client (c.peer) and the address it connected to (the one a
     received header announced, else our local address), into out (FLB_PP_WRITE_MAX bytes).
     Returns its length or -errno."""
-    cdef PreludeState *s = <PreludeState *>c.pre
+    cdef PreludeBuf *s = <PreludeBuf *>c.pre
     cdef uint8_t src[FLB_ADDR_LEN]
     cdef uint8_t dst[FLB_ADDR_LEN]
     cdef socklen_t dlen = FLB_ADDR_LEN
@@ -380,59 +394,70 @@ cdef int proxy_header(Conn *c, int version, uint8_t *out) noexcept nogil:
 
 
 cdef int prelude_connected(Conn *c) noexcept nogil:
-    """The backend connect completed: write the pool's PROXY header (send_proxy) before anything
-    else.  What the socket does not take at once waits in c's PreludeState (flushed by
-    prelude_flush before any client byte moves).  Returns 0, or -errno (the caller resets)."""
+    """The backend connect completed: the pool's PROXY header (send_proxy) goes first, right in front
+    of the client bytes the prelude buffered, in one send.  What the socket does not take at once
+    stays in c's PreludeBuf (prelude_flush sends it before any other client byte).  Returns 0, or
+    -errno (the caller resets)."""
     cdef uint32_t version = W.pools[c.pool].send_proxy
     cdef uint8_t hdr[FLB_PP_WRITE_MAX]
-    cdef PreludeState *s
-    cdef int n
+    cdef PreludeBuf *b = <PreludeBuf *>c.pre
+    cdef uint32_t start
+    cdef int n = 0
     cdef ssize_t m
-    if version == FLB_SEND_PROXY_OFF:
-        prelude_release(c)
+    if version != FLB_SEND_PROXY_OFF:
+        n = proxy_header(c, <int>version, hdr)
+        if n < 0:
+            return n
+    if b == NULL:
+        if n == 0:
+            return 0
+        # no prelude: the header alone, usually taken whole by the fresh socket
+        m = send(c.bfd, hdr, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if m < 0:
+            if errno != EAGAIN and errno != EINTR:
+                return -errno
+            m = 0
+        if m == n:
+            return 0
+        b = pbuf(c)
+        if b == NULL:
+            return -ENOMEM
+        memcpy(b.data + PP_HEADROOM - (n - m), hdr + m, <size_t>(n - m))
+        b.out = PP_HEADROOM - <uint32_t>(n - m)
+        c.flags &= ~F_B_WR
         return 0
-    n = proxy_header(c, <int>version, hdr)
-    if n < 0:
-        return n
-    m = send(c.bfd, hdr, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
-    if m < 0:
-        if errno != EAGAIN and errno != EINTR:
-            return -errno
-        m = 0
-    if m == n:
-        prelude_release(c)
-        return 0
-    s = pstate(c)
-    if s == NULL:
-        return -ENOMEM
-    memcpy(s.hdr, hdr, <size_t>n)
-    s.hdr_len = <uint8_t>n
-    s.hdr_sent = <uint8_t>m
-    c.flags &= ~F_B_WR
-    return 0
+    start = PP_HEADROOM + b.off
+    memcpy(b.data + start - n, hdr, <size_t>n)     # over the received header's bytes, or headroom
+    b.out = start - <uint32_t>n
+    return 0 if prelude_flush(c) >= 0 else -EIO
 
 
 cdef int prelude_flush(Conn *c) noexcept nogil:
-    """Send the rest of c's pending PROXY header.  Returns 1 when it is all out (the PreludeState is
-    released: client bytes may follow), 0 while the backend's socket is full, -errno on error."""
-    cdef PreludeState *s = <PreludeState *>c.pre
+    """Send what c's PreludeBuf still holds for the backend (PROXY header, then the client's first
+    bytes).  Returns 1 when all is out (the buffer is released: normal forwarding follows), 0 while
+    the backend's socket is full (F_B_WR cleared), -errno on error."""
+    cdef PreludeBuf *b = <PreludeBuf *>c.pre
+    cdef uint32_t end, first
     cdef ssize_t m
-    if s == NULL or s.hdr_sent >= s.hdr_len:
-        prelude_release(c)
+    cdef int e
+    if b == NULL:
         return 1
-    if not (c.flags & F_B_WR):
-        return 0
-    while True:
-        m = send(c.bfd, s.hdr + s.hdr_sent, <size_t>(s.hdr_len - s.hdr_sent), MSG_DONTWAIT | MSG_NOSIGNAL)
-        if m >= 0:
-            break
-        if errno == EAGAIN:
-            c.flags &= ~F_B_WR
+    end = PP_HEADROOM + b.len
+    first = PP_HEADROOM + b.off         # the first client byte (before it: the PROXY header we send)
+    while b.out < end:
+        if not (c.flags & F_B_WR):
             return 0
-        if errno != EINTR:
-            return -errno
-    s.hdr_sent += <uint8_t>m
-    if s.hdr_sent >= s.hdr_len:
-        prelude_release(c)
-        return 1
-    return 0
+        m = send(c.bfd, b.data + b.out, end - b.out, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if m < 0:
+            e = errno
+            if e == EAGAIN:
+                c.flags &= ~F_B_WR
+                return 0
+            if e != EINTR:
+                return -e
+            continue
+        if b.out + <uint32_t>m > first:
+            flb_add64(&W.backends[c.backend].bytes_in, b.out + <uint64_t>m - (first if b.out < first else b.out))
+        b.out += <uint32_t>m
+    prelude_release(c)
+    return 1
