@@ -227,7 +227,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--cpu-quota", type=int, default=50, help="percent of one CPU for the balancer")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--quick", action="store_true", help="1 round of 2 s (smoke test; results not written)")

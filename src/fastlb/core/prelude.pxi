@@ -171,7 +171,8 @@ cdef void prelude_begin(Conn *c, Listener *l) noexcept nogil:
         c.state = CS_PRELUDE_SNI
     c.start_us = W.now_us
     timer_schedule(c, W.now_ms + l.shm.sni_timeout_ms)
-    # no read yet: the EPOLLIN of the registration says when the first bytes are there
+    c.flags |= F_C_RD                   # the first bytes often came with the handshake's last ACK
+    prelude_run(c)
 
 
 cdef void prelude_route(Conn *c, const char *sni, uint32_t sni_len) noexcept nogil:
