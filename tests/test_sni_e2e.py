@@ -23,6 +23,7 @@ DOMAIN = "example.test"
 def sni_listener(**extra) -> dict:
     """A listener with an SNI route (and the default route), both to pool "web"."""
     lst = {
+        "pool": None,
         "sni_timeout": "2s",
         "routes": [
             {
@@ -248,7 +249,7 @@ def test_plain_http_goes_to_the_default_route(fastlb, rec) -> None:
 
 def test_reject_policy_closes_non_tls(fastlb, rec) -> None:
     be = rec()
-    lb = fastlb([("r", be.address, None)], listener=sni_listener(sni_policy="reject"))
+    lb = fastlb([("r", be.address, None)], listener=sni_listener(sni_no_match="reject"))
     with socket.create_connection(lb.addr, timeout=10) as s:
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         try:
@@ -286,5 +287,6 @@ def test_proxy_then_sni_behind_haproxy(fastlb, tls_backend, peers, tmp_path) -> 
     )
     assert tls_request(("127.0.0.1", hport), f"admin.{DOMAIN}") == f"tls-a admin.{DOMAIN} hello\n"
     p = wait_counter(lb, "sni_found", 1)
-    # HAProxy's own readiness probe (a connect to it) may have come through with a header too
-    assert p["proxy_accepted"] >= 1 and p["proxy_errors"] == 0
+    # (our readiness probe of HAProxy may have reached fastlb too: with a header, or as an empty
+    # connection HAProxy closed at once, which counts as a missing header)
+    assert p["proxy_accepted"] >= 1 and p["proxy_errors"] <= 1

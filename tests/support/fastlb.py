@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -48,7 +49,12 @@ def toml_table(header: str, items: dict) -> str:
 class FastLB:
     """One `fastlb serve` with one listener "web" on a free port, forwarding to pool "web".
 
-    backends: [(name, "HOST:PORT", weight or None), ...]. listener/pool/global_ add or override keys.
+    backends: [(name, "HOST:PORT", weight or None), ...]. listener/pool/global_ add or override keys
+    (a value None removes the key, e.g. listener={"pool": None} for a listener with routes).
+    extra: more TOML appended as is (other pools, [[listeners.web.routes]] tables).
+    raw: a whole config (without [global]) to run instead, e.g. one from the docs: its first
+    `bind` becomes this instance's address and a [global] table with the control socket is put
+    in front; `backends` and the other table arguments are then ignored.
     nofile: RLIMIT_NOFILE (soft and hard) for the serve process and so its workers.
     """
 
@@ -64,6 +70,8 @@ class FastLB:
         global_: dict | None = None,
         host: str = LOCALHOST,
         nofile: int | None = None,
+        extra: str = "",
+        raw: str | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         # unix socket paths must fit in 107 bytes: fall back to a short directory if needed
@@ -82,6 +90,7 @@ class FastLB:
         g.update(global_ or {})
         lst = {"bind": bind, "pool": "web", "connect_timeout": "2s", "idle_timeout": "5m"}
         lst.update(listener or {})
+        lst = {k: v for k, v in lst.items() if v is not None}
         entries = []
         for name, address, weight in backends:
             e = {"name": name, "address": address}
@@ -96,13 +105,36 @@ class FastLB:
             + toml_table("listeners.web", lst)
             + "\n"
             + toml_table("pools.web", pl)
+            + (("\n" + extra) if extra else "")
         )
+        if raw is not None:
+            self.config_text = (
+                toml_table("global", g) + "\n" + re.sub(r'bind = "[^"]+"', f'bind = "{bind}"', raw, count=1)
+            )
         self.config_path.write_text(self.config_text)
         self.proc: subprocess.Popen | None = None
         self.notify_sock: socket.socket | None = None
         self.notifications: list[tuple[float, int, str]] = []  # (monotonic time, sender pid, text)
         self._known: dict[int, psutil.Process] = {}  # every process seen in the tree, for teardown
         self._log = None
+        self.serve_args: list[str] = []  # extra `fastlb serve` arguments (e.g. --takeover)
+        self.argv_prefix: list[str] = []  # a wrapper to run `fastlb serve` under (e.g. a subreaper)
+
+    def clone(self, tag: str) -> FastLB:
+        """Another, not yet started, `fastlb serve` on this one's config file and port (its own log
+        and notify socket): a second instance, a restart or a takeover."""
+        other = object.__new__(FastLB)
+        other.__dict__.update(self.__dict__)
+        other.log_path = self.dir / f"fastlb-{tag}.log"
+        other.notify_path = self.dir / f"notify-{tag}.sock"
+        other.proc = None
+        other.notify_sock = None
+        other.notifications = []
+        other._known = {}
+        other._log = None
+        other.serve_args = []
+        other.argv_prefix = []
+        return other
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -137,6 +169,7 @@ class FastLB:
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(
             [
+                *self.argv_prefix,
                 sys.executable,
                 "-m",
                 "fastlb",
@@ -145,6 +178,7 @@ class FastLB:
                 str(self.config_path),
                 "--workers",
                 str(self.workers),
+                *self.serve_args,
             ],
             cwd=self.dir,
             env=env,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 
-from fastlb.config import prelude
+from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
 from fastlb.config.model import (
     ALGORITHM_ALIASES,
     ALGORITHMS,
@@ -36,6 +36,17 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.routes import (
+    LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
+)
+from fastlb.config.routes import (
+    check_route_pools,
+    health_send_proxy,
+    listener_prelude,
+    listener_routes,
+    pool_send_proxy,
+)
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -43,10 +54,8 @@ from fastlb.config.values import (
     _check_host,
     _check_name,
     _describe,
-    _did_you_mean,
     _fmt_seconds,
     _is_prime,
-    _join,
     _quote,
     _Table,
     parse_address,
@@ -82,21 +91,32 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     root = _Table(doc, "", file)
     root.only(("global", "listeners", "pools"))
     global_ = _global(root.data.get("global", {}), file)
-    listeners = _listeners(root, file)
+    short_form: set[str] = set()
+    listeners = _listeners(root, file, short_form)
     pools = _pools(root, file)
-    for lst in listeners.values():
-        if lst.pool not in pools:
-            defined = ", ".join(pools) if pools else "none"
-            raise ConfigError(
-                file,
-                _join(_join("listeners", lst.name), "pool"),
-                f"unknown pool {_quote(lst.pool)}{_did_you_mean(lst.pool, pools)}; defined pools: {defined}",
-            )
+    check_route_pools(listeners, pools, file, short_form)
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
-_LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
+_GLOBAL_KEYS = (
+    "workers",
+    "control_socket",
+    "shutdown_timeout",
+    "log_level",
+    "orphan_timeout",
+    "worker_stall_timeout",
+    *ADMIN_KEYS,
+    *ACCESS_LOG_KEYS,
+)
+_LISTENER_KEYS = (
+    "bind",
+    "pool",
+    "connect_timeout",
+    "idle_timeout",
+    "max_connections",
+    "backlog",
+    *_ROUTE_LISTENER_KEYS,
+)
 _POOL_KEYS = (
     "algorithm",
     "backends",
@@ -109,10 +129,12 @@ _POOL_KEYS = (
     "drain_timeout",
     "health_check",
     "outlier_detection",
+    "discover",
+    "send_proxy",
 )
 _BACKEND_KEYS = ("name", "address", "weight")
 _OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
-_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address")
+_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
     "tcp": (),
     "http": ("path", "host", "expect_status", "expect_body"),
@@ -132,15 +154,30 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
+    access_log = parse_access_log(t)
     return GlobalConfig(
         workers=workers,
         control_socket=sock,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
+        admin=parse_admin(t),
+        access_log=access_log[0],
+        access_log_format=access_log[1],
+        access_log_buffer=access_log[2],
+        orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
+        worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
     )
 
 
-def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
+def _stall_timeout(t: _Table, default: float) -> float:
+    """worker_stall_timeout: at least 500ms (a worker's loop turns at least every 100 ms)."""
+    seconds = t.get_duration("worker_stall_timeout", default, positive=True)
+    if seconds < 0.5:
+        raise t.error("worker_stall_timeout", "must be at least 500ms (workers beat every 100 ms at most)")
+    return seconds
+
+
+def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:
     if "listeners" not in root.data:
         raise ConfigError(
             file, "listeners", "no listeners defined; add a [listeners.NAME] table with bind and pool"
@@ -158,15 +195,15 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
         path = section.key(name)
         _check_name(name, path, file, "listener")
         t = _Table(data, path, file)
-        t.only(_LISTENER_KEYS + prelude.LISTENER_KEYS)
+        t.only(_LISTENER_KEYS)
         bind = parse_address(t.required("bind", ' (e.g. bind = "0.0.0.0:80")'), t.key("bind"), file)
         ident = (bind.family, bind.host, bind.port)
         if ident in bound:
             raise t.error("bind", f"{bind} is already the bind address of listener {_quote(bound[ident])}")
         bound[ident] = name
-        pool = t.required("pool", " (the name of a [pools.NAME] table)")
-        if not isinstance(pool, str):
-            raise t.error("pool", f"expected a pool name (a string), got {_describe(pool)}")
+        pool, routes = listener_routes(t)
+        if not routes:
+            short_form.add(name)
         d = ListenerConfig(name=name, bind=bind, pool=pool)
         listeners[name] = ListenerConfig(
             name=name,
@@ -176,7 +213,8 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
             idle_timeout=t.get_duration("idle_timeout", d.idle_timeout, positive=True),
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
-            **prelude.listener_fields(t),
+            routes=routes,
+            **listener_prelude(t, routes or d.routes),
         )
     return listeners
 
@@ -191,7 +229,7 @@ def _pools(root: _Table, file: str) -> dict[str, PoolConfig]:
         path = section.key(name)
         _check_name(name, path, file, "pool")
         t = _Table(data, path, file)
-        t.only(_POOL_KEYS + prelude.POOL_KEYS)
+        t.only(_POOL_KEYS)
         pool = _pool(name, t, file, total_backends)
         total_backends += len(pool.backends)
         pools[name] = pool
@@ -212,7 +250,9 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             )
         algorithm, hash_key = real, implied_key
 
-    backends = _backends(t, file, backends_before)
+    discover = parse_discover(t)
+    # with DNS discovery the static list is optional (and may be empty)
+    backends = _backends(t, file, backends_before) if discover is None or t.data.get("backends") else ()
     table_size = t.get_int(
         "maglev_table_size", d.maglev_table_size, MIN_MAGLEV_TABLE_SIZE, MAX_MAGLEV_TABLE_SIZE
     )
@@ -225,12 +265,10 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             "maglev_table_size", f"{table_size} is smaller than the pool's {len(backends)} backends"
         )
 
+    send_proxy = pool_send_proxy(t)
     health = None
     if "health_check" in t.data:
-        health = _health_check(t.data["health_check"], t.key("health_check"), file)
-        health = prelude.resolve_health_send_proxy(
-            t, health, t.get_choice("send_proxy", "off", prelude.SEND_PROXY)
-        )
+        health = _health_check(t.data["health_check"], t.key("health_check"), file, send_proxy)
     return PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -244,7 +282,8 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         drain_timeout=t.get_duration("drain_timeout", d.drain_timeout),
         health_check=health,
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
-        **prelude.pool_fields(t),
+        discover=discover,
+        send_proxy=send_proxy,
     )
 
 
@@ -285,7 +324,7 @@ def _backends(pool: _Table, file: str, backends_before: int) -> tuple[BackendCon
     return tuple(backends)
 
 
-def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
+def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "off") -> HealthCheckConfig:
     t = _Table(data, path, file)
     if "type" not in t.data:
         raise t.error("type", f"missing required key (one of: {', '.join(HEALTH_CHECK_TYPES)})")
@@ -293,7 +332,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
     elsewhere = {
         k: f'applies only to type = "{other}"' for other, ks in _HEALTH_TYPE_KEYS.items() for k in ks
     }
-    t.only(_HEALTH_COMMON_KEYS + prelude.HEALTH_KEYS + _HEALTH_TYPE_KEYS[kind], elsewhere)
+    t.only(_HEALTH_COMMON_KEYS + _HEALTH_TYPE_KEYS[kind], elsewhere)
 
     d = HealthCheckConfig(type=kind)
     interval = t.get_duration("interval", d.interval, positive=True)
@@ -351,7 +390,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
         host=host,
         expect_status=status,
         expect_body=expect_body,
-        **prelude.health_fields(t),
+        send_proxy=health_send_proxy(t, pool_send_proxy),
     )
 
 

@@ -13,7 +13,6 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
     cdef socklen_t plen
     cdef Conn *c
     cdef epoll_event ev
-    cdef flb_pool_t *p
     for k in range(ACCEPT_BATCH):
         # reserve a place first, so that all workers together never exceed max_connections
         if flb_sadd64(&l.shm.active, 1) > <int64_t>l.max_connections and l.max_connections > 0:
@@ -48,6 +47,9 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         c = slab_alloc()
         c.cfd = fd
         c.listener = li
+        c.accepted_us = W.now_us
+        c.peer_len = <uint8_t>(plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
+        memcpy(c.peer, &peer, c.peer_len)
         W.wactive[W.hdr.n_backends + li] += 1
         c.active_ms = W.now_ms
         W.active += 1
@@ -63,14 +65,9 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         if prelude_wanted(l):
             prelude_begin(c, l)         # PROXY header / ClientHello first: core/prelude.pxi
             continue
-        if route_select(c, NULL, 0) == FLB_NONE:
-            flb_add64(&l.shm.rejected, 1)
-            conn_close(c, False)
-            continue
-        p = &W.pools[c.pool]
-        if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
-            c.key_hash = lb_key_hash(p.hash_key, &peer, fd)
-        if conn_connect(c) < 0:
+        if route_select(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
+            if c.term == 0:
+                c.term = FLB_TERM_NO_BACKEND + 1   # no route took it
             flb_add64(&l.shm.rejected, 1)
             conn_close(c, False)
 
@@ -114,6 +111,8 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
         idx = <uint32_t>(u & 0xFFFFFFFFULL)
         if idx == SPECIAL_SIGNAL:
             read_signals(shutdown_ms)
+        elif idx == SPECIAL_PARENT:
+            orphan_begin()
         elif idx < <uint32_t>W.n_listeners and W.listeners[idx].fd >= 0:
             W.listeners[idx].pending = 1
         return
@@ -175,6 +174,7 @@ cdef void close_condemned() noexcept nogil:
     for k in range(W.n_used):
         if W.conns[k].state != CS_FREE and W.conns[k].backend != FLB_NONE \
                 and flb_load32(&W.backends[W.conns[k].backend].close_conns):
+            W.conns[k].term = FLB_TERM_DRAIN_DEADLINE + 1
             conn_close(&W.conns[k], False)
 
 
@@ -186,6 +186,7 @@ cdef inline void sync_generation() noexcept nogil:
     if g != W.generation:
         W.generation = g
         lb_refresh()
+        routes_refresh()
         close_condemned()
         W.me.generation_seen = g
 
@@ -237,8 +238,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     W.index = index
     W.rng = (<uint64_t>getpid() << 32) ^ clock_us() ^ 0x9E3779B97F4A7C15ULL
     clock_update()
-    # the control process going away must not leave workers behind: drain and exit
-    prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
+    # the control process going away does not stop the data plane: see core/orphan.pxi
     # a peer that is gone must show up as EPIPE from splice/send, never as a fatal SIGPIPE
     if signal(SIGPIPE, SIG_IGN) == SIG_ERR:
         return -errno
@@ -246,10 +246,10 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     sigaddset(&mask, SIGTERM)
     sigaddset(&mask, SIGINT)
     sigaddset(&mask, SIGHUP)
+    sigaddset(&mask, SIGUSR1)           # reopen-the-log is the control process's business
+    sigaddset(&mask, SIGUSR2)           # the control process's upgrade signal: ignored here
     if sigprocmask(SIG_BLOCK, &mask, NULL) < 0:
         return -errno
-    if getppid() == 1:
-        return -3                       # ESRCH: the parent died before PDEATHSIG was armed
     W.sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)
     if W.sfd < 0:
         return -errno
@@ -290,6 +290,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     rc = lb_setup()
     if rc < 0:
         return rc
+    rc = log_setup()
+    if rc < 0:
+        return rc
     rc = prelude_setup()
     if rc < 0:
         return rc
@@ -313,13 +316,18 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         ev.data.u64 = TAG_SPECIAL | <uint64_t>i
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fds[i], &ev) < 0:
             return -errno
+    rc = routes_setup()
+    if rc < 0:
+        return rc
     ev.events = EPOLLIN
     ev.data.u64 = TAG_SPECIAL | SPECIAL_SIGNAL
     if epoll_ctl(W.ep, EPOLL_CTL_ADD, W.sfd, &ev) < 0:
         return -errno
     W.generation = flb_load64_acq(&W.hdr.generation)
     lb_refresh()
+    routes_refresh()
     W.me.generation_seen = W.generation
+    W.me.heartbeat_ms = W.now_ms        # before state 1: the watchdog reads both
     W.me.pid = getpid()
     W.me.state = 1
     return 0
@@ -329,10 +337,12 @@ cdef void worker_teardown() noexcept nogil:
     cdef int32_t i
     for i in range(W.n_used):
         if W.conns[i].state != CS_FREE:
+            W.conns[i].term = FLB_TERM_SHUTDOWN_DEADLINE + 1
             conn_close(&W.conns[i], False)
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)
     pipes_release_pool()
+    orphan_close()
     close_fd(W.ep)
     close_fd(W.sfd)
     W.me.active = 0
@@ -341,13 +351,19 @@ cdef void worker_teardown() noexcept nogil:
     W.me.state = 3
 
 
-cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdown_ms) noexcept nogil:
-    """The worker: set up, then loop until drained after SIGTERM/SIGINT.  Returns 0 or -errno."""
+cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdown_ms,
+                     uint64_t orphan_ms, int control_pid) noexcept nogil:
+    """The worker: set up, watch the control process, then loop until drained after SIGTERM/SIGINT
+    (or orphan_timeout after the control process died).  Returns 0 or -errno."""
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i, timeout, work
     cdef uint32_t li
     cdef int rc = worker_setup(base, index, fds, nfds)
     if rc < 0:
+        return rc
+    rc = orphan_watch(control_pid, orphan_ms)
+    if rc < 0:
+        W.me.state = 3
         return rc
     work = 1
     while True:
@@ -375,6 +391,7 @@ cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdow
             retry_starved()
         timers_run()
         work = housekeeping()
+        orphan_check(shutdown_ms)
         if W.stopping and (W.active == 0 or W.now_ms >= W.stop_deadline_ms):
             break
     worker_teardown()

@@ -36,8 +36,6 @@ ctypedef struct PreludeBuf:
 
 ctypedef struct PreludeWorker:
     uint8_t *reasm                  # PRELUDE_CAP bytes: a ClientHello reassembled from its records
-    flb_cidr_t *cidrs               # the region's address ranges (proxy_protocol_from slices)
-    uint32_t n_cidrs
     PreludeBuf *free_list
     int n_free
 
@@ -51,8 +49,6 @@ cdef int prelude_setup() noexcept nogil:
     PW.reasm = <uint8_t *>malloc(PRELUDE_CAP)
     if PW.reasm == NULL:
         return -ENOMEM
-    PW.cidrs = <flb_cidr_t *>(W.base + W.hdr.cidrs_off)
-    PW.n_cidrs = W.hdr.n_cidrs
     return 0
 
 
@@ -96,49 +92,9 @@ cdef inline bint prelude_wanted(Listener *l) noexcept nogil:
     return l.shm.proxy_protocol != FLB_PROXY_OFF or l.shm.needs_sni != 0
 
 
-cdef bint cidr_contains(flb_cidr_t *r, const uint8_t *sa) noexcept nogil:
-    """Is the address of sockaddr sa (sockaddr_in / sockaddr_in6; a v4-mapped IPv6 address counts as
-    its IPv4 address) inside range r?"""
-    cdef const uint8_t *a
-    cdef uint32_t fam = (<sockaddr *>sa).sa_family
-    cdef uint32_t bits, full, k
-    cdef uint8_t mask
-    if fam == AF_INET:
-        a = <const uint8_t *>&(<sockaddr_in *>sa).sin_addr
-    else:
-        a = (<sockaddr_in6 *>sa).sin6_addr.s6_addr
-        if r.family == AF_INET:
-            # ::ffff:a.b.c.d (a dual-stack listener's IPv4 client)
-            for k in range(10):
-                if a[k] != 0:
-                    return False
-            if a[10] != 0xFF or a[11] != 0xFF:
-                return False
-            a = a + 12
-            fam = AF_INET
-    if fam != r.family:
-        return False
-    bits = r.prefix
-    full = bits // 8
-    for k in range(full):
-        if a[k] != r.addr[k]:
-            return False
-    if bits % 8:
-        mask = <uint8_t>(0xFF << (8 - bits % 8))
-        if (a[full] & mask) != (r.addr[full] & mask):
-            return False
-    return True
-
-
-cdef bint proxy_trusted(Listener *l, Conn *c) noexcept nogil:
-    """Is c's sender (the accepted peer) one of l's proxy_protocol_from ranges?"""
-    cdef uint32_t i, first = l.shm.proxy_from_first, n = l.shm.proxy_from_n
-    if first + n > PW.n_cidrs:
-        return False
-    for i in range(first, first + n):
-        if cidr_contains(&PW.cidrs[i], c.peer):
-            return True
-    return False
+cdef inline bint proxy_trusted(Listener *l, Conn *c) noexcept nogil:
+    """Is c's sender (the accepted peer) one of l's proxy_protocol_from prefixes?"""
+    return routes_cidr_match(l.shm.proxy_from_first, l.shm.proxy_from_n, c.peer)
 
 
 cdef void set_sockaddr(uint8_t *out, uint8_t family, const uint8_t *addr, uint16_t port) noexcept nogil:
@@ -164,6 +120,7 @@ cdef void prelude_begin(Conn *c, Listener *l) noexcept nogil:
     if l.shm.proxy_protocol != FLB_PROXY_OFF:
         if not proxy_trusted(l, c):
             flb_add64(&l.shm.proxy_refused, 1)
+            c.term = FLB_TERM_PRELUDE_ERROR + 1
             conn_close(c, True)
             return
         c.state = CS_PRELUDE
@@ -179,28 +136,20 @@ cdef void prelude_route(Conn *c, const char *sni, uint32_t sni_len) noexcept nog
     """The prelude is complete: pick the route (and pool) by c.peer and the server name, then start
     the backend connect; no route or no backend -> closed, counted as rejected."""
     cdef Listener *l = &W.listeners[c.listener]
-    cdef flb_pool_t *p
-    if route_select(c, sni, sni_len) == FLB_NONE:
-        flb_add64(&l.shm.rejected, 1)
-        conn_close(c, False)
-        return
-    p = &W.pools[c.pool]
-    if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
-        c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>c.peer, c.cfd)
-    if conn_connect(c) < 0:
+    if route_select(c, sni, sni_len) == FLB_NONE or conn_connect(c) < 0:
+        if c.term == 0:
+            c.term = FLB_TERM_NO_BACKEND + 1
         flb_add64(&l.shm.rejected, 1)
         conn_close(c, False)
 
 
 cdef void sni_fallback(Conn *c, Listener *l) noexcept nogil:
     """No usable server name (no ClientHello, not TLS, no SNI, too big, or the timeout): the default
-    route, or a close when the listener's sni_policy is reject."""
+    route, or a close when the listener's sni_policy is reject (route_select() applies it)."""
     flb_add64(&l.shm.sni_missing, 1)
-    if l.shm.sni_policy == FLB_SNI_POLICY_REJECT:
+    if l.sni_policy == FLB_SNI_REJECT and l.needs_sni:
         flb_add64(&l.shm.sni_rejected, 1)
-        flb_add64(&l.shm.rejected, 1)
-        conn_close(c, False)
-        return
+        c.term = FLB_TERM_PRELUDE_ERROR + 1
     prelude_route(c, NULL, 0)
 
 
@@ -220,6 +169,7 @@ cdef int proxy_accept(Conn *c, Listener *l, PreludeBuf *b) noexcept nogil:
         rc = -EPROTO
     if rc < 0:
         flb_add64(&l.shm.proxy_errors, 1)
+        c.term = FLB_TERM_PRELUDE_ERROR + 1
         conn_close(c, True)
         return -1
     flb_add64(&l.shm.proxy_accepted, 1)
@@ -272,6 +222,7 @@ cdef void prelude_run(Conn *c) noexcept nogil:
     if c.flags & F_C_ERR:
         if c.state == CS_PRELUDE:
             flb_add64(&l.shm.proxy_errors, 1)
+        c.term = FLB_TERM_CLIENT_RESET + 1
         conn_close(c, True)
         return
     if not (c.flags & F_C_RD):
@@ -279,12 +230,14 @@ cdef void prelude_run(Conn *c) noexcept nogil:
     b = pbuf(c)
     if b == NULL:
         W.me.emfile += 1                # out of memory: treated like the fd limit
+        c.term = FLB_TERM_LOCAL_ERROR + 1
         conn_close(c, True)
         return
     rc = prelude_read(c, b)
     if rc < 0:
         if c.state == CS_PRELUDE:
             flb_add64(&l.shm.proxy_errors, 1)
+        c.term = FLB_TERM_CLIENT_RESET + 1
         conn_close(c, True)
         return
     if b.len == b.off:
@@ -292,6 +245,7 @@ cdef void prelude_run(Conn *c) noexcept nogil:
             # nothing (more) came before the FIN: a probe or a health check; no backend for it
             if c.state == CS_PRELUDE and b.len == 0:
                 flb_add64(&l.shm.proxy_errors, 1)
+                c.term = FLB_TERM_PRELUDE_ERROR + 1
                 conn_close(c, True)
             else:
                 conn_close(c, False)
@@ -330,6 +284,7 @@ cdef void prelude_timeout(Conn *c) noexcept nogil:
     flb_add64(&l.shm.prelude_timeouts, 1)
     if c.state == CS_PRELUDE:
         flb_add64(&l.shm.proxy_errors, 1)
+        c.term = FLB_TERM_PRELUDE_ERROR + 1
         conn_close(c, True)
         return
     sni_fallback(c, l)
@@ -405,7 +360,7 @@ cdef int prelude_connected(Conn *c) noexcept nogil:
     cdef uint32_t start
     cdef int n = 0
     cdef ssize_t m
-    if version != FLB_SEND_PROXY_OFF:
+    if version != FLB_PROXY_OFF:
         n = proxy_header(c, <int>version, hdr)
         if n < 0:
             return n
