@@ -12,6 +12,7 @@ import time
 import pytest
 
 from fastlb import _prelude as P
+from support.backends import server
 from support.helpers import free_port, wait_until
 from support.preludes import RecordingServer, haproxy, nginx
 from support.protocols import control, states
@@ -310,3 +311,37 @@ def test_health_checks_send_proxy_only_when_configured(fastlb, peers, tmp_path, 
         timeout=30,
     )
     assert r.stdout.strip() == "ok 127.0.0.1", r.stderr
+
+
+def test_source_routes_use_the_proxy_address(fastlb, backends, peers, tmp_path) -> None:
+    """HAProxy (send-proxy) in front: fastlb routes on the client address in the header, not on
+    HAProxy's; a raw v2 header with a 10.20/16 source goes the same way."""
+    b = backends(server("v1a", "id"), server("v2a", "id"))
+    lb = fastlb(
+        [("v1a", b.address("v1a"), None)],
+        listener={"pool": None, "proxy_protocol": "any", "proxy_protocol_from": ["127.0.0.0/8"]},
+        extra=(
+            f'[pools.v2]\nbackends = [{{ name = "v2a", address = "{b.address("v2a")}" }}]\n\n'
+            '[[listeners.web.routes]]\nname = "beta"\nmatch = { source = ["10.20.0.0/16", "127.0.0.7/32"] }\n'
+            'backends = [{ pool = "v2" }]\n\n[[listeners.web.routes]]\nname = "default"\nbackends = [{ pool = "web" }]\n'
+        ),
+    )
+    hport = free_port()
+    peers.append(
+        haproxy(
+            tmp_path / "haproxy",
+            f"listen front\n    bind 127.0.0.1:{hport}\n    server lb 127.0.0.1:{lb.port} send-proxy\n",
+            [("127.0.0.1", hport)],
+        )
+    )
+
+    def first_line(data: bytes) -> bytes:
+        return data.split(b"\n", 1)[0]
+
+    for _ in range(3):
+        assert first_line(exchange(("127.0.0.1", hport), b"x", source="127.0.0.7")) == b"v2a"
+        assert first_line(exchange(("127.0.0.1", hport), b"x", source="127.0.0.8")) == b"v1a"
+    v2 = P.write_proxy(2, ("10.20.3.4", 5000), ("10.0.0.1", 443))
+    assert first_line(exchange(lb.addr, v2 + b"y")) == b"v2a"
+    v2 = P.write_proxy(2, ("10.21.3.4", 5000), ("10.0.0.1", 443))
+    assert first_line(exchange(lb.addr, v2 + b"y")) == b"v1a"

@@ -290,3 +290,48 @@ def test_proxy_then_sni_behind_haproxy(fastlb, tls_backend, peers, tmp_path) -> 
     # (our readiness probe of HAProxy may have reached fastlb too: with a header, or as an empty
     # connection HAProxy closed at once, which counts as a missing header)
     assert p["proxy_accepted"] >= 1 and p["proxy_errors"] <= 1
+
+
+def test_sni_routes_land_on_the_right_pool(fastlb, cert, tmp_path) -> None:
+    """Two TLS servers in two pools: the admin names (exact and `*.` wildcard, any case) go to
+    pool "admin", every other name and no name to the default route; each session completes."""
+    a, b = TLSServer("tls-web", *cert), TLSServer("tls-admin", *cert)
+    try:
+        lb = fastlb(
+            [("a", a.address, None)],
+            listener={"pool": None, "sni_timeout": "2s"},
+            extra=(
+                f'[pools.admin]\nbackends = [{{ name = "b", address = "{b.address}" }}]\n\n'
+                '[[listeners.web.routes]]\nname = "admin"\n'
+                f'match = {{ sni = ["admin.{DOMAIN}", "*.ops.{DOMAIN}"] }}\nbackends = [{{ pool = "admin" }}]\n\n'
+                '[[listeners.web.routes]]\nname = "default"\nbackends = [{ pool = "web" }]\n'
+            ),
+        )
+        assert tls_request(lb.addr, f"admin.{DOMAIN}").startswith("tls-admin ")
+        assert tls_request(lb.addr, f"DB.Ops.{DOMAIN}").startswith("tls-admin ")
+        assert tls_request(lb.addr, f"www.{DOMAIN}").startswith("tls-web ")
+        assert tls_request(lb.addr, f"ops.{DOMAIN}").startswith("tls-web ")  # the wildcard needs a label
+        r = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{lb.port}",
+                "-servername",
+                f"x.ops.{DOMAIN}",
+                "-quiet",
+            ],
+            input="ossl\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert f"tls-admin x.ops.{DOMAIN} ossl" in r.stdout, r.stderr
+        assert handshake_in_one_byte_segments(lb.addr, f"admin.{DOMAIN}").startswith("tls-admin ")
+        p = wait_counter(lb, "sni_found", 6)
+        assert p["sni_missing"] == 0
+        st = control(lb).status()["listeners"][0]["routes"]
+        assert {r["name"]: r["connections"] for r in st} == {"admin": 4, "default": 2}
+    finally:
+        a.close()
+        b.close()
