@@ -4,6 +4,7 @@ fastlb in front of nginx (`listen ... proxy_protocol`, logging $proxy_protocol_a
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import subprocess
@@ -345,3 +346,23 @@ def test_source_routes_use_the_proxy_address(fastlb, backends, peers, tmp_path) 
     assert first_line(exchange(lb.addr, v2 + b"y")) == b"v2a"
     v2 = P.write_proxy(2, ("10.21.3.4", 5000), ("10.0.0.1", 443))
     assert first_line(exchange(lb.addr, v2 + b"y")) == b"v1a"
+
+
+def test_access_log_shows_the_proxy_address_and_prelude_errors(fastlb, rec, tmp_path) -> None:
+    be = rec()
+    log = tmp_path / "access.log"
+    lb = lb_proxy(fastlb, be.address, global_={"access_log": str(log)})
+    assert exchange(lb.addr, P.write_proxy(2, ("203.0.113.50", 4321), ("203.0.113.1", 443)) + b"hi") == b"hi"
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        exchange(lb.addr, b"NOT A HEADER\r\n")
+
+    def records():
+        if not log.exists():
+            return None
+        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return recs if len(recs) >= 2 else None
+
+    recs = wait_until(records, 10, "2 access-log records")
+    by_term = {r["termination"]: r for r in recs}
+    assert by_term["client_close"]["client"] == "203.0.113.50:4321"
+    assert by_term["prelude_error"]["client"].startswith("127.0.0.1:")

@@ -147,10 +147,20 @@ cdef void sni_fallback(Conn *c, Listener *l) noexcept nogil:
     """No usable server name (no ClientHello, not TLS, no SNI, too big, or the timeout): the default
     route, or a close when the listener's sni_policy is reject (route_select() applies it)."""
     flb_add64(&l.shm.sni_missing, 1)
-    if l.sni_policy == FLB_SNI_REJECT and l.needs_sni:
-        flb_add64(&l.shm.sni_rejected, 1)
-        c.term = FLB_TERM_PRELUDE_ERROR + 1
-    prelude_route(c, NULL, 0)
+    if route_select(c, NULL, 0) == FLB_NONE:
+        if c.route == FLB_NONE and l.sni_policy == FLB_SNI_REJECT and l.needs_sni:
+            flb_add64(&l.shm.sni_rejected, 1)   # refused for want of a name
+            c.term = FLB_TERM_PRELUDE_ERROR + 1
+        else:
+            c.term = FLB_TERM_NO_BACKEND + 1
+        flb_add64(&l.shm.rejected, 1)
+        conn_close(c, False)
+        return
+    if conn_connect(c) < 0:
+        if c.term == 0:
+            c.term = FLB_TERM_NO_BACKEND + 1
+        flb_add64(&l.shm.rejected, 1)
+        conn_close(c, False)
 
 
 cdef int proxy_accept(Conn *c, Listener *l, PreludeBuf *b) noexcept nogil:
@@ -176,6 +186,7 @@ cdef int proxy_accept(Conn *c, Listener *l, PreludeBuf *b) noexcept nogil:
     b.off = <uint32_t>rc
     if r.family == AF_INET or r.family == AF_INET6:
         set_sockaddr(c.peer, r.family, r.src_addr, r.src_port)
+        c.peer_len = <uint8_t>(sizeof(sockaddr_in) if r.family == AF_INET else sizeof(sockaddr_in6))
         set_sockaddr(b.dst, r.family, r.dst_addr, r.dst_port)
         b.has_dst = 1
     return 1
