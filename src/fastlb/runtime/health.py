@@ -287,8 +287,9 @@ async def check_once(target: CheckTarget) -> CheckResult:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             await loop.sock_connect(sock, sockaddr)
-            if cfg.send_proxy != "off":
-                await loop.sock_sendall(sock, proxy_header(cfg.send_proxy, sock))
+            send_proxy = getattr(cfg, "send_proxy", "off")  # configs made before the key existed
+            if send_proxy != "off":
+                await loop.sock_sendall(sock, proxy_header(send_proxy, sock))
             if cfg.type == "tcp":
                 reason = "ok"
             elif cfg.type == "http":
