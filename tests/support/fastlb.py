@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from .helpers import LOCALHOST, connect, free_port, wait_until
+from .helpers import LOCALHOST, connect, free_port, free_udp_port, wait_until
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 PR_SET_PDEATHSIG = 1
@@ -56,6 +56,7 @@ class FastLB:
     `bind` becomes this instance's address and a [global] table with the control socket is put
     in front; `backends` and the other table arguments are then ignored.
     nofile: RLIMIT_NOFILE (soft and hard) for the serve process and so its workers.
+    user: run `fastlb serve` as this (unprivileged) user; its work directory is handed to it.
     """
 
     def __init__(
@@ -72,23 +73,29 @@ class FastLB:
         nofile: int | None = None,
         extra: str = "",
         raw: str | None = None,
+        user: str | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        # unix socket paths must fit in 107 bytes: fall back to a short directory if needed
-        if len(str(workdir / "control.sock")) > 100:
+        # unix socket paths must fit in 107 bytes: fall back to a short directory if needed (also
+        # for another user: pytest's tmp tree is private to root)
+        if len(str(workdir / "control.sock")) > 100 or user is not None:
             workdir = Path(tempfile.mkdtemp(prefix="flb-", dir="/tmp"))
         self.dir = workdir
         self.workers = workers
         self.nofile = nofile
+        self.user = user
         self.host = host
-        self.port = free_port(host)
+        udp = (listener or {}).get("protocol") == "udp"
+        self.port = free_udp_port(host) if udp else free_port(host)
         self.config_path = workdir / "fastlb.toml"
         self.log_path = workdir / "fastlb.log"
         self.notify_path = workdir / "notify.sock"
         bind = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         g = {"workers": workers, "control_socket": str(workdir / "control.sock"), "shutdown_timeout": "30s"}
         g.update(global_ or {})
-        lst = {"bind": bind, "pool": "web", "connect_timeout": "2s", "idle_timeout": "5m"}
+        lst = {"bind": bind, "pool": "web"}
+        if not udp:  # these keys apply to TCP listeners only
+            lst.update({"connect_timeout": "2s", "idle_timeout": "5m"})
         lst.update(listener or {})
         lst = {k: v for k, v in lst.items() if v is not None}
         entries = []
@@ -119,6 +126,7 @@ class FastLB:
         self._log = None
         self.serve_args: list[str] = []  # extra `fastlb serve` arguments (e.g. --takeover)
         self.argv_prefix: list[str] = []  # a wrapper to run `fastlb serve` under (e.g. a subreaper)
+        self.env: dict[str, str] = {}  # extra environment (e.g. PYTHONPATH of another fastlb build)
 
     def clone(self, tag: str) -> FastLB:
         """Another, not yet started, `fastlb serve` on this one's config file and port (its own log
@@ -134,6 +142,7 @@ class FastLB:
         other._log = None
         other.serve_args = []
         other.argv_prefix = []
+        other.env = {}
         return other
 
     @property
@@ -154,7 +163,23 @@ class FastLB:
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.notify_sock = ns
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1", **self.env)
+        python = sys.executable
+        user_kw = {}
+        if self.user is not None:
+            import pwd
+
+            pw = pwd.getpwnam(self.user)
+            for p in (self.dir, self.config_path):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.notify_path, 0o666)  # the unprivileged sender must reach it
+            user_kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            # the test's interpreter may live where that user cannot reach (a root-only pyenv):
+            # the system python3 with fastlb from its source tree (Debian python3-click, -psutil)
+            python = "/usr/bin/python3"
+            import fastlb
+
+            env["PYTHONPATH"] = str(Path(fastlb.__file__).resolve().parent.parent)
         nofile = self.nofile
         prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -170,7 +195,7 @@ class FastLB:
         self.proc = subprocess.Popen(
             [
                 *self.argv_prefix,
-                sys.executable,
+                python,
                 "-m",
                 "fastlb",
                 "serve",
@@ -187,6 +212,7 @@ class FastLB:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: teardown can kill the whole tree
             preexec_fn=preexec,
+            **user_kw,
         )
         self.wait_notify("READY=1", timeout)
         self.workers_now()  # remember the worker pids for teardown
@@ -322,3 +348,18 @@ class FastLB:
             self.notify_sock.close()
         if self._log is not None:
             self._log.close()
+
+
+def rewrite_backends(lb: FastLB, backends: list[dict], **pool_changes) -> None:
+    """Rewrite lb's config file with other backends (and pool keys), atomically; the rest stays as
+    started.  SIGHUP makes fastlb load it."""
+    import tomllib
+
+    doc = tomllib.loads(lb.config_path.read_text())
+    doc["pools"]["web"]["backends"] = backends
+    doc["pools"]["web"].update(pool_changes)
+    text = toml_table("global", doc["global"]) + "\n" + toml_table("listeners.web", doc["listeners"]["web"])
+    text += "\n" + toml_table("pools.web", doc["pools"]["web"])
+    tmp = lb.config_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(lb.config_path)

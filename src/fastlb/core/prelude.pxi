@@ -16,8 +16,7 @@
 # sni_timeout_ms (timer wheel), in memory by PRELUDE_CAP per connection in its prelude.
 
 cdef enum:
-    CS_PRELUDE = 3          # listener with proxy_protocol: waiting for the PROXY header
-    CS_PRELUDE_SNI = 4      # listener with SNI routes: waiting for the ClientHello's server name
+    # (CS_PRELUDE: waiting for the PROXY header; CS_PRELUDE_SNI: for the ClientHello - core/state.pxi)
     PRELUDE_CAP = 16384     # client bytes a prelude may buffer (PROXY header + ClientHello)
     PP_HEADROOM = 112       # room in front of them for the PROXY header we send (>= FLB_PP_WRITE_MAX)
     SNI_NAME_CAP = 256
@@ -405,6 +404,7 @@ cdef int prelude_flush(Conn *c) noexcept nogil:
     the backend's socket is full (F_B_WR cleared), -errno on error."""
     cdef PreludeBuf *b = <PreludeBuf *>c.pre
     cdef uint32_t end, first
+    cdef uint64_t sent
     cdef ssize_t m
     cdef int e
     if b == NULL:
@@ -421,10 +421,15 @@ cdef int prelude_flush(Conn *c) noexcept nogil:
                 c.flags &= ~F_B_WR
                 return 0
             if e != EINTR:
+                W.err_fd = c.bfd
                 return -e
             continue
         if b.out + <uint32_t>m > first:
-            flb_add64(&W.backends[c.backend].bytes_in, b.out + <uint64_t>m - (first if b.out < first else b.out))
+            # client bytes reached the backend: no retry elsewhere after this (they are gone)
+            sent = b.out + <uint64_t>m - (first if b.out < first else b.out)
+            flb_add64(&W.backends[c.backend].bytes_in, sent)
+            c.bytes_c2b += sent
+            c.flags |= F_C2B_SENT
         b.out += <uint32_t>m
     prelude_release(c)
     return 1

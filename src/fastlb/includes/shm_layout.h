@@ -66,6 +66,12 @@ enum flb_algorithm {
     FLB_ALG_LEAST_RESPONSE_TIME = 7,
 };
 
+/* listener.protocol */
+enum flb_protocol {
+    FLB_PROTO_TCP = 0,
+    FLB_PROTO_UDP = 1,
+};
+
 /* pool.hash_key */
 enum flb_hash_key {
     FLB_HASH_SOURCE_IP = 0,
@@ -181,7 +187,31 @@ typedef struct {
     uint32_t sni_policy;         /* enum flb_sni_policy */
     uint64_t no_route;           /* connections no route took (or sni_policy = reject) */
     uint64_t _rpad[3];
-    /* preludes (issue 10: PROXY protocol accept, TLS SNI peek) - counters (workers, atomic) */
+    /* dprel (issue 9, data-plane reliability): configuration, control writes before fork */
+    uint32_t half_close_timeout_ms; /* after one side finished (EOF forwarded), the other side gets
+                                    this long; then the connection is reset.  0 = no limit */
+    uint32_t _dpad[15];
+    /* UDP (issue 13): configuration (control writes before fork) - own cache line (offset 320) */
+    uint32_t protocol;           /* enum flb_protocol */
+    uint32_t udp_idle_timeout_ms; /* a flow with no datagram either way for this long is closed */
+    uint32_t udp_responses;      /* replies expected per client datagram; 0 = unknown (idle timeout only) */
+    uint32_t max_flows;          /* across all workers (counted in `active`) */
+    uint32_t udp_pktinfo;        /* 1: wildcard bind, replies carry IP_PKTINFO/IPV6_PKTINFO */
+    uint32_t _upad[11];
+    /* UDP counters (workers, atomic); for a UDP listener `active` is flows open now and
+       `accepted` flows created */
+    uint64_t udp_datagrams_in;   /* client datagrams forwarded to a backend */
+    uint64_t udp_datagrams_out;  /* backend datagrams sent back to a client */
+    uint64_t udp_drop_table_full; /* client datagrams dropped: max_flows (or the worker's table) full */
+    uint64_t udp_drop_no_backend; /* dropped: no backend could take a new flow (or draining) */
+    uint64_t udp_drop_oversized; /* dropped: truncated on receive or EMSGSIZE on send */
+    uint64_t udp_drop_unreachable; /* flows closed by an ICMP error from the backend (ECONNREFUSED...) */
+    uint64_t udp_drop_send;      /* datagrams lost to a send error (ENOBUFS, EAGAIN: socket buffer full) */
+    uint64_t udp_expired_idle;   /* flows closed by udp_idle_timeout */
+    uint64_t udp_expired_responses; /* flows closed after udp_responses replies per datagram */
+    uint64_t udp_drop_unexpected; /* backend datagrams past the expected replies (udp_responses) */
+    uint64_t _ucpad[6];
+    /* preludes (issue 10: PROXY protocol accept, TLS SNI peek) - counters (workers, atomic), offset 512 */
     uint64_t proxy_accepted;     /* PROXY headers accepted */
     uint64_t proxy_refused;      /* connections from senders outside proxy_from: reset at once */
     uint64_t proxy_errors;       /* missing, malformed, truncated or oversized header: reset */
@@ -190,7 +220,7 @@ typedef struct {
     uint64_t sni_missing;        /* no ClientHello, not TLS, no SNI, too big, or the timeout */
     uint64_t sni_rejected;       /* of those, closed by sni_policy = reject */
     uint64_t _ppad[1];
-} flb_listener_t;                /* 320 bytes */
+} flb_listener_t;                /* 576 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -250,7 +280,14 @@ typedef struct {
     uint64_t early_closes;       /* closed or reset by the backend before any byte moved either way */
     uint64_t _cpad[4];
     uint64_t hist_connect[FLB_HIST_BUCKETS]; /* connect times, one bucket per established connection */
-} flb_backend_t;                 /* 384 bytes */
+    /* UDP (issue 13) counters (workers, atomic); a flow counts in active/total/attempts like a
+       connection, its payload bytes in bytes_in/bytes_out */
+    uint64_t udp_datagrams_in;   /* client -> backend */
+    uint64_t udp_datagrams_out;  /* backend -> client */
+    uint64_t udp_unreachable;    /* ICMP errors seen on a flow's socket (also in connect_errors and
+                                    consecutive_failures: passive ejection sees them) */
+    uint64_t _ucpad[5];
+} flb_backend_t;                 /* 448 bytes */
 
 typedef struct {
     int32_t  pid;
@@ -277,7 +314,26 @@ typedef struct {
     uint32_t control_pid;        /* the control process this worker watches (a pidfd) */
     uint32_t _lpad;
     uint64_t _lcpad[6];
-} flb_worker_t;                  /* 192 bytes */
+    /* dprel (issue 9, data-plane reliability) */
+    uint32_t pipe_size;          /* smallest pipe capacity (bytes) this worker has got so far */
+    uint32_t pipe_pool_cap;      /* idle pipes it keeps at most (sized from pipe-user-pages-soft) */
+    uint64_t pipes_small;        /* pipes that came out smaller than the default 64 KiB */
+    uint64_t deadline_resets;    /* connections reset by shutdown_timeout or drain_timeout */
+    uint64_t half_close_timeouts; /* connections reset by half_close_timeout */
+    uint64_t seqlock_fallbacks;  /* backend address read from the worker's last good copy */
+    uint64_t flushed_resets;     /* resets delivered after forwarding what the dead side held */
+    uint64_t early_close_retries; /* connections retried after a backend closed before any byte */
+    uint64_t _dpad;
+    /* UDP (issue 13) */
+    uint64_t udp_flows;          /* flows open in this worker now */
+    uint64_t udp_rx_calls;       /* recvmmsg calls on listening sockets that returned datagrams */
+    uint64_t udp_rx_datagrams;   /* datagrams those calls returned */
+    uint64_t udp_tx_calls;       /* sendmmsg calls towards clients */
+    uint64_t udp_tx_datagrams;   /* datagrams those calls sent */
+    uint64_t udp_flow_capacity;  /* flows this worker's table can hold */
+    uint64_t udp_socket_errors;  /* socket()/connect() for a flow failed (EMFILE, ENETUNREACH...) */
+    uint64_t _upad;
+} flb_worker_t;                  /* 320 bytes */
 
 /* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
  * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
@@ -382,13 +438,13 @@ typedef struct {
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");
-_Static_assert(sizeof(flb_listener_t) == 320, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 576, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 256, "pool size");
 _Static_assert(sizeof(flb_cidr_t) == 64, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
-_Static_assert(sizeof(flb_backend_t) == 384, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 192, "worker size");
+_Static_assert(sizeof(flb_backend_t) == 448, "backend size");
+_Static_assert(sizeof(flb_worker_t) == 320, "worker size");
 
 #endif
