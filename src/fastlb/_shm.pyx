@@ -522,6 +522,10 @@ cdef class Region:
             "proxy_protocol": l.proxy_protocol, "proxy_from_first": l.proxy_from_first,
             "proxy_from_n": l.proxy_from_n, "sni_timeout_ms": l.sni_timeout_ms,
             "sni_policy": l.sni_policy, "no_route": flb_load64(&l.no_route),
+            "proxy_accepted": flb_load64(&l.proxy_accepted), "proxy_refused": flb_load64(&l.proxy_refused),
+            "proxy_errors": flb_load64(&l.proxy_errors), "prelude_timeouts": flb_load64(&l.prelude_timeouts),
+            "sni_found": flb_load64(&l.sni_found), "sni_missing": flb_load64(&l.sni_missing),
+            "sni_rejected": flb_load64(&l.sni_rejected),
         }
 
     def route(self, int i) -> dict:

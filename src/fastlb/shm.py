@@ -41,7 +41,7 @@ WORKER_STATE_NAMES = {0: "starting", 1: "running", 2: "draining", 3: "exited"}  
 
 EXPECTED_RECORD_SIZES = {
     "header": 192,
-    "listener": 512,
+    "listener": 576,
     "pool": 256,
     "backend": 448,
     "worker": 320,

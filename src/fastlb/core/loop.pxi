@@ -55,11 +55,15 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         W.active += 1
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
+        memcpy(c.peer, &peer, plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
             conn_close(c, True)
+            continue
+        if prelude_wanted(l):
+            prelude_begin(c, l)         # PROXY header / ClientHello first: core/prelude.pxi
             continue
         if route_select(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
             if c.term == 0:
@@ -121,7 +125,7 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
     c = &W.conns[slot]
     if c.state == CS_FREE or c.gen != gen:
         return                          # stale: the slot was freed (and maybe reused) meanwhile
-    if c.state >= CS_UDP_FLOW:
+    if c.state == CS_UDP_FLOW or c.state == CS_UDP_SPARE:
         udp_event(c, e)                 # core/udp.pxi: a flow's or a spare's backend socket
         return
     if (u & 1) == SIDE_CLIENT:
@@ -296,6 +300,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     if rc < 0:
         return rc
     rc = log_setup()
+    if rc < 0:
+        return rc
+    rc = prelude_setup()
     if rc < 0:
         return rc
     W.listeners = <Listener *>calloc(nfds + 1, sizeof(Listener))

@@ -217,7 +217,16 @@ typedef struct {
     uint64_t udp_expired_responses; /* flows closed after udp_responses replies per datagram */
     uint64_t udp_drop_unexpected; /* backend datagrams past the expected replies (udp_responses) */
     uint64_t _ucpad[6];
-} flb_listener_t;                /* 512 bytes */
+    /* preludes (issue 10: PROXY protocol accept, TLS SNI peek) - counters (workers, atomic), offset 512 */
+    uint64_t proxy_accepted;     /* PROXY headers accepted */
+    uint64_t proxy_refused;      /* connections from senders outside proxy_from: reset at once */
+    uint64_t proxy_errors;       /* missing, malformed, truncated or oversized header: reset */
+    uint64_t prelude_timeouts;   /* prelude not complete within sni_timeout_ms */
+    uint64_t sni_found;          /* ClientHellos with a server_name */
+    uint64_t sni_missing;        /* no ClientHello, not TLS, no SNI, too big, or the timeout */
+    uint64_t sni_rejected;       /* of those, closed by sni_policy = reject */
+    uint64_t _ppad[1];
+} flb_listener_t;                /* 576 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -435,7 +444,7 @@ typedef struct {
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");
-_Static_assert(sizeof(flb_listener_t) == 512, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 576, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 256, "pool size");
 _Static_assert(sizeof(flb_cidr_t) == 64, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
