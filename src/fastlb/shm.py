@@ -21,12 +21,12 @@ ALGORITHM_NAMES = {v: k for k, v in _shm.ALGORITHMS.items()}
 # (and without a layout version bump).
 EXPECTED_RECORD_SIZES = {
     "header": 192,
-    "listener": 256,
+    "listener": 384,
     "pool": 256,
     "backend": 384,
     "worker": 128,
+    "cidr": 32,
     "route": 448,
-    "cidr": 64,
     "sni": 320,
 }
 

@@ -13,6 +13,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
     cdef socklen_t plen
     cdef Conn *c
     cdef epoll_event ev
+    cdef flb_pool_t *p
     for k in range(ACCEPT_BATCH):
         # reserve a place first, so that all workers together never exceed max_connections
         if flb_sadd64(&l.shm.active, 1) > <int64_t>l.max_connections and l.max_connections > 0:
@@ -47,19 +48,26 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         c = slab_alloc()
         c.cfd = fd
         c.listener = li
-        memcpy(c.peer, &peer, plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
         W.wactive[W.hdr.n_backends + li] += 1
         c.active_ms = W.now_ms
         W.active += 1
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
+        memcpy(c.peer, &peer, plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
             conn_close(c, True)
             continue
-        if route_select(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
+        if route_select(c, NULL, 0) == FLB_NONE:
+            flb_add64(&l.shm.rejected, 1)
+            conn_close(c, False)
+            continue
+        p = &W.pools[c.pool]
+        if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
+            c.key_hash = lb_key_hash(p.hash_key, &peer, fd)
+        if conn_connect(c) < 0:
             flb_add64(&l.shm.rejected, 1)
             conn_close(c, False)
 

@@ -113,7 +113,14 @@ class Supervisor:
             first += n_slots
         n_routes, n_cidrs, n_snis = route_layout(cfg)
         region = Region(
-            len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps, n_routes, n_cidrs, n_snis
+            len(cfg.listeners),
+            len(cfg.pools),
+            first,
+            self.n_workers,
+            caps,
+            n_cidrs=n_cidrs,
+            n_routes=n_routes,
+            n_snis=n_snis,
         )
         for ps in self.pools.values():
             pc = ps.config
