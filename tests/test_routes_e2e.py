@@ -17,13 +17,14 @@ Pools: "web" (the fixture's pool, backend v1a) and "v2" (backend v2a); the liste
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 
 from fastlb.control import ControlClient
 from support.backends import server
 from support.clients import Load, assert_one_line_error, cli, count_backends, names_by_source
-from support.helpers import connect
+from support.helpers import connect, wait_until
 
 N_SPLIT = 20_000
 
@@ -227,3 +228,27 @@ def test_pool_without_usable_backend_is_skipped(backends, fastlb):
     client.set_split("web", "default", {"web": 0, "v2": 0})
     assert _refused(lb.addr) == b""
     assert route_of(client.status(), "default")["no_pool"] == 1
+
+
+def test_reload_replaces_the_published_splits(backends, fastlb):
+    _, lb, client = start(backends, fastlb, CANARY, workers=1)
+    client.set_split("web", "default", {"web": 50, "v2": 50})  # runtime change, then the file wins
+    text = lb.config_text.replace(
+        'weight = 90 }, { pool = "v2", weight = 10', 'weight = 0 }, { pool = "v2", weight = 100'
+    )
+    assert text != lb.config_text
+    lb.config_path.write_text(text)
+    lb.signal(signal.SIGHUP)
+    wait_until(
+        lambda: route_of(client.status(), "default")["split"] == {"web": 0, "v2": 100}, 10, "the reload"
+    )
+    assert count_backends(lb.addr, 100) == Counter({"v2a": 100})
+    # a structural change (a new route) is not applied: the log says it needs a restart
+    gen = client.status()["generation"]
+    lb.config_path.write_text(text.replace('name = "default"', 'name = "main"'))
+    lb.signal(signal.SIGHUP)
+    wait_until(lambda: "need a restart" in lb.log_text(), 10, "the reload's restart warning")
+    assert "routes (names or matches)" in lb.log_text()
+    st = client.status()
+    assert route_of(st, "default")["split"] == {"web": 0, "v2": 100}
+    assert st["generation"] >= gen
