@@ -454,7 +454,7 @@ cdef class Region:
             "first_cidr": r.first_cidr, "n_cidrs": r.n_cidrs, "first_sni": r.first_sni,
             "n_snis": r.n_snis, "split_seq": seq, "affinity": sp.affinity,
             "split": [(sp.pool[k], sp.weight[k]) for k in range(n)],
-            "connections": flb_load64(&r.connections), "no_pool": flb_load64(&r.no_pool),
+            "no_pool": flb_load64(&r.no_pool),
             "pool_connections": [flb_load64(&per_pool[k]) for k in range(self.hdr.n_pools)],
         }
 

@@ -229,8 +229,8 @@ cdef uint32_t route_select(Conn *c, const char *sni, uint32_t sni_len) noexcept 
     sni[0:sni_len] (sni_len = 0: none was read), exact names before `*.` wildcards, else the
     default route; then the pool by that route's split.
 
-    Sets c.route and c.pool (the caller computes c.key_hash for a hashing pool), counts the route's
-    and the (route, pool) connections.  Returns c.pool, or FLB_NONE when no route takes c (counted
+    Sets c.route and c.pool (the caller computes c.key_hash for a hashing pool), counts the
+    connection in route_pools[route][pool] (or the route's no_pool).  Returns c.pool, or FLB_NONE when no route takes c (counted
     in listener.no_route; also sni_policy = reject with no name) or no pool of the route's split can
     (counted in route.no_pool): the caller rejects.  Applies a split published before this call,
     even within one loop turn (one acquire-load of the generation)."""
@@ -254,7 +254,6 @@ cdef uint32_t route_select(Conn *c, const char *sni, uint32_t sni_len) noexcept 
         flb_add64(&l.shm.no_route, 1)
         return FLB_NONE
     c.route = found
-    flb_add64(&W.routes[found].connections, 1)
     pi = split_pick(&W.rviews[found], c)
     if pi == FLB_NONE:
         flb_add64(&W.routes[found].no_pool, 1)

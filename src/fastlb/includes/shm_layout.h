@@ -319,10 +319,10 @@ typedef struct {
     uint32_t split_seq;          /* live split = split[split_seq & 1] (acquire-load) */
     uint32_t _pad1[9];
     flb_split_t split[2];        /* double buffer, see the publishing rules above */
-    /* counters (workers, atomic) - own cache line */
-    uint64_t connections;        /* connections this route took */
+    /* counters (workers, atomic) - own cache line.  The connections a route took are
+     * no_pool + the sum of its route_pools[route][*] (one atomic add per connection, not two). */
     uint64_t no_pool;            /* taken, but refused: every weight of the split is 0 */
-    uint64_t _cpad[6];
+    uint64_t _cpad[7];
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");

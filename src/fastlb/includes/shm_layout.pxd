@@ -214,5 +214,4 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t n_snis
         uint32_t split_seq
         flb_split_t split[2]
-        uint64_t connections
         uint64_t no_pool

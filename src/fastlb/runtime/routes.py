@@ -243,7 +243,7 @@ class RouteManager:
                         },
                         "split": st.split(),
                         "split_affinity": st.affinity,
-                        "connections": rec["connections"],
+                        "connections": rec["no_pool"] + sum(per_pool),
                         "no_pool": rec["no_pool"],
                         "pools": {p: per_pool[self.pool_index[p]] for p, _ in st.entries},
                     }
