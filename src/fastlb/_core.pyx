@@ -7,6 +7,7 @@
 #   core/pipes.pxi   the per-worker pipe pool (an idle connection holds no pipe)
 #   core/timers.pxi  the timer wheel (connect and idle timeouts)
 #   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
+#   core/accesslog.pxi  the access log's producer: one record per ended connection into a ring
 #   core/routes.pxi  routes and splits: route_select() picks a connection's route and pool
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
@@ -28,6 +29,7 @@ include "core/state.pxi"
 include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
+include "core/accesslog.pxi"
 include "core/routes.pxi"
 include "core/conn.pxi"
 include "core/loop.pxi"

@@ -69,12 +69,14 @@ cdef class Region:
     cdef flb_header_t *hdr
 
     def __cinit__(self, int n_listeners, int n_pools, int n_backends, int n_workers, list table_capacity,
-                  int n_cidrs=0, int n_routes=0, int n_snis=0):
+                  int n_cidrs=0, int n_routes=0, int n_snis=0, uint32_t log_slots=0):
         """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold;
         n_cidrs: address ranges (the listeners' proxy_protocol_from, then the routes' match.source)
         in the cidrs array; n_routes/n_snis: route records and server-name patterns (routes of all
-        listeners together; a listener with `pool = "X"` has one default route)."""
+        listeners together; a listener with `pool = "X"` has one default route).
+        log_slots: access-log records per worker ring (a power of two; 0 = no access log)."""
         cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off, c_off, r_off, s_off, rp_off
+        cdef uint64_t lr_off = 0, ring_bytes = 0
         cdef int i
         cdef flb_pool_t *pools
         if len(table_capacity) != n_pools:
@@ -101,6 +103,12 @@ cdef class Region:
         off = _align(off + sizeof(flb_sni_t) * <uint64_t>n_snis, 64)
         rp_off = off
         off = _align(off + 8 * <uint64_t>n_routes * n_pools, 64)
+        if log_slots:
+            if log_slots & (log_slots - 1):
+                raise ValueError("log_slots must be a power of two")
+            lr_off = _align(off, 4096)
+            ring_bytes = sizeof(flb_logring_t) + <uint64_t>log_slots * sizeof(flb_logrec_t)
+            off = lr_off + ring_bytes * <uint64_t>n_workers
         size = _align(off, 4096)
         self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
         os.fchmod(self.fd, 0o600)
@@ -128,6 +136,9 @@ cdef class Region:
         self.hdr.wactive_off = wa_off
         self.hdr.cidrs_off = c_off
         self.hdr.n_cidrs = n_cidrs
+        self.hdr.logring_off = lr_off
+        for i in range(n_workers if log_slots else 0):
+            (<flb_logring_t *>(self.base + lr_off + <uint64_t>i * ring_bytes)).slots = log_slots
         self.hdr.listener_size = sizeof(flb_listener_t)
         self.hdr.pool_size = sizeof(flb_pool_t)
         self.hdr.backend_size = sizeof(flb_backend_t)
@@ -522,3 +533,39 @@ cdef class Region:
                 flb_sadd64(&self._listener(k).active, -row[nb + k])
         memset(row, 0, 4 * (nb + nl))
         memset(self._worker(i), 0, sizeof(flb_worker_t))
+
+
+    # --- access log (the consumer side; see shm_layout.h) ----------------------------------------
+
+    cdef flb_logring_t *_ring(self, int worker) except NULL:
+        cdef flb_logring_t *first
+        if self.hdr.logring_off == 0:
+            raise ValueError("the region has no access-log rings")
+        if not 0 <= worker < <int>self.hdr.n_workers:
+            raise IndexError(f"worker index {worker} out of range")
+        first = <flb_logring_t *>(self.base + self.hdr.logring_off)
+        return <flb_logring_t *>(self.base + self.hdr.logring_off + <uint64_t>worker
+                                 * (sizeof(flb_logring_t) + <uint64_t>first.slots * sizeof(flb_logrec_t)))
+
+    def log_drain(self, int worker, int limit=65536) -> list:
+        """Take up to `limit` records from worker's ring, oldest first:
+        [(end_unix_us, duration_us, bytes_in, bytes_out, connect_us, listener, route, pool, backend,
+          termination, retries, client_sockaddr_bytes), ...]."""
+        cdef flb_logring_t *ring = self._ring(worker)
+        cdef flb_logrec_t *recs = <flb_logrec_t *>(<char *>ring + sizeof(flb_logring_t))
+        cdef flb_logrec_t *r
+        cdef uint64_t head = flb_load64_acq(&ring.head)
+        cdef uint64_t tail = ring.tail
+        cdef list out = []
+        while tail < head and len(out) < limit:
+            r = &recs[tail & (ring.slots - 1)]
+            out.append((r.end_unix_us, r.duration_us, r.bytes_in, r.bytes_out, r.connect_us, r.listener,
+                        r.route, r.pool, r.backend, r.termination, r.retries,
+                        bytes(r.client[:min(r.client_len, FLB_ADDR_LEN)])))
+            tail += 1
+        flb_store64_rel(&ring.tail, tail)
+        return out
+
+    def log_dropped(self, int worker) -> int:
+        """Records worker's ring had to drop (full) since the region was made."""
+        return flb_load64(&self._ring(worker).dropped)

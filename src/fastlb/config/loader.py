@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 
+from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
 from fastlb.config.model import (
     ALGORITHM_ALIASES,
     ALGORITHMS,
@@ -35,6 +36,7 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
 from fastlb.config.routes import (
     LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
 )
@@ -96,7 +98,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
+_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", *ADMIN_KEYS, *ACCESS_LOG_KEYS)
 _LISTENER_KEYS = (
     "bind",
     "pool",
@@ -118,6 +120,7 @@ _POOL_KEYS = (
     "drain_timeout",
     "health_check",
     "outlier_detection",
+    "discover",
     "send_proxy",
 )
 _BACKEND_KEYS = ("name", "address", "weight")
@@ -142,11 +145,16 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
+    access_log = parse_access_log(t)
     return GlobalConfig(
         workers=workers,
         control_socket=sock,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
+        admin=parse_admin(t),
+        access_log=access_log[0],
+        access_log_format=access_log[1],
+        access_log_buffer=access_log[2],
     )
 
 
@@ -223,7 +231,9 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             )
         algorithm, hash_key = real, implied_key
 
-    backends = _backends(t, file, backends_before)
+    discover = parse_discover(t)
+    # with DNS discovery the static list is optional (and may be empty)
+    backends = _backends(t, file, backends_before) if discover is None or t.data.get("backends") else ()
     table_size = t.get_int(
         "maglev_table_size", d.maglev_table_size, MIN_MAGLEV_TABLE_SIZE, MAX_MAGLEV_TABLE_SIZE
     )
@@ -253,6 +263,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         drain_timeout=t.get_duration("drain_timeout", d.drain_timeout),
         health_check=health,
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
+        discover=discover,
         send_proxy=send_proxy,
     )
 

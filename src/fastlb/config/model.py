@@ -139,6 +139,29 @@ class OutlierConfig:
 
 
 @dataclass(frozen=True)
+class DiscoverConfig:
+    """DNS service discovery for a pool (fastlb.fleet.discovery): SRV, or A/AAAA plus a port."""
+
+    kind: str  # "srv" | "a"
+    name: str  # fully qualified, with the trailing dot
+    port: int | None  # for kind "a"
+    resolvers: tuple[Address, ...] = ()  # empty: the system resolver (/etc/resolv.conf)
+    min_interval: float = 1.0  # re-resolve at the record's TTL, bounded by these
+    max_interval: float = 300.0
+    max_backends: int = 64  # backend slots reserved for what DNS returns
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The remote admin API (fastlb.fleet.admin): HTTP JSON, bearer token, optional TLS."""
+
+    bind: Address
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     algorithm: str
@@ -152,6 +175,7 @@ class PoolConfig:
     drain_timeout: float = 300.0
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierConfig = OutlierConfig()
+    discover: DiscoverConfig | None = None
     send_proxy: str = "off"  # "off" | "v1" | "v2": PROXY header written to the backends first
 
 
@@ -219,6 +243,10 @@ class GlobalConfig:
     control_socket: str = "/run/fastlb/control.sock"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    admin: AdminConfig | None = None
+    access_log: str = "off"  # "off" | "stdout" | an absolute path
+    access_log_format: str = "json"  # "json" | "text"
+    access_log_buffer: int = 16384  # records per worker ring
 
 
 @dataclass(frozen=True)

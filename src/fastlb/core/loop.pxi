@@ -48,12 +48,14 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         c = slab_alloc()
         c.cfd = fd
         c.listener = li
+        c.accepted_us = W.now_us
+        c.peer_len = <uint8_t>(plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
+        memcpy(c.peer, &peer, c.peer_len)
         W.wactive[W.hdr.n_backends + li] += 1
         c.active_ms = W.now_ms
         W.active += 1
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
-        memcpy(c.peer, &peer, plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
@@ -61,6 +63,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
             conn_close(c, True)
             continue
         if route_select(c, NULL, 0) == FLB_NONE:
+            c.term = FLB_TERM_NO_BACKEND + 1       # no route took it
             flb_add64(&l.shm.rejected, 1)
             conn_close(c, False)
             continue
@@ -68,6 +71,8 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
             c.key_hash = lb_key_hash(p.hash_key, &peer, fd)
         if conn_connect(c) < 0:
+            if c.term == 0:
+                c.term = FLB_TERM_NO_BACKEND + 1
             flb_add64(&l.shm.rejected, 1)
             conn_close(c, False)
 
@@ -172,6 +177,7 @@ cdef void close_condemned() noexcept nogil:
     for k in range(W.n_used):
         if W.conns[k].state != CS_FREE and W.conns[k].backend != FLB_NONE \
                 and flb_load32(&W.backends[W.conns[k].backend].close_conns):
+            W.conns[k].term = FLB_TERM_DRAIN_DEADLINE + 1
             conn_close(&W.conns[k], False)
 
 
@@ -244,6 +250,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     sigaddset(&mask, SIGTERM)
     sigaddset(&mask, SIGINT)
     sigaddset(&mask, SIGHUP)
+    sigaddset(&mask, SIGUSR1)           # reopen-the-log is the control process's business
     if sigprocmask(SIG_BLOCK, &mask, NULL) < 0:
         return -errno
     if getppid() == 1:
@@ -288,6 +295,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     rc = lb_setup()
     if rc < 0:
         return rc
+    rc = log_setup()
+    if rc < 0:
+        return rc
     W.listeners = <Listener *>calloc(nfds + 1, sizeof(Listener))
     if W.listeners == NULL:
         return -ENOMEM
@@ -328,6 +338,7 @@ cdef void worker_teardown() noexcept nogil:
     cdef int32_t i
     for i in range(W.n_used):
         if W.conns[i].state != CS_FREE:
+            W.conns[i].term = FLB_TERM_SHUTDOWN_DEADLINE + 1
             conn_close(&W.conns[i], False)
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)

@@ -73,6 +73,14 @@ ctypedef struct Conn:
     int32_t t_next
     int32_t t_slot          # wheel slot, -1 = not scheduled
     int32_t next_free
+    # what the access log reports (core/accesslog.pxi); cheap enough to keep always
+    uint64_t accepted_us
+    uint64_t bytes_c2b
+    uint64_t bytes_b2c
+    uint32_t connect_us     # connect time of the attempt that succeeded
+    uint8_t term            # 0: derive at close from the flags; else enum flb_term + 1
+    uint8_t closer          # who finished first: 0 nobody yet, 1 the client, 2 the backend
+    uint8_t peer_len        # bytes of peer in use
 
 
 ctypedef struct PoolView:
@@ -166,6 +174,9 @@ ctypedef struct Worker:
     int stopping
     uint64_t stop_deadline_ms
     int pending_accept
+    # access log (core/accesslog.pxi): this worker's ring, NULL when the log is off
+    flb_logring_t *logring
+    flb_logrec_t *logrecs
 
 
 cdef Worker W

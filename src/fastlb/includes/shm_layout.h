@@ -12,7 +12,8 @@
  *   header.workers_off       flb_worker_t[n_workers]
  *   header.wactive_off       int32_t[n_workers][n_backends + n_listeners] (per-worker active shares)
  *   header.tables_off        per pool, two table buffers (double buffer for maglev / ring_hash)
- *   header.cidrs_off         flb_cidr_t[n_cidrs]   (address ranges; listeners' proxy_from slices)
+ *   header.logring_off       per worker, an access-log ring: flb_logring_t + slots x flb_logrec_t (0: off)
+ *   header.cidrs_off         flb_cidr_t[n_cidrs]   (address ranges: proxy_from slices, then match.source)
  *   header.routes_off        flb_route_t[n_routes]       (each listener owns a contiguous slice)
  *   header.snis_off          flb_sni_t[n_snis]           (match.sni patterns)
  *   header.route_pools_off   uint64_t[n_routes][n_pools] (connections each route sent to each pool)
@@ -143,9 +144,11 @@ typedef struct {
     uint64_t wactive_off;        /* int32_t[n_workers][n_backends + n_listeners]: each worker's own
                                     share of the active counters, so the control process can take
                                     a crashed worker's connections back out of the shared totals */
-    uint64_t cidrs_off;          /* preludes: flb_cidr_t[n_cidrs], written before fork */
-    /* routes (issue 10); the cidrs table above also holds the routes' match.source prefixes */
+    uint64_t logring_off;        /* access-log rings, one per worker (0: access log off) */
+    /* routes and preludes (issue 10) */
     uint64_t routes_off;         /* flb_route_t[n_routes] */
+    uint64_t cidrs_off;          /* flb_cidr_t[n_cidrs]: every listener's proxy_protocol_from, then
+                                    the routes' match.source prefixes; written before fork */
     uint64_t snis_off;           /* flb_sni_t[n_snis] */
     uint64_t route_pools_off;    /* uint64_t[n_routes][n_pools] */
     uint32_t n_routes;
@@ -154,7 +157,7 @@ typedef struct {
     uint32_t cidr_size;
     uint32_t sni_size;
     uint32_t _rpad;
-    uint64_t _rreserved[2];
+    uint64_t _rreserved;
 } flb_header_t;                  /* 192 bytes */
 
 typedef struct {
@@ -279,7 +282,61 @@ typedef struct {
     uint64_t generation_seen;
 } flb_worker_t;                  /* 128 bytes */
 
-/* preludes: an address range (proxy_protocol_from) */
+/* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
+ * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
+ * acquire-loads head, reads records [tail, head), then release-stores tail.  A worker whose ring is
+ * full drops the record and counts it in `dropped`: forwarding never waits for the log. */
+#define FLB_LOGREC_SIZE 128
+
+/* flb_logrec_t.termination: why a connection ended (HAProxy's termination states are the anchor) */
+enum flb_term {
+    FLB_TERM_CLIENT_CLOSE = 0,      /* normal: the client finished first */
+    FLB_TERM_BACKEND_CLOSE = 1,     /* normal: the backend finished first */
+    FLB_TERM_CLIENT_RESET = 2,
+    FLB_TERM_BACKEND_RESET = 3,
+    FLB_TERM_CONNECT_FAILED = 4,    /* every backend tried refused or failed (retries exhausted) */
+    FLB_TERM_NO_BACKEND = 5,        /* the pool had no usable backend */
+    FLB_TERM_CONNECT_TIMEOUT = 6,   /* the last attempt timed out */
+    FLB_TERM_IDLE_TIMEOUT = 7,
+    FLB_TERM_HALF_CLOSE_TIMEOUT = 8,
+    FLB_TERM_DRAIN_DEADLINE = 9,    /* the backend's drain_timeout passed */
+    FLB_TERM_SHUTDOWN_DEADLINE = 10,/* the worker's shutdown_timeout passed */
+    FLB_TERM_PRELUDE_ERROR = 11,    /* bad or missing PROXY header / ClientHello, or its timeout */
+    FLB_TERM_LOCAL_ERROR = 12,      /* fastlb's own trouble (descriptors, memory) */
+    FLB_TERM_CLIENT_GONE = 13,      /* the client left before a backend answered the connect */
+};
+
+typedef struct {
+    uint64_t head;               /* records written (worker; release-store after the record) */
+    uint64_t tail;               /* records consumed (control process; release-store) */
+    uint64_t dropped;            /* records lost because the ring was full (worker) */
+    uint32_t slots;              /* capacity, a power of two (control process, before fork) */
+    uint32_t _pad0;
+    uint64_t _pad[4];
+} flb_logring_t;                 /* 64 bytes, followed by slots x flb_logrec_t */
+
+typedef struct {
+    uint64_t end_unix_us;        /* CLOCK_REALTIME when the connection ended */
+    uint64_t duration_us;        /* accept to end */
+    uint64_t bytes_in;           /* client -> backend */
+    uint64_t bytes_out;          /* backend -> client */
+    uint32_t connect_us;         /* connect time of the attempt that succeeded (0: none did) */
+    uint32_t listener;
+    uint32_t route;              /* FLB_NONE: no route */
+    uint32_t pool;
+    uint32_t backend;            /* FLB_NONE: no backend */
+    uint16_t termination;        /* enum flb_term */
+    uint8_t  retries;            /* connect attempts beyond the first */
+    uint8_t  _pad0;
+    uint8_t  client[FLB_ADDR_LEN]; /* sockaddr_in/in6 of the client (the PROXY address if accepted) */
+    uint32_t client_len;
+    uint8_t  _pad1[40];
+} flb_logrec_t;                  /* 128 bytes */
+
+_Static_assert(sizeof(flb_logring_t) == 64, "logring size");
+_Static_assert(sizeof(flb_logrec_t) == FLB_LOGREC_SIZE, "logrec size");
+
+/* preludes and routes: an address range (proxy_protocol_from, match.source) */
 typedef struct {
     uint32_t family;             /* AF_INET or AF_INET6 */
     uint32_t prefix;             /* leading bits that must match: 0..32 / 0..128 */

@@ -1,5 +1,5 @@
 # shm_layout.pxd - Cython view of shm_layout.h (THE shared-memory layout; see that file for the rules).
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "shm_layout.h" nogil:
@@ -83,9 +83,10 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t stopping
         uint32_t n_cidrs
         uint64_t wactive_off
-        uint64_t cidrs_off
+        uint64_t logring_off
         # routes (issue 10)
         uint64_t routes_off
+        uint64_t cidrs_off
         uint64_t snis_off
         uint64_t route_pools_off
         uint32_t n_routes
@@ -191,6 +192,43 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t splice_errors
         uint64_t conn_capacity
         uint64_t generation_seen
+
+    cdef enum flb_term:
+        FLB_TERM_CLIENT_CLOSE
+        FLB_TERM_BACKEND_CLOSE
+        FLB_TERM_CLIENT_RESET
+        FLB_TERM_BACKEND_RESET
+        FLB_TERM_CONNECT_FAILED
+        FLB_TERM_NO_BACKEND
+        FLB_TERM_CONNECT_TIMEOUT
+        FLB_TERM_IDLE_TIMEOUT
+        FLB_TERM_HALF_CLOSE_TIMEOUT
+        FLB_TERM_DRAIN_DEADLINE
+        FLB_TERM_SHUTDOWN_DEADLINE
+        FLB_TERM_PRELUDE_ERROR
+        FLB_TERM_LOCAL_ERROR
+        FLB_TERM_CLIENT_GONE
+
+    ctypedef struct flb_logring_t:
+        uint64_t head
+        uint64_t tail
+        uint64_t dropped
+        uint32_t slots
+
+    ctypedef struct flb_logrec_t:
+        uint64_t end_unix_us
+        uint64_t duration_us
+        uint64_t bytes_in
+        uint64_t bytes_out
+        uint32_t connect_us
+        uint32_t listener
+        uint32_t route
+        uint32_t pool
+        uint32_t backend
+        uint16_t termination
+        uint8_t retries
+        uint8_t client[FLB_ADDR_LEN]
+        uint32_t client_len
 
     # routes (issue 10)
     ctypedef struct flb_sni_t:

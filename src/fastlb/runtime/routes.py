@@ -131,6 +131,10 @@ class RouteManager:
             raise KeyError(f"listener {listener!r} has no route {route!r} (routes: {', '.join(routes)})")
         return st
 
+    def index_names(self) -> dict[int, str]:
+        """Global route index -> route name (what the access log prints)."""
+        return {st.index: st.config.name for routes in self.routes.values() for st in routes.values()}
+
     def split(self, listener: str, route: str) -> dict[str, int]:
         """The route's current split: pool -> weight, in split order (weight-0 entries included)."""
         return self.find(listener, route).split()
