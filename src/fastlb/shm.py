@@ -24,7 +24,7 @@ EXPECTED_RECORD_SIZES = {
     "listener": 384,
     "pool": 256,
     "backend": 384,
-    "worker": 128,
+    "worker": 192,
     "cidr": 32,
     "route": 448,
     "sni": 320,

@@ -98,7 +98,16 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", *ADMIN_KEYS, *ACCESS_LOG_KEYS)
+_GLOBAL_KEYS = (
+    "workers",
+    "control_socket",
+    "shutdown_timeout",
+    "log_level",
+    "orphan_timeout",
+    "worker_stall_timeout",
+    *ADMIN_KEYS,
+    *ACCESS_LOG_KEYS,
+)
 _LISTENER_KEYS = (
     "bind",
     "pool",
@@ -155,7 +164,17 @@ def _global(data: object, file: str) -> GlobalConfig:
         access_log=access_log[0],
         access_log_format=access_log[1],
         access_log_buffer=access_log[2],
+        orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
+        worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
     )
+
+
+def _stall_timeout(t: _Table, default: float) -> float:
+    """worker_stall_timeout: at least 500ms (a worker's loop turns at least every 100 ms)."""
+    seconds = t.get_duration("worker_stall_timeout", default, positive=True)
+    if seconds < 0.5:
+        raise t.error("worker_stall_timeout", "must be at least 500ms (workers beat every 100 ms at most)")
+    return seconds
 
 
 def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:
