@@ -17,13 +17,14 @@ Pools: "web" (the fixture's pool, backend v1a) and "v2" (backend v2a); the liste
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
 
 from fastlb.control import ControlClient
 from support.backends import server
-from support.clients import Load, assert_one_line_error, cli, count_backends, names_by_source
+from support.clients import Load, assert_one_line_error, cli, count_backends, names_by_source, raw_request
 from support.helpers import connect, wait_until
 
 N_SPLIT = 20_000
@@ -123,6 +124,21 @@ def test_set_split_errors_change_nothing(backends, fastlb):
     assert_one_line_error(cli("set-split", "--socket", sock, "api", "default", "v2=1"), "unknown listener")
     assert_one_line_error(cli("set-split", "--socket", sock, "web", "default", "v2=1001"), "0..1000")
     assert_one_line_error(cli("set-split", "--socket", sock, "web", "default", "v2"), "POOL=WEIGHT")
+    for bad in (
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": []},
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": {}},
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": {"v2": True}},
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": {"v2": "1"}},
+        {"cmd": "set-split", "listener": 1, "route": "default", "weights": {"v2": 1}},
+        {
+            "cmd": "set-split",
+            "listener": "web",
+            "route": "default",
+            "weights": {f"p{i}": 1 for i in range(16)},
+        },
+    ):
+        (reply,) = raw_request(sock, json.dumps(bad).encode() + b"\n")
+        assert reply["ok"] is False and "\n" not in reply["error"], (bad, reply)
     st = client.status()
     assert st["generation"] == gen
     assert route_of(st, "default")["split"] == {"web": 90, "v2": 10}
