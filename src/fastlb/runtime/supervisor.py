@@ -30,6 +30,7 @@ from fastlb.config.model import MAX_SUN_PATH
 from fastlb.control.server import handle_request
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
+from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
 from fastlb.runtime.routes import RouteManager, route_layout
@@ -104,6 +105,7 @@ class Supervisor:
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
         self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
+        self.dataplane = DataPlaneWatch(self.region, self.n_workers)
         self.checker: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.access_log: AccessLog | None = None
@@ -153,6 +155,7 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                round(lc.half_close_timeout * 1000),
             )
         return region
 
@@ -345,6 +348,7 @@ class Supervisor:
             self._tick_wake.clear()
             try:
                 self.backends.tick()
+                self.dataplane.check()
             except Exception:
                 log.exception("periodic backend update failed")
             self.watchdog.check()
@@ -560,6 +564,7 @@ class Supervisor:
                         "connect_errors": b["connect_errors"],
                         "connect_timeouts": b["connect_timeouts"],
                         "resets": b["resets"],
+                        "early_closes": b["early_closes"],
                         "consecutive_failures": b["consecutive_failures"],
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
