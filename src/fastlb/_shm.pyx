@@ -37,6 +37,7 @@ ALL_DOWN = {"reject": FLB_ALL_DOWN_REJECT, "panic": FLB_ALL_DOWN_PANIC}
 AFFINITY = {"none": FLB_AFFINITY_NONE, "source_ip": FLB_AFFINITY_SOURCE_IP}
 MAX_SPLIT = FLB_MAX_SPLIT
 SNI_LEN = FLB_SNI_LEN
+PROTOCOLS = {"tcp": FLB_PROTO_TCP, "udp": FLB_PROTO_UDP}
 
 RECORD_SIZES = {
     "header": sizeof(flb_header_t),
@@ -120,7 +121,9 @@ cdef class Region:
             raise OSError("mmap of the shared region failed")
         self.size = size
         self.hdr = <flb_header_t *>self.base
-        memset(self.base, 0, size)
+        # No memset: a new memfd reads as zeros, and its pages are only allocated when first
+        # written.  Zeroing all of it would allocate every table buffer up front (two per pool,
+        # 4 bytes x maglev_table_size each: ~40 MB per pool at 5000011) before any is used.
         self.hdr.layout_version = FLB_LAYOUT_VERSION
         self.hdr.header_size = sizeof(flb_header_t)
         self.hdr.total_size = size
@@ -228,8 +231,12 @@ cdef class Region:
 
     # --- configuration (before fork, or published afterwards) ------------------------------
 
-    def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                     int max_connections, bytes sockaddr, uint32_t half_close_timeout_ms=0) -> None:
+    def set_listener(self, int i, str name, int pool, uint32_t connect_timeout_ms,
+                     uint32_t idle_timeout_ms, uint32_t max_connections, bytes sockaddr,
+                     uint32_t half_close_timeout_ms=0, str protocol="tcp", uint32_t udp_idle_timeout_ms=0,
+                     uint32_t udp_responses=0, uint32_t max_flows=0, bint udp_pktinfo=False) -> None:
+        """Timeouts and max_connections are the record's uint32 fields: the config's limits (30 days
+        of milliseconds, 10,000,000 connections) fit them, so whatever check-config accepts is stored."""
         cdef flb_listener_t *l = self._listener(i)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")
@@ -242,6 +249,11 @@ cdef class Region:
         memcpy(l.addr, <char *>sockaddr, len(sockaddr))
         l.addrlen = len(sockaddr)
         l.half_close_timeout_ms = half_close_timeout_ms
+        l.protocol = PROTOCOLS[protocol]
+        l.udp_idle_timeout_ms = udp_idle_timeout_ms
+        l.udp_responses = udp_responses
+        l.max_flows = max_flows
+        l.udp_pktinfo = 1 if udp_pktinfo else 0
 
     def set_listener_prelude(self, int i, int proxy_protocol, int proxy_from_first, int proxy_from_n,
                              bint needs_sni, int sni_timeout_ms, int sni_policy) -> None:
@@ -475,12 +487,25 @@ cdef class Region:
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
             "accept_errors": flb_load64(&l.accept_errors),
             "proxy_protocol": l.proxy_protocol, "needs_sni": l.needs_sni,
+            "proxy_from_first": l.proxy_from_first, "proxy_from_n": l.proxy_from_n,
             "sni_timeout_ms": l.sni_timeout_ms, "sni_policy": l.sni_policy,
             "proxy_accepted": flb_load64(&l.proxy_accepted), "proxy_refused": flb_load64(&l.proxy_refused),
             "proxy_errors": flb_load64(&l.proxy_errors), "prelude_timeouts": flb_load64(&l.prelude_timeouts),
             "sni_found": flb_load64(&l.sni_found), "sni_missing": flb_load64(&l.sni_missing),
             "sni_rejected": flb_load64(&l.sni_rejected),
             "first_route": l.first_route, "n_routes": l.n_routes, "no_route": flb_load64(&l.no_route),
+            "protocol": l.protocol, "udp_idle_timeout_ms": l.udp_idle_timeout_ms,
+            "udp_responses": l.udp_responses, "max_flows": l.max_flows, "udp_pktinfo": l.udp_pktinfo,
+            "udp_datagrams_in": flb_load64(&l.udp_datagrams_in),
+            "udp_datagrams_out": flb_load64(&l.udp_datagrams_out),
+            "udp_drop_table_full": flb_load64(&l.udp_drop_table_full),
+            "udp_drop_no_backend": flb_load64(&l.udp_drop_no_backend),
+            "udp_drop_oversized": flb_load64(&l.udp_drop_oversized),
+            "udp_drop_unreachable": flb_load64(&l.udp_drop_unreachable),
+            "udp_drop_send": flb_load64(&l.udp_drop_send),
+            "udp_expired_idle": flb_load64(&l.udp_expired_idle),
+            "udp_expired_responses": flb_load64(&l.udp_expired_responses),
+            "udp_drop_unexpected": flb_load64(&l.udp_drop_unexpected),
         }
 
     def route(self, int i) -> dict:
@@ -528,6 +553,9 @@ cdef class Region:
             "connect_time_sum_us": flb_load64(&b.connect_time_sum_us),
             "early_closes": flb_load64(&b.early_closes),
             "hist_connect": [flb_load64(&b.hist_connect[k]) for k in range(FLB_HIST_BUCKETS)],
+            "udp_datagrams_in": flb_load64(&b.udp_datagrams_in),
+            "udp_datagrams_out": flb_load64(&b.udp_datagrams_out),
+            "udp_unreachable": flb_load64(&b.udp_unreachable),
         }
 
     def consecutive_failures(self, int i) -> int:
@@ -551,6 +579,10 @@ cdef class Region:
             "deadline_resets": w.deadline_resets, "half_close_timeouts": w.half_close_timeouts,
             "seqlock_fallbacks": w.seqlock_fallbacks, "flushed_resets": w.flushed_resets,
             "early_close_retries": w.early_close_retries,
+            "udp_flows": w.udp_flows, "udp_rx_calls": w.udp_rx_calls,
+            "udp_rx_datagrams": w.udp_rx_datagrams, "udp_tx_calls": w.udp_tx_calls,
+            "udp_tx_datagrams": w.udp_tx_datagrams, "udp_flow_capacity": w.udp_flow_capacity,
+            "udp_socket_errors": w.udp_socket_errors,
         }
 
     def reset_worker(self, int i) -> None:

@@ -21,10 +21,10 @@ ALGORITHM_NAMES = {v: k for k, v in _shm.ALGORITHMS.items()}
 # (and without a layout version bump).
 EXPECTED_RECORD_SIZES = {
     "header": 192,
-    "listener": 448,
+    "listener": 640,
     "pool": 256,
-    "backend": 384,
-    "worker": 256,
+    "backend": 448,
+    "worker": 320,
     "cidr": 32,
     "route": 448,
     "sni": 320,
