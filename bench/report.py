@@ -297,7 +297,7 @@ def render_micro(path: Path = MICRO) -> list[str]:
         "## Micro-benchmarks (pytest-benchmark)",
         "",
         f"_`scripts/bench micro` on {data.get('datetime', '?')[:19]}Z at {commit[:7]}: "
-        "`pytest bench/test_bench_pick.py bench/test_bench_tables.py --benchmark-json "
+        "`pytest bench/test_bench_pick.py bench/test_bench_tables.py bench/test_bench_route.py --benchmark-json "
         "bench/results/micro.json`; the balancer comparison above does not depend on it._",
         "",
     ]
@@ -317,7 +317,19 @@ def render_micro(path: Path = MICRO) -> list[str]:
                 f"{fmt(min(rounds))} | {fmt(max(rounds))} |"
             )
         lines.append("")
-    others = [b for b in data["benchmarks"] if b not in picks]
+    routes = [b for b in data["benchmarks"] if (b.get("extra_info") or {}).get("ns_per_lookup")]
+    if routes:
+        lines += [
+            "Cost of one route lookup (`route_select()` called in a C loop: the route and pool of a new",
+            "connection; bench/test_bench_route.py), per kind of listener:",
+            "",
+            "| listener | ns per lookup (median of 5) |",
+            "|---|---:|",
+        ]
+        for b in routes:
+            lines.append(f"| {b['extra_info']['case']} | {fmt(b['extra_info']['ns_per_lookup'])} |")
+        lines.append("")
+    others = [b for b in data["benchmarks"] if b not in picks and b not in routes]
     if others:
         lines += [
             "Table builders and lookups (`fastlb._maglev`, called from Python):",

@@ -102,6 +102,18 @@ def test_prelude_keys() -> None:
     assert lc.sni_timeout == 0.5
 
 
+def test_sni_policy_is_an_alias_of_sni_no_match() -> None:
+    routes = route("tls", extra='match = { sni = ["a.example.com"] }') + DEFAULT
+    assert cfg('sni_policy = "reject"', routes).listeners["web"].sni_policy == "reject"
+    assert cfg('sni_no_match = "reject"', routes).listeners["web"].sni_policy == "reject"
+    error(
+        "listeners.web.sni_policy",
+        "alias",
+        listener='sni_policy = "reject"\nsni_no_match = "reject"',
+        routes=routes,
+    )
+
+
 def test_send_proxy_keys() -> None:
     pools = POOLS.replace(
         "[pools.v2]\n", '[pools.v2]\nsend_proxy = "v2"\nhealth_check = { type = "tcp", send_proxy = true }\n'

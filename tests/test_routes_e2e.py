@@ -17,13 +17,15 @@ Pools: "web" (the fixture's pool, backend v1a) and "v2" (backend v2a); the liste
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from collections import Counter
 
 from fastlb.control import ControlClient
 from support.backends import server
-from support.clients import Load, assert_one_line_error, cli, count_backends, names_by_source
-from support.helpers import connect
+from support.clients import Load, assert_one_line_error, cli, count_backends, names_by_source, raw_request
+from support.helpers import connect, wait_until
 
 N_SPLIT = 20_000
 
@@ -122,6 +124,21 @@ def test_set_split_errors_change_nothing(backends, fastlb):
     assert_one_line_error(cli("set-split", "--socket", sock, "api", "default", "v2=1"), "unknown listener")
     assert_one_line_error(cli("set-split", "--socket", sock, "web", "default", "v2=1001"), "0..1000")
     assert_one_line_error(cli("set-split", "--socket", sock, "web", "default", "v2"), "POOL=WEIGHT")
+    for bad in (
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": []},
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": {}},
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": {"v2": True}},
+        {"cmd": "set-split", "listener": "web", "route": "default", "weights": {"v2": "1"}},
+        {"cmd": "set-split", "listener": 1, "route": "default", "weights": {"v2": 1}},
+        {
+            "cmd": "set-split",
+            "listener": "web",
+            "route": "default",
+            "weights": {f"p{i}": 1 for i in range(16)},
+        },
+    ):
+        (reply,) = raw_request(sock, json.dumps(bad).encode() + b"\n")
+        assert reply["ok"] is False and "\n" not in reply["error"], (bad, reply)
     st = client.status()
     assert st["generation"] == gen
     assert route_of(st, "default")["split"] == {"web": 90, "v2": 10}
@@ -227,3 +244,27 @@ def test_pool_without_usable_backend_is_skipped(backends, fastlb):
     client.set_split("web", "default", {"web": 0, "v2": 0})
     assert _refused(lb.addr) == b""
     assert route_of(client.status(), "default")["no_pool"] == 1
+
+
+def test_reload_replaces_the_published_splits(backends, fastlb):
+    _, lb, client = start(backends, fastlb, CANARY, workers=1)
+    client.set_split("web", "default", {"web": 50, "v2": 50})  # runtime change, then the file wins
+    text = lb.config_text.replace(
+        'weight = 90 }, { pool = "v2", weight = 10', 'weight = 0 }, { pool = "v2", weight = 100'
+    )
+    assert text != lb.config_text
+    lb.config_path.write_text(text)
+    lb.signal(signal.SIGHUP)
+    wait_until(
+        lambda: route_of(client.status(), "default")["split"] == {"web": 0, "v2": 100}, 10, "the reload"
+    )
+    assert count_backends(lb.addr, 100) == Counter({"v2a": 100})
+    # a structural change (a new route) is not applied: the log says it needs a restart
+    gen = client.status()["generation"]
+    lb.config_path.write_text(text.replace('name = "default"', 'name = "main"'))
+    lb.signal(signal.SIGHUP)
+    # (the first reload's summary says "0 need a restart": wait for this reload's own line)
+    wait_until(lambda: "routes (names or matches)" in lb.log_text(), 10, "the reload's restart warning")
+    st = client.status()
+    assert route_of(st, "default")["split"] == {"web": 0, "v2": 100}
+    assert st["generation"] >= gen

@@ -35,8 +35,6 @@ ADMIN = {"ready": FLB_ADMIN_READY, "drain": FLB_ADMIN_DRAIN, "maint": FLB_ADMIN_
 HEALTH = {"up": FLB_HEALTH_UP, "down": FLB_HEALTH_DOWN, "ejected": FLB_HEALTH_EJECTED}
 ALL_DOWN = {"reject": FLB_ALL_DOWN_REJECT, "panic": FLB_ALL_DOWN_PANIC}
 AFFINITY = {"none": FLB_AFFINITY_NONE, "source_ip": FLB_AFFINITY_SOURCE_IP}
-PROXY_PROTOCOL = {"off": FLB_PROXY_OFF, "v1": FLB_PROXY_V1, "v2": FLB_PROXY_V2, "any": FLB_PROXY_ANY}
-SNI_POLICY = {"default": FLB_SNI_DEFAULT, "reject": FLB_SNI_REJECT}
 MAX_SPLIT = FLB_MAX_SPLIT
 SNI_LEN = FLB_SNI_LEN
 PROTOCOLS = {"tcp": FLB_PROTO_TCP, "udp": FLB_PROTO_UDP}
@@ -47,8 +45,8 @@ RECORD_SIZES = {
     "pool": sizeof(flb_pool_t),
     "backend": sizeof(flb_backend_t),
     "worker": sizeof(flb_worker_t),
-    "route": sizeof(flb_route_t),
     "cidr": sizeof(flb_cidr_t),
+    "route": sizeof(flb_route_t),
     "sni": sizeof(flb_sni_t),
 }
 
@@ -72,12 +70,13 @@ cdef class Region:
     cdef flb_header_t *hdr
 
     def __cinit__(self, int n_listeners, int n_pools, int n_backends, int n_workers, list table_capacity,
-                  int n_routes=0, int n_cidrs=0, int n_snis=0, uint32_t log_slots=0):
-        """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold.
-        n_routes/n_cidrs/n_snis: route records, address prefixes and server-name patterns (routes
-        of all listeners together; a listener with `pool = "X"` has one default route).
+                  int n_cidrs=0, int n_routes=0, int n_snis=0, uint32_t log_slots=0):
+        """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold;
+        n_cidrs: address ranges (the listeners' proxy_protocol_from, then the routes' match.source)
+        in the cidrs array; n_routes/n_snis: route records and server-name patterns (routes of all
+        listeners together; a listener with `pool = "X"` has one default route).
         log_slots: access-log records per worker ring (a power of two; 0 = no access log)."""
-        cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off, r_off, c_off, s_off, rp_off
+        cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off, c_off, r_off, s_off, rp_off
         cdef uint64_t lr_off = 0, ring_bytes = 0
         cdef int i
         cdef flb_pool_t *pools
@@ -97,10 +96,10 @@ cdef class Region:
         t_off = off
         for cap in table_capacity:
             off = _align(off + 2 * 4 * <uint64_t>cap, 64)
-        r_off = off
-        off = _align(off + sizeof(flb_route_t) * <uint64_t>n_routes, 64)
         c_off = off
         off = _align(off + sizeof(flb_cidr_t) * <uint64_t>n_cidrs, 64)
+        r_off = off
+        off = _align(off + sizeof(flb_route_t) * <uint64_t>n_routes, 64)
         s_off = off
         off = _align(off + sizeof(flb_sni_t) * <uint64_t>n_snis, 64)
         rp_off = off
@@ -138,6 +137,8 @@ cdef class Region:
         self.hdr.workers_off = w_off
         self.hdr.tables_off = t_off
         self.hdr.wactive_off = wa_off
+        self.hdr.cidrs_off = c_off
+        self.hdr.n_cidrs = n_cidrs
         self.hdr.logring_off = lr_off
         for i in range(n_workers if log_slots else 0):
             (<flb_logring_t *>(self.base + lr_off + <uint64_t>i * ring_bytes)).slots = log_slots
@@ -146,11 +147,9 @@ cdef class Region:
         self.hdr.backend_size = sizeof(flb_backend_t)
         self.hdr.worker_size = sizeof(flb_worker_t)
         self.hdr.routes_off = r_off
-        self.hdr.cidrs_off = c_off
         self.hdr.snis_off = s_off
         self.hdr.route_pools_off = rp_off
         self.hdr.n_routes = n_routes
-        self.hdr.n_cidrs = n_cidrs
         self.hdr.n_snis = n_snis
         self.hdr.route_size = sizeof(flb_route_t)
         self.hdr.cidr_size = sizeof(flb_cidr_t)
@@ -197,8 +196,8 @@ cdef class Region:
             "backends_off": h.backends_off, "workers_off": h.workers_off, "tables_off": h.tables_off,
             "listener_size": h.listener_size, "pool_size": h.pool_size,
             "backend_size": h.backend_size, "worker_size": h.worker_size, "stopping": h.stopping,
-            "routes_off": h.routes_off, "cidrs_off": h.cidrs_off, "snis_off": h.snis_off,
-            "route_pools_off": h.route_pools_off, "n_routes": h.n_routes, "n_cidrs": h.n_cidrs,
+            "n_cidrs": h.n_cidrs, "cidrs_off": h.cidrs_off, "routes_off": h.routes_off,
+            "snis_off": h.snis_off, "route_pools_off": h.route_pools_off, "n_routes": h.n_routes,
             "n_snis": h.n_snis, "route_size": h.route_size, "cidr_size": h.cidr_size,
             "sni_size": h.sni_size,
         }
@@ -209,6 +208,11 @@ cdef class Region:
         if self.base == NULL or i < 0 or i >= <int>self.hdr.n_listeners:
             raise IndexError(f"listener index {i} out of range")
         return &(<flb_listener_t *>(self.base + self.hdr.listeners_off))[i]
+
+    cdef flb_route_t *_route(self, int i) except NULL:
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_routes:
+            raise IndexError(f"route index {i} out of range")
+        return &(<flb_route_t *>(self.base + self.hdr.routes_off))[i]
 
     cdef flb_pool_t *_pool(self, int i) except NULL:
         if self.base == NULL or i < 0 or i >= <int>self.hdr.n_pools:
@@ -224,11 +228,6 @@ cdef class Region:
         if self.base == NULL or i < 0 or i >= <int>self.hdr.n_workers:
             raise IndexError(f"worker index {i} out of range")
         return &(<flb_worker_t *>(self.base + self.hdr.workers_off))[i]
-
-    cdef flb_route_t *_route(self, int i) except NULL:
-        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_routes:
-            raise IndexError(f"route index {i} out of range")
-        return &(<flb_route_t *>(self.base + self.hdr.routes_off))[i]
 
     # --- configuration (before fork, or published afterwards) ------------------------------
 
@@ -271,37 +270,41 @@ cdef class Region:
         flb_store32(&l.backlog, backlog)
         flb_store32(&l.half_close_timeout_ms, half_close_timeout_ms)
 
-    def set_listener_routes(self, int i, int first_route, int n_routes, bint needs_sni,
-                            str proxy_protocol="off", int proxy_from_first=0, int proxy_from_n=0,
-                            int sni_timeout_ms=5000, str sni_policy="default") -> None:
-        """The listener's slice of routes and its prelude settings (before fork)."""
+    def set_listener_prelude(self, int i, int proxy_protocol, int proxy_from_first, int proxy_from_n,
+                             bint needs_sni, int sni_timeout_ms, int sni_policy) -> None:
+        """Preludes of listener i: the PROXY protocol it accepts (enum flb_proxy_protocol) from the
+        senders in cidrs[first, first + n), whether it peeks at the SNI, the prelude timeout and the
+        no-SNI policy (enum flb_sni_policy).  Before fork."""
         cdef flb_listener_t *l = self._listener(i)
-        if n_routes < 1 or first_route < 0 or <uint32_t>(first_route + n_routes) > self.hdr.n_routes:
-            raise ValueError("route slice outside the region's routes")
-        if proxy_from_n < 0 or <uint32_t>(proxy_from_first + proxy_from_n) > self.hdr.n_cidrs:
-            raise ValueError("proxy_protocol_from slice outside the region's address prefixes")
-        l.first_route = first_route
-        l.n_routes = n_routes
-        l.needs_sni = 1 if needs_sni else 0
-        l.proxy_protocol = PROXY_PROTOCOL[proxy_protocol]
+        if proxy_from_n < 0 or proxy_from_first < 0 or proxy_from_first + proxy_from_n > <int>self.hdr.n_cidrs:
+            raise IndexError("proxy_from slice out of range")
+        l.proxy_protocol = proxy_protocol
         l.proxy_from_first = proxy_from_first
         l.proxy_from_n = proxy_from_n
+        l.needs_sni = needs_sni
         l.sni_timeout_ms = sni_timeout_ms
-        l.sni_policy = SNI_POLICY[sni_policy]
+        l.sni_policy = sni_policy
 
-    def set_cidr(self, int i, int family, int prefix_len, bytes network, bytes mask) -> None:
-        """Address prefix i: family AF_INET/AF_INET6, the masked network and the mask (4 or 16 bytes)."""
+    def set_cidr(self, int i, int family, bytes addr, int prefix) -> None:
+        """cidrs[i] = addr/prefix (addr: 4 or 16 bytes, network order; host bits must be zero)."""
         cdef flb_cidr_t *c
-        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_cidrs:
+        if i < 0 or i >= <int>self.hdr.n_cidrs:
             raise IndexError(f"cidr index {i} out of range")
-        if len(network) not in (4, 16) or len(mask) != len(network):
-            raise ValueError("network and mask must both be 4 or 16 bytes")
+        if len(addr) > 16 or prefix < 0 or prefix > 8 * len(addr):
+            raise ValueError("bad address range")
         c = &(<flb_cidr_t *>(self.base + self.hdr.cidrs_off))[i]
         memset(c, 0, sizeof(flb_cidr_t))
         c.family = family
-        c.prefix_len = prefix_len
-        memcpy(c.addr, <char *>network, len(network))
-        memcpy(c.mask, <char *>mask, len(mask))
+        c.prefix = prefix
+        memcpy(c.addr, <char *>addr, len(addr))
+
+    def set_listener_routes(self, int i, int first_route, int n_routes) -> None:
+        """The listener's slice of routes (before fork)."""
+        cdef flb_listener_t *l = self._listener(i)
+        if n_routes < 1 or first_route < 0 or <uint32_t>(first_route + n_routes) > self.hdr.n_routes:
+            raise ValueError("route slice outside the region's routes")
+        l.first_route = first_route
+        l.n_routes = n_routes
 
     def set_sni(self, int i, bytes name, bint wildcard) -> None:
         """Server-name pattern i: lower-case name (for a wildcard, the suffix with its leading dot)."""
@@ -345,6 +348,7 @@ cdef class Region:
                 raise ValueError(f"pool index {pools[k]} out of range")
             if not 0 <= weights[k] <= 1000:
                 raise ValueError(f"weight {weights[k]} out of range 0..1000")
+        flb_fence_rel()                  # the previous split_seq store before any write below
         memset(sp, 0, sizeof(flb_split_t))
         sp.n = n
         sp.affinity = AFFINITY[affinity]
@@ -353,9 +357,9 @@ cdef class Region:
             sp.weight[k] = weights[k]
         flb_store32_rel(&r.split_seq, seq + 1)
 
-    def set_pool_send_proxy(self, int i, str send_proxy) -> None:
-        """The PROXY header version the pool's backends get first (before fork)."""
-        self._pool(i).send_proxy = PROXY_PROTOCOL[send_proxy]
+    def set_pool_send_proxy(self, int i, int send_proxy) -> None:
+        """The PROXY header (enum flb_send_proxy) pool i's backends get before any client byte."""
+        self._pool(i).send_proxy = send_proxy
 
     def set_pool(self, int i, str name, str algorithm, str hash_key, int retries, int first_backend,
                  int n_backends, str all_down="reject") -> None:
@@ -506,6 +510,14 @@ cdef class Region:
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
             "accept_errors": flb_load64(&l.accept_errors), "backlog": flb_load32(&l.backlog),
+            "proxy_protocol": l.proxy_protocol, "needs_sni": l.needs_sni,
+            "proxy_from_first": l.proxy_from_first, "proxy_from_n": l.proxy_from_n,
+            "sni_timeout_ms": l.sni_timeout_ms, "sni_policy": l.sni_policy,
+            "proxy_accepted": flb_load64(&l.proxy_accepted), "proxy_refused": flb_load64(&l.proxy_refused),
+            "proxy_errors": flb_load64(&l.proxy_errors), "prelude_timeouts": flb_load64(&l.prelude_timeouts),
+            "sni_found": flb_load64(&l.sni_found), "sni_missing": flb_load64(&l.sni_missing),
+            "sni_rejected": flb_load64(&l.sni_rejected),
+            "first_route": l.first_route, "n_routes": l.n_routes, "no_route": flb_load64(&l.no_route),
             "protocol": l.protocol, "udp_idle_timeout_ms": l.udp_idle_timeout_ms,
             "udp_responses": l.udp_responses, "max_flows": l.max_flows, "udp_pktinfo": l.udp_pktinfo,
             "udp_datagrams_in": flb_load64(&l.udp_datagrams_in),
@@ -518,14 +530,6 @@ cdef class Region:
             "udp_expired_idle": flb_load64(&l.udp_expired_idle),
             "udp_expired_responses": flb_load64(&l.udp_expired_responses),
             "udp_drop_unexpected": flb_load64(&l.udp_drop_unexpected),
-            "first_route": l.first_route, "n_routes": l.n_routes, "needs_sni": l.needs_sni,
-            "proxy_protocol": l.proxy_protocol, "proxy_from_first": l.proxy_from_first,
-            "proxy_from_n": l.proxy_from_n, "sni_timeout_ms": l.sni_timeout_ms,
-            "sni_policy": l.sni_policy, "no_route": flb_load64(&l.no_route),
-            "proxy_accepted": flb_load64(&l.proxy_accepted), "proxy_refused": flb_load64(&l.proxy_refused),
-            "proxy_errors": flb_load64(&l.proxy_errors), "prelude_timeouts": flb_load64(&l.prelude_timeouts),
-            "sni_found": flb_load64(&l.sni_found), "sni_missing": flb_load64(&l.sni_missing),
-            "sni_rejected": flb_load64(&l.sni_rejected),
         }
 
     def route(self, int i) -> dict:
@@ -540,9 +544,10 @@ cdef class Region:
             "first_cidr": r.first_cidr, "n_cidrs": r.n_cidrs, "first_sni": r.first_sni,
             "n_snis": r.n_snis, "split_seq": seq, "affinity": sp.affinity,
             "split": [(sp.pool[k], sp.weight[k]) for k in range(n)],
-            "connections": flb_load64(&r.connections), "no_pool": flb_load64(&r.no_pool),
+            "no_pool": flb_load64(&r.no_pool),
             "pool_connections": [flb_load64(&per_pool[k]) for k in range(self.hdr.n_pools)],
         }
+
 
     def pool(self, int i) -> dict:
         cdef flb_pool_t *p = self._pool(i)
@@ -552,7 +557,8 @@ cdef class Region:
             "all_down_policy": p.all_down_policy, "panic": flb_load32(&p.panic),
             "table_active": flb_load32(&p.table_active), "table_capacity": p.table_capacity,
             "scan_len": flb_load32(&p.scan_len),
-            "no_backend": flb_load64(&p.no_backend), "send_proxy": p.send_proxy,
+            "no_backend": flb_load64(&p.no_backend),
+            "send_proxy": p.send_proxy,
         }
 
     def backend(self, int i) -> dict:

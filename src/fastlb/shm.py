@@ -41,12 +41,12 @@ WORKER_STATE_NAMES = {0: "starting", 1: "running", 2: "draining", 3: "exited"}  
 
 EXPECTED_RECORD_SIZES = {
     "header": 192,
-    "listener": 576,
+    "listener": 640,
     "pool": 256,
     "backend": 448,
     "worker": 320,
+    "cidr": 32,
     "route": 448,
-    "cidr": 64,
     "sni": 320,
 }
 

@@ -30,7 +30,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SPLIT_AFFINITIES = ("none", "source_ip")  # enum flb_split_affinity order
 PROXY_PROTOCOLS = ("off", "v1", "v2", "any")  # enum flb_proxy_protocol order (accept side)
 SEND_PROXY = ("off", "v1", "v2")  # what fastlb can send
-SNI_NO_MATCH = ("default", "reject")  # enum flb_sni_policy order
+SNI_NO_MATCH = ("default", "reject")  # enum flb_sni_policy order (key sni_no_match, alias sni_policy)
 
 MAX_LISTENERS = 64
 MAX_POOLS = 64
@@ -226,7 +226,7 @@ class ListenerConfig:
     proxy_protocol: str = "off"  # "off" | "v1" | "v2" | "any"
     proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header
     sni_timeout: float = 5.0  # how long the prelude (PROXY header, ClientHello) may take
-    sni_no_match: str = "default"  # connection without a server name: "default" | "reject"
+    sni_policy: str = "default"  # key sni_no_match (alias sni_policy): no server name: "default" | "reject"
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -235,7 +235,13 @@ class ListenerConfig:
 
     @property
     def needs_sni(self) -> bool:
+        """Does any route match on sni (the worker then reads the ClientHello before routing)?"""
         return any(r.sni for r in self.routes)
+
+    @property
+    def sni_no_match(self) -> str:
+        """The config key's name for sni_policy."""
+        return self.sni_policy
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,14 @@ from fastlb.config.model import (
 )
 from fastlb.config.values import _check_name, _describe, _did_you_mean, _quote, _Table
 
-LISTENER_KEYS = ("routes", "proxy_protocol", "proxy_protocol_from", "sni_timeout", "sni_no_match")
+LISTENER_KEYS = (
+    "routes",
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "sni_timeout",
+    "sni_no_match",
+    "sni_policy",
+)
 _ROUTE_KEYS = ("name", "match", "backends", "split_affinity")
 _MATCH_KEYS = ("source", "sni")
 _TARGET_KEYS = ("pool", "weight")
@@ -230,15 +237,20 @@ def listener_prelude(t: _Table, routes: tuple[RouteConfig, ...]) -> dict[str, An
             f'missing: proxy_protocol = "{pp}" needs the trusted senders, e.g. proxy_protocol_from = ["10.0.0.0/8"]',
         )
     needs_sni = any(r.sni for r in routes)
-    for key in ("sni_timeout", "sni_no_match"):
-        if key in t.data and not needs_sni and (key == "sni_no_match" or pp == "off"):
-            what = "sni routes" if key == "sni_no_match" else "sni routes or proxy_protocol"
+    policy_key = "sni_no_match"
+    if "sni_policy" in t.data:  # the name the prelude code used first: an alias
+        if "sni_no_match" in t.data:
+            raise t.error("sni_policy", "is an alias of sni_no_match; give only one of them")
+        policy_key = "sni_policy"
+    for key in ("sni_timeout", policy_key):
+        if key in t.data and not needs_sni and (key == policy_key or pp == "off"):
+            what = "sni routes" if key == policy_key else "sni routes or proxy_protocol"
             raise t.error(key, f"applies only to a listener with {what}")
     return {
         "proxy_protocol": pp,
         "proxy_protocol_from": trusted,
         "sni_timeout": t.get_duration("sni_timeout", 5.0, positive=True),
-        "sni_no_match": t.get_choice("sni_no_match", "default", SNI_NO_MATCH),
+        "sni_policy": t.get_choice(policy_key, "default", SNI_NO_MATCH),
     }
 
 

@@ -20,6 +20,7 @@ TCP_ONLY_LISTENER_KEYS = (
     "proxy_protocol_from",
     "sni_timeout",
     "sni_no_match",
+    "sni_policy",
 )
 UDP_HEALTH_CHECK_TYPES = ("udp_send_expect", "dns")
 UDP_HEALTH_TYPE_KEYS = {"udp_send_expect": ("send", "expect"), "dns": ("query",)}

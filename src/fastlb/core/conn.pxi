@@ -108,23 +108,19 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
 
 
 cdef int conn_connect(Conn *c) noexcept nogil:
-    """Start a connect to the next backend c's pool (c.pool, set by route_select()) picks; an
-    attempt that fails at once moves on.
+    """Start a connect to the next backend the pool picks; an attempt that fails at once moves on.
 
     Returns 0 while a connect is in flight, -1 when no backend can be tried any more (the caller
     closes the client).
     """
     cdef Listener *l = &W.listeners[c.listener]
-    cdef flb_pool_t *p
+    cdef flb_pool_t *p = &W.pools[c.pool]
     cdef flb_backend_t *b
     cdef uint32_t idx
     cdef int fd, rc, e, one = 1
     cdef uint8_t addr[FLB_ADDR_LEN]
     cdef socklen_t alen
     cdef epoll_event ev
-    if c.pool >= W.hdr.n_pools:
-        return -1                       # not routed (route_select() said no)
-    p = &W.pools[c.pool]
     while c.attempts <= p.retries and c.attempts < MAX_TRIES:
         idx = lb_pick(c, c.pool)
         if idx == FLB_NONE:

@@ -13,6 +13,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
     cdef socklen_t plen
     cdef Conn *c
     cdef epoll_event ev
+    cdef flb_pool_t *p
     for k in range(ACCEPT_BATCH):
         # reserve a place first, so that all workers together never exceed max_connections
         if flb_sadd64(&l.shm.active, 1) > <int64_t>l.max_connections and l.max_connections > 0:
@@ -55,7 +56,6 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         W.active += 1
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
-        memcpy(c.peer, &peer, plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
@@ -65,9 +65,9 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         if prelude_wanted(l):
             prelude_begin(c, l)         # PROXY header / ClientHello first: core/prelude.pxi
             continue
-        if route_select(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
+        if conn_route(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
             if c.term == 0:
-                c.term = FLB_TERM_NO_BACKEND + 1   # no route took it
+                c.term = FLB_TERM_NO_BACKEND + 1
             flb_add64(&l.shm.rejected, 1)
             conn_close(c, False)
 

@@ -135,7 +135,7 @@ cdef void prelude_route(Conn *c, const char *sni, uint32_t sni_len) noexcept nog
     """The prelude is complete: pick the route (and pool) by c.peer and the server name, then start
     the backend connect; no route or no backend -> closed, counted as rejected."""
     cdef Listener *l = &W.listeners[c.listener]
-    if route_select(c, sni, sni_len) == FLB_NONE or conn_connect(c) < 0:
+    if conn_route(c, sni, sni_len) == FLB_NONE or conn_connect(c) < 0:
         if c.term == 0:
             c.term = FLB_TERM_NO_BACKEND + 1
         flb_add64(&l.shm.rejected, 1)
@@ -146,8 +146,8 @@ cdef void sni_fallback(Conn *c, Listener *l) noexcept nogil:
     """No usable server name (no ClientHello, not TLS, no SNI, too big, or the timeout): the default
     route, or a close when the listener's sni_policy is reject (route_select() applies it)."""
     flb_add64(&l.shm.sni_missing, 1)
-    if route_select(c, NULL, 0) == FLB_NONE:
-        if c.route == FLB_NONE and l.sni_policy == FLB_SNI_REJECT and l.needs_sni:
+    if conn_route(c, NULL, 0) == FLB_NONE:
+        if c.route == FLB_NONE and l.sni_policy == FLB_SNI_POLICY_REJECT and l.needs_sni:
             flb_add64(&l.shm.sni_rejected, 1)   # refused for want of a name
             c.term = FLB_TERM_PRELUDE_ERROR + 1
         else:

@@ -115,10 +115,10 @@ cdef inline uint32_t peer_addr(const uint8_t *peer, const uint8_t **addr) noexce
 
 cdef bint routes_cidr_match(uint32_t first, uint32_t n, const uint8_t *peer) noexcept nogil:
     """Is the address of the sockaddr at peer inside one of the prefixes cidrs[first, first + n)?
-    (match.source, and proxy_protocol_from for the prelude.)  No side effects."""
+    (match.source; an IPv4-mapped IPv6 address counts as IPv4.)  No side effects."""
     cdef const uint8_t *a
     cdef uint32_t alen = peer_addr(peer, &a)
-    cdef uint32_t k, j, fam
+    cdef uint32_t k, j, fam, bits, full
     cdef flb_cidr_t *e
     cdef bint ok
     if alen == 0 or first + n > W.hdr.n_cidrs:
@@ -128,11 +128,15 @@ cdef bint routes_cidr_match(uint32_t first, uint32_t n, const uint8_t *peer) noe
         e = &W.cidrs[k]
         if e.family != fam:
             continue
+        bits = e.prefix if e.prefix <= alen * 8 else alen * 8
+        full = bits >> 3
         ok = True
-        for j in range(alen):
-            if (a[j] & e.mask[j]) != e.addr[j]:
+        for j in range(full):
+            if a[j] != e.addr[j]:
                 ok = False
                 break
+        if ok and (bits & 7) != 0 and ((a[full] ^ e.addr[full]) & <uint8_t>(0xFF << (8 - (bits & 7)))) != 0:
+            ok = False
         if ok:
             return True
     return False
@@ -225,15 +229,14 @@ cdef uint32_t route_select(Conn *c, const char *sni, uint32_t sni_len) noexcept 
     sni[0:sni_len] (sni_len = 0: none was read), exact names before `*.` wildcards, else the
     default route; then the pool by that route's split.
 
-    Sets c.route and c.pool (and c.key_hash when that pool hashes the client), counts the route's
-    and the (route, pool) connections.  Returns c.pool, or FLB_NONE when no route takes c (counted
+    Sets c.route and c.pool (the caller computes c.key_hash for a hashing pool), counts the
+    connection in route_pools[route][pool] (or the route's no_pool).  Returns c.pool, or FLB_NONE when no route takes c (counted
     in listener.no_route; also sni_policy = reject with no name) or no pool of the route's split can
     (counted in route.no_pool): the caller rejects.  Applies a split published before this call,
     even within one loop turn (one acquire-load of the generation)."""
     cdef Listener *l = &W.listeners[c.listener]
     cdef uint32_t ri, found = FLB_NONE, pi
     cdef uint32_t end = l.first_route + l.n_routes
-    cdef flb_pool_t *p
     if flb_load64_acq(&W.hdr.generation) != W.generation:
         sync_generation()
     for ri in range(l.first_route, end):
@@ -245,22 +248,32 @@ cdef uint32_t route_select(Conn *c, const char *sni, uint32_t sni_len) noexcept 
             if W.routes[ri].has_match and route_matches(&W.routes[ri], c, sni, sni_len, True):
                 found = ri
                 break
-    if found == FLB_NONE and not (sni_len == 0 and l.needs_sni and l.sni_policy == FLB_SNI_REJECT):
+    if found == FLB_NONE and not (sni_len == 0 and l.needs_sni and l.sni_policy == FLB_SNI_POLICY_REJECT):
         found = l.default_route
     if found == FLB_NONE:
         flb_add64(&l.shm.no_route, 1)
         return FLB_NONE
     c.route = found
-    flb_add64(&W.routes[found].connections, 1)
     pi = split_pick(&W.rviews[found], c)
     if pi == FLB_NONE:
         flb_add64(&W.routes[found].no_pool, 1)
         return FLB_NONE
     c.pool = pi
     flb_add64(&W.route_pools[<uint64_t>found * W.hdr.n_pools + pi], 1)
-    p = &W.pools[pi]
-    if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
-        c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>c.peer, c.cfd)
+    return pi
+
+
+cdef uint32_t conn_route(Conn *c, const char *sni, uint32_t sni_len) noexcept nogil:
+    """route_select(), then c.key_hash when the chosen pool hashes the client (maglev, ring_hash):
+    from c.peer - the PROXY-protocol source when one was accepted - and, for four_tuple, c.cfd's
+    local address.  What every caller uses (accept, the end of a prelude, a new UDP flow).
+    Returns c.pool or FLB_NONE, as route_select()."""
+    cdef uint32_t pi = route_select(c, sni, sni_len)
+    cdef flb_pool_t *p
+    if pi != FLB_NONE:
+        p = &W.pools[pi]
+        if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
+            c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>c.peer, c.cfd)
     return pi
 
 

@@ -75,13 +75,13 @@ ctypedef struct Conn:
     uint32_t flags
     uint32_t listener
     uint32_t backend        # global backend index, FLB_NONE while unassigned
+    uint32_t route          # routes (INTERFACES §1): global route index, FLB_NONE before selection
+    uint32_t pool           # the pool route_select() chose for this connection
+    uint8_t peer[FLB_ADDR_LEN]  # the client: the accepted peer, or the source a PROXY header announced
     void *pre               # preludes: PreludeBuf (core/prelude.pxi) while one is needed, else NULL
     uint64_t key_hash       # hash of the client key, for the hashing algorithms
     uint64_t start_us       # connect start (for the connect timeout and the connect-time average)
     uint64_t active_ms      # last traffic (idle timeout)
-    uint8_t peer[FLB_ADDR_LEN]  # the client's sockaddr_in/in6 (accepted, or from a PROXY header)
-    uint32_t route          # global route index, FLB_NONE before route_select()
-    uint32_t pool           # the pool route_select() chose, FLB_NONE before
     uint64_t half_ms        # when the first direction finished (half_close_timeout), 0 = not yet
     uint8_t attempts        # connect attempts so far
     uint32_t tried[MAX_TRIES]

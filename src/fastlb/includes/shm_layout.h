@@ -13,8 +13,8 @@
  *   header.wactive_off       int32_t[n_workers][n_backends + n_listeners] (per-worker active shares)
  *   header.tables_off        per pool, two table buffers (double buffer for maglev / ring_hash)
  *   header.logring_off       per worker, an access-log ring: flb_logring_t + slots x flb_logrec_t (0: off)
+ *   header.cidrs_off         flb_cidr_t[n_cidrs]   (address ranges: proxy_from slices, then match.source)
  *   header.routes_off        flb_route_t[n_routes]       (each listener owns a contiguous slice)
- *   header.cidrs_off         flb_cidr_t[n_cidrs]         (match.source and proxy_protocol_from)
  *   header.snis_off          flb_sni_t[n_snis]           (match.sni patterns)
  *   header.route_pools_off   uint64_t[n_routes][n_pools] (connections each route sent to each pool)
  *
@@ -80,6 +80,33 @@ enum flb_hash_key {
     FLB_HASH_FOUR_TUPLE = 2,
 };
 
+/* route split.affinity */
+enum flb_split_affinity {
+    FLB_AFFINITY_NONE = 0,       /* a weighted draw per connection */
+    FLB_AFFINITY_SOURCE_IP = 1,  /* a hash of the client address picks the pool */
+};
+
+/* listener.proxy_protocol */
+enum flb_proxy_protocol {
+    FLB_PROXY_OFF = 0,
+    FLB_PROXY_V1 = 1,
+    FLB_PROXY_V2 = 2,
+    FLB_PROXY_ANY = 3,
+};
+
+/* listener.sni_policy */
+enum flb_sni_policy {
+    FLB_SNI_POLICY_DEFAULT = 0,  /* route as if the client had sent no server name */
+    FLB_SNI_POLICY_REJECT = 1,   /* close the connection, counted */
+};
+
+/* pool.send_proxy */
+enum flb_send_proxy {
+    FLB_SEND_PROXY_OFF = 0,
+    FLB_SEND_PROXY_V1 = 1,
+    FLB_SEND_PROXY_V2 = 2,
+};
+
 /* backend.admin (operator's intent) */
 enum flb_admin {
     FLB_ADMIN_READY = 0,   /* takes new connections */
@@ -92,27 +119,6 @@ enum flb_health {
     FLB_HEALTH_UP = 0,
     FLB_HEALTH_DOWN = 1,
     FLB_HEALTH_EJECTED = 2, /* passive ejection (outlier detection) */
-};
-
-/* route split.affinity */
-enum flb_split_affinity {
-    FLB_AFFINITY_NONE = 0,       /* a weighted draw per connection */
-    FLB_AFFINITY_SOURCE_IP = 1,  /* a hash of the client address picks the pool */
-};
-
-/* listener.proxy_protocol (what the listener accepts) and pool.send_proxy (what fastlb sends) */
-enum flb_proxy_protocol {
-    FLB_PROXY_OFF = 0,
-    FLB_PROXY_V1 = 1,
-    FLB_PROXY_V2 = 2,
-    FLB_PROXY_ANY = 3,           /* accept only: v1 or v2, told apart by the signature */
-};
-
-/* listener.sni_policy: a connection without a server name (no ClientHello in time, not TLS,
- * no SNI extension) */
-enum flb_sni_policy {
-    FLB_SNI_DEFAULT = 0,         /* routed without a name: source-only routes, then the default */
-    FLB_SNI_REJECT = 1,          /* reset, counted in listener.no_route */
 };
 
 /* pool.all_down_policy */
@@ -141,22 +147,23 @@ typedef struct {
     uint32_t backend_size;
     uint32_t worker_size;
     uint32_t stopping;           /* 1: control process is shutting down */
-    uint32_t _pad0;
+    uint32_t n_cidrs;            /* preludes: entries in cidrs[] */
     uint64_t wactive_off;        /* int32_t[n_workers][n_backends + n_listeners]: each worker's own
                                     share of the active counters, so the control process can take
                                     a crashed worker's connections back out of the shared totals */
     uint64_t logring_off;        /* access-log rings, one per worker (0: access log off) */
-    /* routes (issue 10) */
+    /* routes and preludes (issue 10) */
     uint64_t routes_off;         /* flb_route_t[n_routes] */
-    uint64_t cidrs_off;          /* flb_cidr_t[n_cidrs] */
+    uint64_t cidrs_off;          /* flb_cidr_t[n_cidrs]: every listener's proxy_protocol_from, then
+                                    the routes' match.source prefixes; written before fork */
     uint64_t snis_off;           /* flb_sni_t[n_snis] */
     uint64_t route_pools_off;    /* uint64_t[n_routes][n_pools] */
     uint32_t n_routes;
-    uint32_t n_cidrs;
     uint32_t n_snis;
     uint32_t route_size;         /* sizeof(flb_route_t), for the Python self-check */
     uint32_t cidr_size;
     uint32_t sni_size;
+    uint32_t _rpad;
     uint64_t _rreserved;
 } flb_header_t;                  /* 192 bytes */
 
@@ -182,22 +189,34 @@ typedef struct {
     uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
     uint64_t accept_errors;
     uint64_t _cpad[3];
-    /* routes and preludes (issue 10): configuration (before fork), then counters */
+    /* preludes (issue 10: PROXY protocol accept, TLS SNI peek) - configuration, written before fork */
+    uint32_t proxy_protocol;     /* enum flb_proxy_protocol: headers accepted from trusted senders */
+    uint32_t proxy_from_first;   /* trusted senders: cidrs[first, first + n) */
+    uint32_t proxy_from_n;
+    uint32_t needs_sni;          /* 1: read the ClientHello's server_name before routing */
+    uint32_t sni_timeout_ms;     /* bound on the whole prelude (PROXY header and ClientHello) */
+    uint32_t sni_policy;         /* enum flb_sni_policy: no ClientHello / not TLS / no SNI */
+    uint32_t _ppad[10];
+    /* preludes - counters (workers, atomic) */
+    uint64_t proxy_accepted;     /* PROXY headers accepted */
+    uint64_t proxy_refused;      /* connections from senders outside proxy_from: reset at once */
+    uint64_t proxy_errors;       /* missing, malformed, truncated or oversized header: reset */
+    uint64_t prelude_timeouts;   /* prelude not complete within sni_timeout_ms */
+    uint64_t sni_found;          /* ClientHellos with a server_name */
+    uint64_t sni_missing;        /* no ClientHello, not TLS, no SNI, too big or timeout */
+    uint64_t sni_rejected;       /* of those, closed by sni_policy = reject */
+    uint64_t _pcpad[1];
+    /* routes (issue 10): configuration (before fork), then counters */
     uint32_t first_route;        /* slice of routes[]: [first_route, first_route + n_routes) */
     uint32_t n_routes;           /* >= 1: `pool = "X"` is one default route */
-    uint32_t needs_sni;          /* 1 if any route matches on sni: read the ClientHello first */
-    uint32_t proxy_protocol;     /* enum flb_proxy_protocol: header expected from trusted senders */
-    uint32_t proxy_from_first;   /* slice of cidrs[]: the senders trusted to send PROXY headers */
-    uint32_t proxy_from_n;
-    uint32_t sni_timeout_ms;     /* how long to wait for the ClientHello (inspect-delay) */
-    uint32_t sni_policy;         /* enum flb_sni_policy */
-    uint64_t no_route;           /* connections no route took (or sni_policy = reject) */
-    uint64_t _rpad[3];
+    uint32_t _rpad[6];
+    uint64_t no_route;           /* connections no route took (also sni_policy = reject, no name) */
+    uint64_t _rcpad[3];
     /* dprel (issue 9, data-plane reliability): configuration, control writes before fork */
     uint32_t half_close_timeout_ms; /* after one side finished (EOF forwarded), the other side gets
                                     this long; then the connection is reset.  0 = no limit */
     uint32_t _dpad[15];
-    /* UDP (issue 13): configuration (control writes before fork) - own cache line (offset 320) */
+    /* UDP (issue 13): configuration (control writes before fork) - own cache line (offset 448) */
     uint32_t protocol;           /* enum flb_protocol */
     uint32_t udp_idle_timeout_ms; /* a flow with no datagram either way for this long is closed */
     uint32_t udp_responses;      /* replies expected per client datagram; 0 = unknown (idle timeout only) */
@@ -217,16 +236,7 @@ typedef struct {
     uint64_t udp_expired_responses; /* flows closed after udp_responses replies per datagram */
     uint64_t udp_drop_unexpected; /* backend datagrams past the expected replies (udp_responses) */
     uint64_t _ucpad[6];
-    /* preludes (issue 10: PROXY protocol accept, TLS SNI peek) - counters (workers, atomic), offset 512 */
-    uint64_t proxy_accepted;     /* PROXY headers accepted */
-    uint64_t proxy_refused;      /* connections from senders outside proxy_from: reset at once */
-    uint64_t proxy_errors;       /* missing, malformed, truncated or oversized header: reset */
-    uint64_t prelude_timeouts;   /* prelude not complete within sni_timeout_ms */
-    uint64_t sni_found;          /* ClientHellos with a server_name */
-    uint64_t sni_missing;        /* no ClientHello, not TLS, no SNI, too big, or the timeout */
-    uint64_t sni_rejected;       /* of those, closed by sni_policy = reject */
-    uint64_t _ppad[1];
-} flb_listener_t;                /* 576 bytes */
+} flb_listener_t;                /* 640 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -246,9 +256,9 @@ typedef struct {
     /* counters (workers, atomic) */
     uint64_t no_backend;         /* picks that found no eligible backend */
     uint64_t _cpad[7];
-    /* routes and preludes (issue 10) */
-    uint32_t send_proxy;         /* enum flb_proxy_protocol (off, v1, v2): header sent to backends */
-    uint32_t _rpad[15];
+    /* preludes (issue 10: PROXY protocol send) - configuration */
+    uint32_t send_proxy;         /* enum flb_send_proxy: header written to the backend first */
+    uint32_t _spad[15];
 } flb_pool_t;                    /* 256 bytes */
 
 /* Table formats (uint32 entries):
@@ -395,19 +405,17 @@ typedef struct {
 _Static_assert(sizeof(flb_logring_t) == 64, "logring size");
 _Static_assert(sizeof(flb_logrec_t) == FLB_LOGREC_SIZE, "logrec size");
 
-/* One address prefix (match.source, proxy_protocol_from).  addr is the network, already masked;
- * a client address a matches iff (a & mask) == addr, byte by byte over 4 (IPv4) or 16 bytes. */
+/* preludes and routes: an address range (proxy_protocol_from, match.source) */
 typedef struct {
     uint32_t family;             /* AF_INET or AF_INET6 */
-    uint32_t prefix_len;
-    uint8_t  addr[16];
-    uint8_t  mask[16];
-    uint8_t  _pad[24];
-} flb_cidr_t;                    /* 64 bytes */
+    uint32_t prefix;             /* leading bits that must match: 0..32 / 0..128 */
+    uint8_t  addr[16];           /* network order; IPv4 in the first 4 bytes; host bits zero */
+    uint32_t _pad[2];
+} flb_cidr_t;                    /* 32 bytes: read-only after fork, no counters */
 
 /* One server-name pattern (match.sni), lower case.  wildcard = 0: an exact name; 1: the pattern
  * was "*.example.com" and name holds ".example.com": any name ending so, with at least one more
- * label in front, matches (suffix match, as Gateway API hostnames). */
+ * character in front, matches (suffix match, as Gateway API hostnames). */
 typedef struct {
     uint32_t len;                /* bytes in name */
     uint32_t wildcard;
@@ -437,16 +445,16 @@ typedef struct {
     uint32_t split_seq;          /* live split = split[split_seq & 1] (acquire-load) */
     uint32_t _pad1[9];
     flb_split_t split[2];        /* double buffer, see the publishing rules above */
-    /* counters (workers, atomic) - own cache line */
-    uint64_t connections;        /* connections this route took */
-    uint64_t no_pool;            /* taken, but no pool of the split could take it (rejected) */
-    uint64_t _cpad[6];
+    /* counters (workers, atomic) - own cache line.  The connections a route took are
+     * no_pool + the sum of its route_pools[route][*] (one atomic add per connection, not two). */
+    uint64_t no_pool;            /* taken, but refused: every weight of the split is 0 */
+    uint64_t _cpad[7];
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");
-_Static_assert(sizeof(flb_listener_t) == 576, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 640, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 256, "pool size");
-_Static_assert(sizeof(flb_cidr_t) == 64, "cidr size");
+_Static_assert(sizeof(flb_cidr_t) == 32, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");

@@ -13,20 +13,6 @@ cdef extern from "shm_layout.h" nogil:
         FLB_SNI_LEN
     uint32_t FLB_NONE
 
-    cdef enum flb_split_affinity:
-        FLB_AFFINITY_NONE
-        FLB_AFFINITY_SOURCE_IP
-
-    cdef enum flb_proxy_protocol:
-        FLB_PROXY_OFF
-        FLB_PROXY_V1
-        FLB_PROXY_V2
-        FLB_PROXY_ANY
-
-    cdef enum flb_sni_policy:
-        FLB_SNI_DEFAULT
-        FLB_SNI_REJECT
-
     cdef enum flb_algorithm:
         FLB_ALG_ROUND_ROBIN
         FLB_ALG_WEIGHTED_ROUND_ROBIN
@@ -41,6 +27,25 @@ cdef extern from "shm_layout.h" nogil:
         FLB_HASH_SOURCE_IP
         FLB_HASH_SOURCE_IP_PORT
         FLB_HASH_FOUR_TUPLE
+
+    cdef enum flb_split_affinity:
+        FLB_AFFINITY_NONE
+        FLB_AFFINITY_SOURCE_IP
+
+    cdef enum flb_proxy_protocol:
+        FLB_PROXY_OFF
+        FLB_PROXY_V1
+        FLB_PROXY_V2
+        FLB_PROXY_ANY
+
+    cdef enum flb_sni_policy:
+        FLB_SNI_POLICY_DEFAULT
+        FLB_SNI_POLICY_REJECT
+
+    cdef enum flb_send_proxy:
+        FLB_SEND_PROXY_OFF
+        FLB_SEND_PROXY_V1
+        FLB_SEND_PROXY_V2
 
     cdef enum flb_protocol:
         FLB_PROTO_TCP
@@ -80,6 +85,7 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t backend_size
         uint32_t worker_size
         uint32_t stopping
+        uint32_t n_cidrs
         uint64_t wactive_off
         uint64_t logring_off
         # routes (issue 10)
@@ -88,11 +94,15 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t snis_off
         uint64_t route_pools_off
         uint32_t n_routes
-        uint32_t n_cidrs
         uint32_t n_snis
         uint32_t route_size
         uint32_t cidr_size
         uint32_t sni_size
+
+    ctypedef struct flb_cidr_t:
+        uint32_t family
+        uint32_t prefix
+        uint8_t addr[16]
 
     ctypedef struct flb_listener_t:
         char name[64]
@@ -108,15 +118,22 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t rejected
         uint64_t paused_full
         uint64_t accept_errors
-        # routes and preludes (issue 10)
-        uint32_t first_route
-        uint32_t n_routes
-        uint32_t needs_sni
         uint32_t proxy_protocol
         uint32_t proxy_from_first
         uint32_t proxy_from_n
+        uint32_t needs_sni
         uint32_t sni_timeout_ms
         uint32_t sni_policy
+        uint64_t proxy_accepted
+        uint64_t proxy_refused
+        uint64_t proxy_errors
+        uint64_t prelude_timeouts
+        uint64_t sni_found
+        uint64_t sni_missing
+        uint64_t sni_rejected
+        # routes (issue 10)
+        uint32_t first_route
+        uint32_t n_routes
         uint64_t no_route
         uint32_t half_close_timeout_ms
         uint32_t protocol
@@ -158,7 +175,6 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t panic
         uint32_t scan_len
         uint64_t no_backend
-        # routes and preludes (issue 10)
         uint32_t send_proxy
 
     ctypedef struct flb_backend_t:
@@ -262,13 +278,8 @@ cdef extern from "shm_layout.h" nogil:
         uint8_t retries
         uint8_t client[FLB_ADDR_LEN]
         uint32_t client_len
-    # routes (issue 10)
-    ctypedef struct flb_cidr_t:
-        uint32_t family
-        uint32_t prefix_len
-        uint8_t addr[16]
-        uint8_t mask[16]
 
+    # routes (issue 10)
     ctypedef struct flb_sni_t:
         uint32_t len
         uint32_t wildcard
@@ -290,5 +301,4 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t n_snis
         uint32_t split_seq
         flb_split_t split[2]
-        uint64_t connections
         uint64_t no_pool

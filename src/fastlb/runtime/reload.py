@@ -169,6 +169,7 @@ _LISTENER_ELSEWHERE = (
     "proxy_protocol_from",
     "sni_timeout",
     "sni_no_match",
+    "sni_policy",  # the ListenerConfig field of the sni_no_match key
 )
 
 

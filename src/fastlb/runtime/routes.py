@@ -22,7 +22,7 @@ from typing import Any
 
 from fastlb._shm import MAX_SPLIT, Region
 from fastlb.config import Config, ListenerConfig, RouteConfig
-from fastlb.config.model import MAX_WEIGHT
+from fastlb.config.model import MAX_WEIGHT, PROXY_PROTOCOLS, SEND_PROXY, SNI_NO_MATCH
 
 log = logging.getLogger("fastlb")
 
@@ -42,7 +42,9 @@ class RouteState:
 
 
 def route_layout(cfg: Config) -> tuple[int, int, int]:
-    """(routes, address prefixes, server-name patterns) the region must hold for cfg."""
+    """(routes, address prefixes, server-name patterns) the region must hold for cfg.  The prefix
+    table holds every listener's proxy_protocol_from first (in listener order, as the preludes
+    publish them), then the routes' match.source prefixes."""
     n_routes = n_cidrs = n_snis = 0
     for lc in cfg.listeners.values():
         n_routes += len(lc.routes)
@@ -51,9 +53,10 @@ def route_layout(cfg: Config) -> tuple[int, int, int]:
     return n_routes, n_cidrs, n_snis
 
 
-def _cidr_record(net: Any) -> tuple[int, int, bytes, bytes]:
+def _cidr_record(net: Any) -> tuple[int, bytes, int]:
+    """Region.set_cidr's (family, network address, prefix length) of an ip_network."""
     family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-    return family, net.prefixlen, net.network_address.packed, net.netmask.packed
+    return family, net.network_address.packed, net.prefixlen
 
 
 class RouteManager:
@@ -73,14 +76,25 @@ class RouteManager:
     def _write(self, cfg: Config) -> None:
         r = self.region
         for name, pc in cfg.pools.items():
-            r.set_pool_send_proxy(self.pool_index[name], pc.send_proxy)
-        ri = ci = si = 0
+            r.set_pool_send_proxy(self.pool_index[name], SEND_PROXY.index(pc.send_proxy))
+        ci = 0
         for li, lc in enumerate(cfg.listeners.values()):
-            first_route = ri
             proxy_first = ci
             for net in lc.proxy_protocol_from:
                 r.set_cidr(ci, *_cidr_record(net))
                 ci += 1
+            r.set_listener_prelude(
+                li,
+                PROXY_PROTOCOLS.index(lc.proxy_protocol),
+                proxy_first,
+                len(lc.proxy_protocol_from),
+                lc.needs_sni,
+                int(lc.sni_timeout * 1000),
+                SNI_NO_MATCH.index(lc.sni_policy),
+            )
+        ri = si = 0
+        for li, lc in enumerate(cfg.listeners.values()):
+            first_route = ri
             states: dict[str, RouteState] = {}
             for rc in lc.routes:
                 first_cidr, first_sni = ci, si
@@ -96,17 +110,7 @@ class RouteManager:
                 self._store(st)
                 states[rc.name] = st
                 ri += 1
-            r.set_listener_routes(
-                li,
-                first_route,
-                len(lc.routes),
-                lc.needs_sni,
-                lc.proxy_protocol,
-                proxy_first,
-                len(lc.proxy_protocol_from),
-                int(lc.sni_timeout * 1000),
-                lc.sni_no_match,
-            )
+            r.set_listener_routes(li, first_route, len(lc.routes))
             self.routes[lc.name] = states
 
     def _store(self, st: RouteState) -> None:
@@ -218,7 +222,7 @@ class RouteManager:
 
     @staticmethod
     def prelude_changed(old: ListenerConfig, new: ListenerConfig) -> bool:
-        keys = ("proxy_protocol", "proxy_protocol_from", "sni_timeout", "sni_no_match")
+        keys = ("proxy_protocol", "proxy_protocol_from", "sni_timeout", "sni_policy")
         return any(getattr(old, k) != getattr(new, k) for k in keys)
 
     # --- status --------------------------------------------------------------------------------
@@ -243,7 +247,7 @@ class RouteManager:
                         },
                         "split": st.split(),
                         "split_affinity": st.affinity,
-                        "connections": rec["connections"],
+                        "connections": rec["no_pool"] + sum(per_pool),
                         "no_pool": rec["no_pool"],
                         "pools": {p: per_pool[self.pool_index[p]] for p, _ in st.entries},
                     }

@@ -139,8 +139,8 @@ class Supervisor:
             first,
             self.n_workers,
             caps,
-            n_routes=n_routes,
             n_cidrs=n_cidrs,
+            n_routes=n_routes,
             n_snis=n_snis,
             log_slots=log_slots,
         )
