@@ -94,7 +94,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level")
+_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", "state_file")
 _LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
 _POOL_KEYS = (
     "algorithm",
@@ -131,9 +131,13 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
+    state_file = t.get_str("state_file", d.state_file)
+    if not state_file.startswith("/") or "\0" in state_file:
+        raise t.error("state_file", f"{_quote(state_file)} must be an absolute path (no NUL)")
     return GlobalConfig(
         workers=workers,
         control_socket=sock,
+        state_file=state_file,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
     )

@@ -161,6 +161,7 @@ class GlobalConfig:
     control_socket: str = "/run/fastlb/control.sock"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    state_file: str = "/var/lib/fastlb/state.json"  # runtime changes kept across reload/restart
 
 
 @dataclass(frozen=True)

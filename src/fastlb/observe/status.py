@@ -16,6 +16,7 @@ def _size(n: int) -> str:
 def format_status(st: dict[str, Any]) -> str:
     head = ("POOL", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "ERRORS")
     rows = [head]
+    runtime = False
     for p in st["pools"]:
         for b in p["backends"]:
             weight = (
@@ -23,12 +24,19 @@ def format_status(st: dict[str, Any]) -> str:
                 if b["effective_weight"] == b["weight"]
                 else f"{b['effective_weight']}/{b['weight']}"
             )
+            state = b["state"]
+            if b.get("weight_source") == "runtime":
+                weight += "*"
+                runtime = True
+            if b.get("admin_source") == "runtime":
+                state += "*"
+                runtime = True
             errors = b["connect_errors"] + b["connect_timeouts"] + b["resets"]
             rows.append(
                 (
                     p["name"],
                     b["name"],
-                    b["state"],
+                    state,
                     weight,
                     str(b["active"]),
                     str(b["total"]),
@@ -39,6 +47,8 @@ def format_status(st: dict[str, Any]) -> str:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if runtime:
+        lines.append("* set at runtime (kept in the state file), not the config file's value")
     for li in st["listeners"]:
         lines.append(
             f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "

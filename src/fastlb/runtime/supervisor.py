@@ -26,6 +26,7 @@ from fastlb.config import Config, ConfigError, load_config
 from fastlb.control.server import handle_request
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
+from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
@@ -95,7 +96,9 @@ class Supervisor:
         self._all_exited: asyncio.Event | None = None  # set once stopping and no worker is left
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self.region = self._build_region()
-        self.backends = BackendManager(self.region, self.pools)
+        self.state = StateFile(config.global_.state_file, config.file)
+        self.state.load()
+        self.backends = BackendManager(self.region, self.pools, self.state)
         self.checker: HealthChecker | None = None
 
     # --- shared memory -----------------------------------------------------------------------
@@ -385,6 +388,10 @@ class Supervisor:
     def status(self) -> dict:
         r = self.region
         pools = []
+        checks = {
+            (t["pool"], t["backend"]): {"checks": t["checks"], "checks_ok": t["consecutive_ok"]}
+            for t in (self.checker.snapshot() if self.checker is not None else [])
+        }
         for ps in self.pools.values():
             backends = []
             for slot in list(ps.slots.values()):
@@ -408,6 +415,9 @@ class Supervisor:
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
                         "removed": slot.removed,
+                        "weight_source": self.backends.value_source(slot, "weight"),
+                        "admin_source": self.backends.value_source(slot, "admin"),
+                        **checks.get((ps.config.name, slot.name), {}),
                     }
                 )
             p = r.pool(ps.index)
@@ -419,6 +429,8 @@ class Supervisor:
                     "panic": bool(p["panic"]),
                     "all_down": ps.all_down,
                     "all_down_policy": ps.config.all_down,
+                    "rise": ps.config.health_check.rise if ps.config.health_check else 0,
+                    "slow_start": ps.config.slow_start,
                     "backends": backends,
                 }
             )
