@@ -160,9 +160,17 @@ def _admin_command(name: str, doc: str):
     main.command(name)(cmd)
 
 
-_admin_command("drain", "Drain BACKEND: no new connections; established ones continue.")
 _admin_command("enable", "Put BACKEND back in service (ready).")
 _admin_command("disable", "Put BACKEND in maintenance: no new connections.")
+
+
+def _register_deploy() -> None:
+    from fastlb.deploy.cli import register
+
+    register(main, _control_options, _client, _run_control)
+
+
+_register_deploy()  # drain [--wait], wait, rollout, switch (fastlb.deploy.cli)
 
 
 @main.command()

@@ -399,6 +399,7 @@ class Supervisor:
                 backends.append(
                     {
                         "name": slot.name,
+                        "address": slot.address,
                         "state": _state_name(b),
                         "admin": ADMIN_NAMES[b["admin"]],
                         "health": HEALTH_NAMES[b["health"]],
