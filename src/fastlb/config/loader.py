@@ -35,6 +35,7 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config.rollouts import parse_rollouts
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -79,7 +80,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "(syntax)", f"invalid TOML: {exc}") from None
     root = _Table(doc, "", file)
-    root.only(("global", "listeners", "pools"))
+    root.only(("global", "listeners", "pools", "rollouts"))
     global_ = _global(root.data.get("global", {}), file)
     listeners = _listeners(root, file)
     pools = _pools(root, file)
@@ -91,7 +92,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
                 _join(_join("listeners", lst.name), "pool"),
                 f"unknown pool {_quote(lst.pool)}{_did_you_mean(lst.pool, pools)}; defined pools: {defined}",
             )
-    return Config(file=file, global_=global_, listeners=listeners, pools=pools)
+    rollouts = parse_rollouts(root, file, listeners, pools)
+    return Config(file=file, global_=global_, listeners=listeners, pools=pools, rollouts=rollouts)
 
 
 _GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", "state_file")

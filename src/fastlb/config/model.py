@@ -170,6 +170,7 @@ class Config:
     global_: GlobalConfig
     listeners: dict[str, ListenerConfig]  # file order
     pools: dict[str, PoolConfig]  # file order
+    rollouts: dict = field(default_factory=dict)  # name -> config.rollouts.RolloutConfig
 
 
 def _one_line(text: str) -> str:

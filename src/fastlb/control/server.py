@@ -25,15 +25,29 @@ class _Backends(Protocol):
     def set_admin(self, slot: Any, admin: str) -> None: ...
 
 
+class _Deploy(Protocol):
+    def request(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]: ...
+
+
 class ControlTarget(Protocol):
     """What a control request can reach in the control process (fastlb.runtime.supervisor.Supervisor)."""
 
     backends: _Backends
+    deploy: _Deploy  # rollout-*, switch (fastlb.deploy.requests)
 
     def status(self) -> dict[str, Any]: ...
 
 
 ADMIN_FOR = {"drain": "drain", "enable": "ready", "disable": "maint"}
+DEPLOY_COMMANDS = (
+    "rollout-start",
+    "rollout-status",
+    "rollout-pause",
+    "rollout-resume",
+    "rollout-promote",
+    "rollout-abort",
+    "switch",
+)
 
 
 def _find(sup: ControlTarget, req: dict[str, Any]) -> Any:
@@ -73,6 +87,8 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             old = slot.admin
             sup.backends.set_admin(slot, ADMIN_FOR[cmd])
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
+        if cmd in DEPLOY_COMMANDS:
+            return {"ok": True, **sup.deploy.request(cmd, req)}
         raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable)")
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}

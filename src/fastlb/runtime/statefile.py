@@ -20,7 +20,8 @@ Layout:
    "written": <unix time>, "pid": <control pid>,
    "values": {"weight:POOL/BACKEND": {"value": 0, "file": 3}, "admin:POOL/BACKEND": {...},
               "split:LISTENER/ROUTE": {"value": {"v1": 90, "v2": 10}, "file": {"v1": 100}}},
-   "rollouts": {NAME: {...rollout state, see fastlb.deploy.rollout...}}}
+   "rollouts": {NAME: {...rollout state, see fastlb.deploy.rollout...}},
+   "deploy": {"switches": {...}, "retired": {POOL: [BACKEND, ...]}}}  (fastlb.deploy.engine)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class StateFile:
         self.config_file = os.path.abspath(config_file)
         self.values: dict[str, dict[str, Any]] = {}
         self.rollouts: dict[str, dict[str, Any]] = {}
+        self.deploy: dict[str, Any] = {}  # fastlb.deploy.engine's own records (switches, retired pools)
         self._write_failed = False
 
     # --- reading -------------------------------------------------------------------------------
@@ -80,6 +82,8 @@ class StateFile:
             return False
         self.values = {k: v for k, v in doc["values"].items() if isinstance(v, dict) and "value" in v}
         self.rollouts = {k: v for k, v in doc.get("rollouts", {}).items() if isinstance(v, dict)}
+        deploy = doc.get("deploy", {})
+        self.deploy = deploy if isinstance(deploy, dict) else {}
         log.info(
             "state file %s: %d runtime values, %d rollouts (written by pid %s)",
             self.path,
@@ -163,6 +167,7 @@ class StateFile:
             "pid": os.getpid(),
             "values": self.values,
             "rollouts": self.rollouts,
+            "deploy": self.deploy,
         }
         tmp = f"{self.path}.tmp.{os.getpid()}"
         try:

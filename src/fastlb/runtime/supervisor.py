@@ -24,6 +24,7 @@ from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.control.server import handle_request
+from fastlb.deploy.engine import DeployManager
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.statefile import StateFile
@@ -99,6 +100,8 @@ class Supervisor:
         self.state = StateFile(config.global_.state_file, config.file)
         self.state.load()
         self.backends = BackendManager(self.region, self.pools, self.state)
+        self.deploy = DeployManager(self)  # rollouts, switches, runtime splits (fastlb.deploy)
+        self.deploy.restore()
         self.checker: HealthChecker | None = None
 
     # --- shared memory -----------------------------------------------------------------------
@@ -199,16 +202,16 @@ class Supervisor:
 
     def reap(self) -> None:
         """Collect dead workers; restart them (with back-off if they keep dying) unless stopping."""
-        while True:
+        # only our workers: waitpid(-1) would also reap the children asyncio waits for (a
+        # rollout's --check command)
+        for pid in list(self.pids):
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                got, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            index = self.pids.pop(pid, None)
-            if index is None:
+                got, status = pid, 0
+            if got == 0:
                 continue
+            index = self.pids.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 log.info("worker %d (pid %d) exited (%s)", index, pid, _describe_exit(code))
@@ -256,7 +259,7 @@ class Supervisor:
             await asyncio.sleep(0.01)
         self.ready = True
         await self._start_control_socket()
-        tasks = [asyncio.create_task(self._tick_loop())]
+        tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
         tasks.append(asyncio.create_task(self.checker.run()))
@@ -317,7 +320,9 @@ class Supervisor:
         listeners_old = [(lc.name, str(lc.bind), lc.pool) for lc in self.config.listeners.values()]
         listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
+        self.deploy.before_reload()
         restart += self.backends.reload(new)
+        self.deploy.after_reload(new)  # runtime splits by the state file's rule; rollouts keep theirs
         self.poke()
         if self.checker is not None:
             self.checker.set_targets(self.backends.check_targets())
@@ -454,6 +459,7 @@ class Supervisor:
         return {
             "pid": os.getpid(),
             "generation": r.generation,
+            "deploy": self.deploy.status_view(),
             "listeners": listeners,
             "pools": pools,
             "workers": workers,
