@@ -169,3 +169,37 @@ def test_persisted_and_restored_and_bad_records_rejected() -> None:
 def test_bad_specs(kw, msg) -> None:
     with pytest.raises(ValueError, match=msg):
         spec(**kw).validate()
+
+
+def test_rollouts_config_table() -> None:
+    from fastlb.config import ConfigError, parse_config
+
+    base = (
+        '[listeners.web]\nbind = "127.0.0.1:8080"\npool = "v1"\n'
+        '[pools.v1]\nalgorithm = "round_robin"\nbackends = [{ name = "a", address = "127.0.0.1:9001" }]\n'
+        '[pools.v2]\nalgorithm = "round_robin"\nbackends = [{ name = "b", address = "127.0.0.1:9002" }]\n'
+    )
+    cfg = parse_config(
+        base + '[rollouts.web-v2]\nlistener = "web"\nroute = "default"\nto = "v2"\nsteps = [10, 50, 100]\n'
+        'interval = "1s"\nmax_failure_rate = "2%"\nmax_connect_time = "50ms"\ncheck = "true"\n',
+        "f.toml",
+    )
+    assert cfg.rollouts["web-v2"].as_dict() == {
+        "listener": "web",
+        "route": "default",
+        "to": "v2",
+        "steps": (10, 50, 100),
+        "interval": 1.0,
+        "max_failure_rate": 0.02,
+        "max_connect_time": 0.05,
+        "check": "true",
+    }
+    for extra, msg in (
+        ('to = "v3"', 'f.toml: rollouts.x.to: unknown pool "v3"'),
+        ('to = "v2"\nsteps = [10, 50]', "f.toml: rollouts.x.steps: the last step must be 100"),
+        ('to = "v2"\nmax_failure_rate = "many"', "f.toml: rollouts.x.max_failure_rate: invalid percentage"),
+        ('to = "v2"\nspeed = 3', "f.toml: rollouts.x.speed: unknown key"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            parse_config(base + f'[rollouts.x]\nlistener = "web"\nroute = "default"\n{extra}\n', "f.toml")
+        assert str(e.value).startswith(msg), str(e.value)

@@ -54,6 +54,10 @@ def format_status(st: dict[str, Any]) -> str:
             f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
             f"accepted {li['accepted']}, rejected {li['rejected']}"
         )
+    if st.get("deploy"):
+        from fastlb.deploy.view import format_deploy
+
+        lines.extend(format_deploy(st["deploy"]))
     alive = sum(1 for w in st["workers"] if w["state"] == 1)
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
