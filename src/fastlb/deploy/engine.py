@@ -163,6 +163,12 @@ class DeployManager:
             self.sup.state.set_rollout(name, rec)
 
     def _settle_splits(self) -> None:
+        known = {
+            f"split:{ln}/{rc.name}"
+            for ln, lc in self.config.listeners.items()
+            for rc in getattr(lc, "routes", ())
+        }
+        self.sup.state.prune(known | {k for k in self.sup.state.values if not k.startswith("split:")})
         for lname, lc in self.config.listeners.items():
             for rc in getattr(lc, "routes", ()):
                 base = file_split(self.config, lname, rc.name)
