@@ -427,14 +427,14 @@ class DeployManager:
             self._checks.pop(r.spec.name, None)
 
     def _judge(self, r: Rollout, counters: dict, unhealthy: float, check: CheckOutcome | None) -> None:
-        before = r.status
+        before, share = r.status, r.share
         j = r.judge(self.clock(), counters, unhealthy, check)
         level = logging.WARNING if j.result == "fail" else logging.INFO
         log.log(
             level,
             "rollout %s: judgement at %d%%: %s: %s",
             r.spec.name,
-            r.history[-1]["share"],
+            share,
             j.result,
             j.reason,
         )
