@@ -175,7 +175,7 @@ class StateFile:
             os.makedirs(directory, mode=0o750, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+                data = json.dumps(doc, indent=1).encode() + b"\n"
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
