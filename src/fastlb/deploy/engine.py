@@ -476,6 +476,12 @@ class DeployManager:
 
         return handle(self, cmd, req)
 
+    def mark_routes(self, listener: str, routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add "split_source" ("runtime" | "file") to the routes' status records."""
+        for r in routes:
+            r["split_source"] = self.sup.state.source(f"split:{listener}/{r['name']}")
+        return routes
+
     def status_view(self) -> dict[str, Any]:
         switches = []
         for key in list(self.switches):
