@@ -27,7 +27,7 @@ from fastlb.deploy.rollout import Rollout, RolloutSpec
 
 log = logging.getLogger("fastlb")
 
-TICK = 0.1  # seconds between looks at the rollouts
+TICK = 0.1  # seconds: the shortest sleep of the rollout task (a judgement is due within it)
 FINISHED_KEPT = 20  # finished rollouts kept for `rollout status`
 
 
@@ -65,6 +65,7 @@ class DeployManager:
         self.clock = clock
         self.rollouts: dict[str, Rollout] = {}
         self._checks: dict[str, asyncio.Task] = {}
+        self._wake: asyncio.Event | None = None
         self._reloading = False
         self._own_change = False
         d = sup.state.deploy
@@ -399,12 +400,30 @@ class DeployManager:
     # --- the task ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Judge each rollout when it is due: sleeps until the next judgement (or a poke) - an
+        idle control process stays asleep."""
+        self._wake = asyncio.Event()
         while True:
-            await asyncio.sleep(TICK)
+            try:
+                async with asyncio.timeout(self._delay()):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 self.tick()
             except Exception:
                 log.exception("rollout tick failed")
+
+    def _delay(self) -> float | None:
+        due = [r.next_at for n, r in self.rollouts.items() if r.active and n not in self._checks]
+        if not due:
+            return None
+        return min(max(TICK, min(due) - self.clock()), 60.0)
+
+    def poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     def tick(self) -> None:
         now = self.clock()
@@ -425,6 +444,7 @@ class DeployManager:
                 self._judge(r, counters, unhealthy, outcome)
         finally:
             self._checks.pop(r.spec.name, None)
+            self.poke()
 
     def _judge(self, r: Rollout, counters: dict, unhealthy: float, check: CheckOutcome | None) -> None:
         before, share = r.status, r.share
@@ -464,6 +484,7 @@ class DeployManager:
             self._set_split(r.spec.listener, r.spec.route, want)
 
     def _save(self, r: Rollout) -> None:
+        self.poke()  # its next judgement may have moved
         finished = [n for n, x in self.rollouts.items() if not x.active]
         for n in finished[:-FINISHED_KEPT]:
             del self.rollouts[n]
