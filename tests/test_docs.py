@@ -52,7 +52,8 @@ def test_region_header_self_describes() -> None:
     r = _shm.Region(1, 1, 4, 2, [0])
     h = r.header()
     assert h["magic"] == _shm.MAGIC and h["layout_version"] == _shm.LAYOUT_VERSION
-    assert (h["listener_size"], h["pool_size"], h["backend_size"], h["worker_size"]) == (192, 192, 384, 128)
+    assert (h["listener_size"], h["pool_size"], h["backend_size"], h["worker_size"]) == (256, 256, 384, 128)
+    assert (h["route_size"], h["cidr_size"], h["sni_size"]) == (448, 64, 320)
     assert (
         h["listeners_off"]
         < h["pools_off"]
@@ -68,5 +69,15 @@ def test_version_and_help() -> None:
     r = subprocess.run([sys.executable, "-m", "fastlb", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "fastlb" in r.stdout
     r = subprocess.run([sys.executable, "-m", "fastlb", "--help"], capture_output=True, text=True)
-    for cmd in ("serve", "check-config", "status", "set-weight", "drain", "enable", "disable", "demo"):
+    for cmd in (
+        "serve",
+        "check-config",
+        "status",
+        "set-weight",
+        "drain",
+        "enable",
+        "disable",
+        "set-split",
+        "demo",
+    ):
         assert cmd in r.stdout

@@ -7,6 +7,8 @@
 #   core/pipes.pxi   the per-worker pipe pool (an idle connection holds no pipe)
 #   core/timers.pxi  the timer wheel (connect and idle timeouts)
 #   core/lb.pxi      backend selection: lb_pick() over the shared-memory tables
+#   core/accesslog.pxi  the access log's producer: one record per ended connection into a ring
+#   core/routes.pxi  routes and splits: route_select() picks a connection's route and pool
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
@@ -19,7 +21,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 from flb_atomic cimport *
-from flb_hash cimport FLB_SEED_KEY, flb_hash64
+from flb_hash cimport FLB_SEED_KEY, FLB_SEED_SPLIT, flb_hash64
 from linux cimport *
 from shm_layout cimport *
 
@@ -27,6 +29,8 @@ include "core/state.pxi"
 include "core/pipes.pxi"
 include "core/timers.pxi"
 include "core/lb.pxi"
+include "core/accesslog.pxi"
+include "core/routes.pxi"
 include "core/conn.pxi"
 include "core/loop.pxi"
 
@@ -73,3 +77,26 @@ def pick_benchmark(uintptr_t region_addr, int pool, long iterations):
     if ns < 0:
         raise MemoryError()
     return ns
+
+
+def route_probe(uintptr_t region_addr, int listener, bytes peer, bytes sni=b"", long iterations=1):
+    """Route one client from C exactly as a worker would: route_select() on `listener` for the
+    sockaddr bytes `peer` and server name `sni` (b"": none), from a private worker state.  The
+    region must not be in use by workers of this process.  Returns (route index or None, pool
+    index or None, ns per call) - for tests of the matching rules and for bench/."""
+    cdef int64_t us
+    cdef uint32_t route = FLB_NONE, pool = FLB_NONE
+    cdef const uint8_t *p = peer
+    cdef const char *s = sni
+    cdef uint32_t plen = len(peer), slen = len(sni)
+    with nogil:
+        us = route_bench(<char *>region_addr, listener, p, plen, s, slen, iterations, &route, &pool)
+    if us == -ENOMEM:
+        raise MemoryError()
+    if us < 0:
+        raise ValueError("listener index out of range or peer longer than a sockaddr_in6")
+    return (
+        None if route == FLB_NONE else route,
+        None if pool == FLB_NONE else pool,
+        us * 1000.0 / (iterations if iterations > 0 else 1),
+    )

@@ -34,6 +34,11 @@ HASH_KEYS = {"source_ip": FLB_HASH_SOURCE_IP, "source_ip_port": FLB_HASH_SOURCE_
 ADMIN = {"ready": FLB_ADMIN_READY, "drain": FLB_ADMIN_DRAIN, "maint": FLB_ADMIN_MAINT}
 HEALTH = {"up": FLB_HEALTH_UP, "down": FLB_HEALTH_DOWN, "ejected": FLB_HEALTH_EJECTED}
 ALL_DOWN = {"reject": FLB_ALL_DOWN_REJECT, "panic": FLB_ALL_DOWN_PANIC}
+AFFINITY = {"none": FLB_AFFINITY_NONE, "source_ip": FLB_AFFINITY_SOURCE_IP}
+PROXY_PROTOCOL = {"off": FLB_PROXY_OFF, "v1": FLB_PROXY_V1, "v2": FLB_PROXY_V2, "any": FLB_PROXY_ANY}
+SNI_POLICY = {"default": FLB_SNI_DEFAULT, "reject": FLB_SNI_REJECT}
+MAX_SPLIT = FLB_MAX_SPLIT
+SNI_LEN = FLB_SNI_LEN
 
 RECORD_SIZES = {
     "header": sizeof(flb_header_t),
@@ -41,6 +46,9 @@ RECORD_SIZES = {
     "pool": sizeof(flb_pool_t),
     "backend": sizeof(flb_backend_t),
     "worker": sizeof(flb_worker_t),
+    "route": sizeof(flb_route_t),
+    "cidr": sizeof(flb_cidr_t),
+    "sni": sizeof(flb_sni_t),
 }
 
 
@@ -62,9 +70,14 @@ cdef class Region:
     cdef readonly int fd
     cdef flb_header_t *hdr
 
-    def __cinit__(self, int n_listeners, int n_pools, int n_backends, int n_workers, list table_capacity):
-        """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold."""
-        cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off
+    def __cinit__(self, int n_listeners, int n_pools, int n_backends, int n_workers, list table_capacity,
+                  int n_routes=0, int n_cidrs=0, int n_snis=0, uint32_t log_slots=0):
+        """table_capacity[p]: uint32 entries each of pool p's two table buffers must hold.
+        n_routes/n_cidrs/n_snis: route records, address prefixes and server-name patterns (routes
+        of all listeners together; a listener with `pool = "X"` has one default route).
+        log_slots: access-log records per worker ring (a power of two; 0 = no access log)."""
+        cdef uint64_t off, size, l_off, p_off, b_off, w_off, wa_off, t_off, r_off, c_off, s_off, rp_off
+        cdef uint64_t lr_off = 0, ring_bytes = 0
         cdef int i
         cdef flb_pool_t *pools
         if len(table_capacity) != n_pools:
@@ -83,6 +96,20 @@ cdef class Region:
         t_off = off
         for cap in table_capacity:
             off = _align(off + 2 * 4 * <uint64_t>cap, 64)
+        r_off = off
+        off = _align(off + sizeof(flb_route_t) * <uint64_t>n_routes, 64)
+        c_off = off
+        off = _align(off + sizeof(flb_cidr_t) * <uint64_t>n_cidrs, 64)
+        s_off = off
+        off = _align(off + sizeof(flb_sni_t) * <uint64_t>n_snis, 64)
+        rp_off = off
+        off = _align(off + 8 * <uint64_t>n_routes * n_pools, 64)
+        if log_slots:
+            if log_slots & (log_slots - 1):
+                raise ValueError("log_slots must be a power of two")
+            lr_off = _align(off, 4096)
+            ring_bytes = sizeof(flb_logring_t) + <uint64_t>log_slots * sizeof(flb_logrec_t)
+            off = lr_off + ring_bytes * <uint64_t>n_workers
         size = _align(off, 4096)
         self.fd = os.memfd_create("fastlb-shm", os.MFD_CLOEXEC)
         os.fchmod(self.fd, 0o600)
@@ -108,10 +135,23 @@ cdef class Region:
         self.hdr.workers_off = w_off
         self.hdr.tables_off = t_off
         self.hdr.wactive_off = wa_off
+        self.hdr.logring_off = lr_off
+        for i in range(n_workers if log_slots else 0):
+            (<flb_logring_t *>(self.base + lr_off + <uint64_t>i * ring_bytes)).slots = log_slots
         self.hdr.listener_size = sizeof(flb_listener_t)
         self.hdr.pool_size = sizeof(flb_pool_t)
         self.hdr.backend_size = sizeof(flb_backend_t)
         self.hdr.worker_size = sizeof(flb_worker_t)
+        self.hdr.routes_off = r_off
+        self.hdr.cidrs_off = c_off
+        self.hdr.snis_off = s_off
+        self.hdr.route_pools_off = rp_off
+        self.hdr.n_routes = n_routes
+        self.hdr.n_cidrs = n_cidrs
+        self.hdr.n_snis = n_snis
+        self.hdr.route_size = sizeof(flb_route_t)
+        self.hdr.cidr_size = sizeof(flb_cidr_t)
+        self.hdr.sni_size = sizeof(flb_sni_t)
         pools = <flb_pool_t *>(self.base + p_off)
         off = t_off
         for i in range(n_pools):
@@ -154,6 +194,10 @@ cdef class Region:
             "backends_off": h.backends_off, "workers_off": h.workers_off, "tables_off": h.tables_off,
             "listener_size": h.listener_size, "pool_size": h.pool_size,
             "backend_size": h.backend_size, "worker_size": h.worker_size, "stopping": h.stopping,
+            "routes_off": h.routes_off, "cidrs_off": h.cidrs_off, "snis_off": h.snis_off,
+            "route_pools_off": h.route_pools_off, "n_routes": h.n_routes, "n_cidrs": h.n_cidrs,
+            "n_snis": h.n_snis, "route_size": h.route_size, "cidr_size": h.cidr_size,
+            "sni_size": h.sni_size,
         }
 
     # --- record access -------------------------------------------------------------------
@@ -178,6 +222,11 @@ cdef class Region:
             raise IndexError(f"worker index {i} out of range")
         return &(<flb_worker_t *>(self.base + self.hdr.workers_off))[i]
 
+    cdef flb_route_t *_route(self, int i) except NULL:
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_routes:
+            raise IndexError(f"route index {i} out of range")
+        return &(<flb_route_t *>(self.base + self.hdr.routes_off))[i]
+
     # --- configuration (before fork, or published afterwards) ------------------------------
 
     def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
@@ -193,6 +242,92 @@ cdef class Region:
         memset(l.addr, 0, FLB_ADDR_LEN)
         memcpy(l.addr, <char *>sockaddr, len(sockaddr))
         l.addrlen = len(sockaddr)
+
+    def set_listener_routes(self, int i, int first_route, int n_routes, bint needs_sni,
+                            str proxy_protocol="off", int proxy_from_first=0, int proxy_from_n=0,
+                            int sni_timeout_ms=5000, str sni_policy="default") -> None:
+        """The listener's slice of routes and its prelude settings (before fork)."""
+        cdef flb_listener_t *l = self._listener(i)
+        if n_routes < 1 or first_route < 0 or <uint32_t>(first_route + n_routes) > self.hdr.n_routes:
+            raise ValueError("route slice outside the region's routes")
+        if proxy_from_n < 0 or <uint32_t>(proxy_from_first + proxy_from_n) > self.hdr.n_cidrs:
+            raise ValueError("proxy_protocol_from slice outside the region's address prefixes")
+        l.first_route = first_route
+        l.n_routes = n_routes
+        l.needs_sni = 1 if needs_sni else 0
+        l.proxy_protocol = PROXY_PROTOCOL[proxy_protocol]
+        l.proxy_from_first = proxy_from_first
+        l.proxy_from_n = proxy_from_n
+        l.sni_timeout_ms = sni_timeout_ms
+        l.sni_policy = SNI_POLICY[sni_policy]
+
+    def set_cidr(self, int i, int family, int prefix_len, bytes network, bytes mask) -> None:
+        """Address prefix i: family AF_INET/AF_INET6, the masked network and the mask (4 or 16 bytes)."""
+        cdef flb_cidr_t *c
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_cidrs:
+            raise IndexError(f"cidr index {i} out of range")
+        if len(network) not in (4, 16) or len(mask) != len(network):
+            raise ValueError("network and mask must both be 4 or 16 bytes")
+        c = &(<flb_cidr_t *>(self.base + self.hdr.cidrs_off))[i]
+        memset(c, 0, sizeof(flb_cidr_t))
+        c.family = family
+        c.prefix_len = prefix_len
+        memcpy(c.addr, <char *>network, len(network))
+        memcpy(c.mask, <char *>mask, len(mask))
+
+    def set_sni(self, int i, bytes name, bint wildcard) -> None:
+        """Server-name pattern i: lower-case name (for a wildcard, the suffix with its leading dot)."""
+        cdef flb_sni_t *p
+        if self.base == NULL or i < 0 or i >= <int>self.hdr.n_snis:
+            raise IndexError(f"sni index {i} out of range")
+        if len(name) == 0 or len(name) >= FLB_SNI_LEN:
+            raise ValueError(f"server name must be 1..{FLB_SNI_LEN - 1} bytes")
+        p = &(<flb_sni_t *>(self.base + self.hdr.snis_off))[i]
+        memset(p, 0, sizeof(flb_sni_t))
+        p.len = len(name)
+        p.wildcard = 1 if wildcard else 0
+        memcpy(p.name, <char *>name, len(name))
+
+    def set_route(self, int i, str name, int listener, bint has_match, int first_cidr, int n_cidrs,
+                  int first_sni, int n_snis) -> None:
+        """Route i's name, listener and match slices (before fork); its split comes from set_split()."""
+        cdef flb_route_t *r = self._route(i)
+        if <uint32_t>(first_cidr + n_cidrs) > self.hdr.n_cidrs or <uint32_t>(first_sni + n_snis) > self.hdr.n_snis:
+            raise ValueError("match slice outside the region's tables")
+        self._listener(listener)
+        _set_name(r.name, name)
+        r.listener = listener
+        r.has_match = 1 if has_match else 0
+        r.first_cidr = first_cidr
+        r.n_cidrs = n_cidrs
+        r.first_sni = first_sni
+        r.n_snis = n_snis
+
+    def set_split(self, int route, list pools, list weights, str affinity="none") -> None:
+        """Publish route's split: write the spare buffer, then one release-store of split_seq makes
+        it live.  Call publish() afterwards so the workers copy it (they retry a copy that raced)."""
+        cdef flb_route_t *r = self._route(route)
+        cdef uint32_t seq = flb_load32(&r.split_seq)
+        cdef flb_split_t *sp = &r.split[(seq + 1) & 1]
+        cdef int k, n = len(pools)
+        if n < 1 or n > FLB_MAX_SPLIT or len(weights) != n:
+            raise ValueError(f"a split has 1..{FLB_MAX_SPLIT} pools, each with a weight")
+        for k in range(n):
+            if not 0 <= pools[k] < <int>self.hdr.n_pools:
+                raise ValueError(f"pool index {pools[k]} out of range")
+            if not 0 <= weights[k] <= 1000:
+                raise ValueError(f"weight {weights[k]} out of range 0..1000")
+        memset(sp, 0, sizeof(flb_split_t))
+        sp.n = n
+        sp.affinity = AFFINITY[affinity]
+        for k in range(n):
+            sp.pool[k] = pools[k]
+            sp.weight[k] = weights[k]
+        flb_store32_rel(&r.split_seq, seq + 1)
+
+    def set_pool_send_proxy(self, int i, str send_proxy) -> None:
+        """The PROXY header version the pool's backends get first (before fork)."""
+        self._pool(i).send_proxy = PROXY_PROTOCOL[send_proxy]
 
     def set_pool(self, int i, str name, str algorithm, str hash_key, int retries, int first_backend,
                  int n_backends, str all_down="reject") -> None:
@@ -305,6 +440,26 @@ cdef class Region:
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
             "accept_errors": flb_load64(&l.accept_errors),
+            "first_route": l.first_route, "n_routes": l.n_routes, "needs_sni": l.needs_sni,
+            "proxy_protocol": l.proxy_protocol, "proxy_from_first": l.proxy_from_first,
+            "proxy_from_n": l.proxy_from_n, "sni_timeout_ms": l.sni_timeout_ms,
+            "sni_policy": l.sni_policy, "no_route": flb_load64(&l.no_route),
+        }
+
+    def route(self, int i) -> dict:
+        """Route i: configuration, the live split, and its counters (connections per pool too)."""
+        cdef flb_route_t *r = self._route(i)
+        cdef uint32_t seq = flb_load32_acq(&r.split_seq)
+        cdef flb_split_t *sp = &r.split[seq & 1]
+        cdef uint64_t *per_pool = <uint64_t *>(self.base + self.hdr.route_pools_off) + <uint64_t>i * self.hdr.n_pools
+        cdef uint32_t k, n = sp.n if sp.n <= FLB_MAX_SPLIT else FLB_MAX_SPLIT
+        return {
+            "name": r.name.decode(), "listener": r.listener, "has_match": r.has_match,
+            "first_cidr": r.first_cidr, "n_cidrs": r.n_cidrs, "first_sni": r.first_sni,
+            "n_snis": r.n_snis, "split_seq": seq, "affinity": sp.affinity,
+            "split": [(sp.pool[k], sp.weight[k]) for k in range(n)],
+            "connections": flb_load64(&r.connections), "no_pool": flb_load64(&r.no_pool),
+            "pool_connections": [flb_load64(&per_pool[k]) for k in range(self.hdr.n_pools)],
         }
 
     def pool(self, int i) -> dict:
@@ -315,7 +470,7 @@ cdef class Region:
             "all_down_policy": p.all_down_policy, "panic": flb_load32(&p.panic),
             "table_active": flb_load32(&p.table_active), "table_capacity": p.table_capacity,
             "scan_len": flb_load32(&p.scan_len),
-            "no_backend": flb_load64(&p.no_backend),
+            "no_backend": flb_load64(&p.no_backend), "send_proxy": p.send_proxy,
         }
 
     def backend(self, int i) -> dict:
@@ -369,3 +524,39 @@ cdef class Region:
                 flb_sadd64(&self._listener(k).active, -row[nb + k])
         memset(row, 0, 4 * (nb + nl))
         memset(self._worker(i), 0, sizeof(flb_worker_t))
+
+
+    # --- access log (the consumer side; see shm_layout.h) ----------------------------------------
+
+    cdef flb_logring_t *_ring(self, int worker) except NULL:
+        cdef flb_logring_t *first
+        if self.hdr.logring_off == 0:
+            raise ValueError("the region has no access-log rings")
+        if not 0 <= worker < <int>self.hdr.n_workers:
+            raise IndexError(f"worker index {worker} out of range")
+        first = <flb_logring_t *>(self.base + self.hdr.logring_off)
+        return <flb_logring_t *>(self.base + self.hdr.logring_off + <uint64_t>worker
+                                 * (sizeof(flb_logring_t) + <uint64_t>first.slots * sizeof(flb_logrec_t)))
+
+    def log_drain(self, int worker, int limit=65536) -> list:
+        """Take up to `limit` records from worker's ring, oldest first:
+        [(end_unix_us, duration_us, bytes_in, bytes_out, connect_us, listener, route, pool, backend,
+          termination, retries, client_sockaddr_bytes), ...]."""
+        cdef flb_logring_t *ring = self._ring(worker)
+        cdef flb_logrec_t *recs = <flb_logrec_t *>(<char *>ring + sizeof(flb_logring_t))
+        cdef flb_logrec_t *r
+        cdef uint64_t head = flb_load64_acq(&ring.head)
+        cdef uint64_t tail = ring.tail
+        cdef list out = []
+        while tail < head and len(out) < limit:
+            r = &recs[tail & (ring.slots - 1)]
+            out.append((r.end_unix_us, r.duration_us, r.bytes_in, r.bytes_out, r.connect_us, r.listener,
+                        r.route, r.pool, r.backend, r.termination, r.retries,
+                        bytes(r.client[:min(r.client_len, FLB_ADDR_LEN)])))
+            tail += 1
+        flb_store64_rel(&ring.tail, tail)
+        return out
+
+    def log_dropped(self, int worker) -> int:
+        """Records worker's ring had to drop (full) since the region was made."""
+        return flb_load64(&self._ring(worker).dropped)

@@ -11,8 +11,25 @@ from fastlb._version import __version__
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastlb")
-def main() -> None:
+@click.option("--admin", "admin_url", metavar="URL", help="Drive a (remote) fastlb through its admin API.")
+@click.option("--token-file", type=click.Path(), help="Bearer token for --admin (first line of the file).")
+@click.option("--cafile", type=click.Path(), help="CA certificate(s) to verify an https:// admin API.")
+@click.pass_context
+def main(ctx: click.Context, admin_url: str | None, token_file: str | None, cafile: str | None) -> None:
     """fastlb: a Layer-4 TCP load balancer (Cython data plane, Python control plane)."""
+    ctx.obj = {"admin": admin_url, "token_file": token_file, "cafile": cafile}
+
+
+def _token(token_file: str | None) -> str | None:
+    if token_file is None:
+        return None
+    from fastlb.fleet.client import read_token_file
+
+    try:
+        return read_token_file(token_file)
+    except OSError as exc:
+        click.echo(f"fastlb: --token-file {token_file}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
 
 
 @main.command("check-config")
@@ -64,7 +81,8 @@ def serve(config_file: str, workers: int | None) -> None:
     """Run the load balancer in the foreground until SIGTERM/SIGINT."""
     cfg = _load_or_exit(config_file)
     _setup_logging(cfg.global_.log_level)
-    _keep_openssl_out()
+    if cfg.global_.admin is None or cfg.global_.admin.tls_cert is None:
+        _keep_openssl_out()  # an admin API over TLS needs asyncio's TLS support
     from fastlb.runtime.supervisor import serve as run
 
     sys.exit(run(cfg, workers))
@@ -86,6 +104,11 @@ def _keep_openssl_out() -> None:
 def _client(config_file: str | None, socket_path: str | None):  # -> ControlClient
     from fastlb.control import ControlClient
 
+    opts = click.get_current_context().find_root().obj or {}
+    if opts.get("admin"):
+        from fastlb.fleet.client import AdminClient
+
+        return AdminClient(opts["admin"], _token(opts.get("token_file")), cafile=opts.get("cafile"))
     if socket_path:
         return ControlClient(socket_path)
     if config_file:
@@ -164,6 +187,40 @@ _admin_command("enable", "Put BACKEND back in service (ready).")
 _admin_command("disable", "Put BACKEND in maintenance: no new connections.")
 
 
+@main.command("set-split", context_settings={"ignore_unknown_options": True})
+@_control_options
+@click.argument("listener")
+@click.argument("route")
+@click.argument("weights", nargs=-1, required=True)
+def set_split(
+    config_file: str | None, socket_path: str | None, listener: str, route: str, weights: tuple[str, ...]
+) -> None:
+    """Set ROUTE's whole split on LISTENER: POOL=WEIGHT... (0..1000; pools left out get 0), in one
+    atomic publish: every connection accepted after the reply goes by it.  E.g. v1=0 v2=100."""
+    from fastlb.control import MAX_WEIGHT
+
+    split: dict[str, int] = {}
+    for arg in weights:
+        pool, sep, text = arg.partition("=")
+        try:
+            w = int(text, 10) if sep and pool else -1
+        except ValueError:
+            w = -1
+        if not 0 <= w <= MAX_WEIGHT:
+            click.echo(f"fastlb: expected POOL=WEIGHT with a weight 0..{MAX_WEIGHT}, got {arg!r}", err=True)
+            sys.exit(1)
+        if pool in split:
+            click.echo(f"fastlb: pool {pool!r} given twice", err=True)
+            sys.exit(1)
+        split[pool] = w
+    r = _run_control(lambda: _client(config_file, socket_path).set_split(listener, route, split))
+
+    def fmt(s: dict) -> str:
+        return " ".join(f"{p}={w}" for p, w in s.items())
+
+    click.echo(f"{listener}/{route}: {fmt(r['previous'])} -> {fmt(r['weights'])}")
+
+
 def _register_deploy() -> None:
     from fastlb.deploy.cli import register
 
@@ -181,3 +238,35 @@ def demo(seconds: float, workers: int) -> None:
     from fastlb.demo import run_demo
 
     sys.exit(run_demo(seconds, workers))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "-f", "--hosts", "hosts_file", required=True, type=click.Path(), help="Admin URLs, one per line."
+)
+@click.option("--timeout", type=click.FloatRange(0.1, 600), default=10.0, help="Seconds per instance.")
+@click.argument("operation")
+@click.argument("args", nargs=-1)
+@click.pass_context
+def fleet(ctx: click.Context, hosts_file: str, timeout: float, operation: str, args: tuple[str, ...]) -> None:
+    """Apply OPERATION (status, set-weight, drain, enable, disable, set-split, reload) to every instance
+    listed in the hosts file, in parallel; one line per instance; exit 1 if any failed."""
+    from fastlb.fleet import fanout
+
+    opts = ctx.find_root().obj or {}
+    try:
+        hosts = fanout.read_hosts(hosts_file)
+        request = fanout.build_request(operation, args)
+    except (OSError, fanout.UsageError) as exc:
+        click.echo(f"fastlb: {getattr(exc, 'strerror', None) or exc}", err=True)
+        sys.exit(2)
+    results = fanout.apply(hosts, request, _token(opts.get("token_file")), timeout, opts.get("cafile"))
+    failed = 0
+    for host, reply, error in results:
+        if reply is not None:
+            click.echo(f"{host}: ok {fanout.summary(operation, reply)}")
+        else:
+            failed += 1
+            click.echo(f"{host}: FAILED {error}")
+    click.echo(f"{len(results) - failed} of {len(results)} instances ok")
+    sys.exit(1 if failed else 0)

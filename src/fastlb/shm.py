@@ -19,7 +19,16 @@ ALGORITHM_NAMES = {v: k for k, v in _shm.ALGORITHMS.items()}
 
 # The sizes docs/shared-memory.md documents; a mismatch means the header changed without the docs
 # (and without a layout version bump).
-EXPECTED_RECORD_SIZES = {"header": 128, "listener": 192, "pool": 192, "backend": 384, "worker": 128}
+EXPECTED_RECORD_SIZES = {
+    "header": 192,
+    "listener": 256,
+    "pool": 256,
+    "backend": 384,
+    "worker": 128,
+    "route": 448,
+    "cidr": 64,
+    "sni": 320,
+}
 
 
 def sockaddr_bytes(addr: Address) -> bytes:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 from fastlb.control import ControlClient
@@ -190,6 +191,100 @@ def greet(addr: tuple[str, int], timeout: float = 5.0) -> str:
     held = open_held(addr, 1, timeout=timeout)
     close_held(held, timeout)
     return held[0][0]
+
+
+class Load:
+    """Short connections to addr from a background thread until stop(), `concurrency` in flight,
+    each reading the backend's greeting: records (monotonic time the connect was started, name) in
+    `done`, and any connection that failed in `failures`.  For changes made under load."""
+
+    def __init__(self, addr: tuple[str, int], *, concurrency: int = 16, limit: int = 200_000) -> None:
+        self.addr = addr
+        self.concurrency = concurrency
+        self.limit = limit
+        self.done: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def wait_count(self, n: int, timeout: float = 30.0) -> None:
+        wait_until(lambda: len(self.done) >= n or self.failures, timeout, f"{n} connections under load")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "load thread did not stop"
+
+    def _run(self) -> None:
+        family = socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET
+        ep = select.epoll()
+        open_: dict[int, tuple[socket.socket, bytearray, float]] = {}
+        started = 0
+        try:
+            while not self._stop.is_set() or open_:
+                while not self._stop.is_set() and started < self.limit and len(open_) < self.concurrency:
+                    s = client_socket(family, None)
+                    t0 = time.monotonic()
+                    rc = s.connect_ex(self.addr)
+                    if rc not in (0, errno.EINPROGRESS):
+                        s.close()
+                        self.failures.append(f"connect failed at once: {os.strerror(rc)}")
+                        continue
+                    open_[s.fileno()] = (s, bytearray(), t0)
+                    ep.register(s.fileno(), select.EPOLLIN)
+                    started += 1
+                if started >= self.limit and not open_:
+                    break
+                for fd, _ in ep.poll(0.2):
+                    s, buf, t0 = open_[fd]
+                    try:
+                        data = s.recv(256)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        data = None
+                        self.failures.append(f"{exc} after {bytes(buf)!r}")
+                    if data:
+                        buf += data
+                        if not buf.endswith(b"\n") and len(buf) < 64:
+                            continue
+                        line = bytes(buf).rstrip(b"\n")
+                        if NAME.fullmatch(line):
+                            self.done.append((t0, line.decode()))
+                        else:
+                            self.failures.append(f"unexpected greeting {bytes(buf)!r}")
+                    elif data is not None:
+                        self.failures.append(f"closed before a greeting, got {bytes(buf)!r}")
+                    ep.unregister(fd)
+                    del open_[fd]
+                    s.close()
+        finally:
+            for s, _, _ in open_.values():
+                s.close()
+            ep.close()
+
+
+def names_by_source(
+    addr: tuple[str, int], sources: list[str], *, concurrency: int = 64, timeout: float = 60.0
+) -> dict[str, str]:
+    """One connection from each source address (bound, port left to the kernel): source -> the
+    name of the backend that greeted it."""
+    out: dict[str, str] = {}
+    for k in range(0, len(sources), concurrency):
+        batch = sources[k : k + concurrency]
+        held = []
+        try:
+            for src in batch:
+                held.extend((src, h) for h in open_held(addr, 1, timeout=timeout, source=src))
+            for src, (name, _) in held:
+                out[src] = name
+        finally:
+            close_held([h for _, h in held], timeout)
+    return out
 
 
 # --- the fastlb command line and status -----------------------------------------------------------

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -48,7 +49,12 @@ def toml_table(header: str, items: dict) -> str:
 class FastLB:
     """One `fastlb serve` with one listener "web" on a free port, forwarding to pool "web".
 
-    backends: [(name, "HOST:PORT", weight or None), ...]. listener/pool/global_ add or override keys.
+    backends: [(name, "HOST:PORT", weight or None), ...]. listener/pool/global_ add or override keys
+    (a value None removes the key, e.g. listener={"pool": None} for a listener with routes).
+    extra: more TOML appended as is (other pools, [[listeners.web.routes]] tables).
+    raw: a whole config (without [global]) to run instead, e.g. one from the docs: its first
+    `bind` becomes this instance's address and a [global] table with the control socket is put
+    in front; `backends` and the other table arguments are then ignored.
     nofile: RLIMIT_NOFILE (soft and hard) for the serve process and so its workers.
     """
 
@@ -64,6 +70,8 @@ class FastLB:
         global_: dict | None = None,
         host: str = LOCALHOST,
         nofile: int | None = None,
+        extra: str = "",
+        raw: str | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         # unix socket paths must fit in 107 bytes: fall back to a short directory if needed
@@ -87,6 +95,7 @@ class FastLB:
         g.update(global_ or {})
         lst = {"bind": bind, "pool": "web", "connect_timeout": "2s", "idle_timeout": "5m"}
         lst.update(listener or {})
+        lst = {k: v for k, v in lst.items() if v is not None}
         entries = []
         for name, address, weight in backends:
             e = {"name": name, "address": address}
@@ -101,7 +110,12 @@ class FastLB:
             + toml_table("listeners.web", lst)
             + "\n"
             + toml_table("pools.web", pl)
+            + (("\n" + extra) if extra else "")
         )
+        if raw is not None:
+            self.config_text = (
+                toml_table("global", g) + "\n" + re.sub(r'bind = "[^"]+"', f'bind = "{bind}"', raw, count=1)
+            )
         self.config_path.write_text(self.config_text)
         self.proc: subprocess.Popen | None = None
         self.notify_sock: socket.socket | None = None

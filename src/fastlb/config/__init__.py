@@ -21,6 +21,8 @@ from fastlb.config.model import (
     ListenerConfig,
     OutlierConfig,
     PoolConfig,
+    RouteConfig,
+    SplitTarget,
 )
 from fastlb.config.values import parse_address, parse_duration
 
@@ -35,6 +37,8 @@ __all__ = [
     "ListenerConfig",
     "OutlierConfig",
     "PoolConfig",
+    "RouteConfig",
+    "SplitTarget",
     "load_config",
     "parse_address",
     "parse_config",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 
+from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
 from fastlb.config.model import (
     ALGORITHM_ALIASES,
     ALGORITHMS,
@@ -35,7 +36,18 @@ from fastlb.config.model import (
     OutlierConfig,
     PoolConfig,
 )
+from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
 from fastlb.config.rollouts import parse_rollouts
+from fastlb.config.routes import (
+    LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
+)
+from fastlb.config.routes import (
+    check_route_pools,
+    health_send_proxy,
+    listener_prelude,
+    listener_routes,
+    pool_send_proxy,
+)
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -43,10 +55,8 @@ from fastlb.config.values import (
     _check_host,
     _check_name,
     _describe,
-    _did_you_mean,
     _fmt_seconds,
     _is_prime,
-    _join,
     _quote,
     _Table,
     parse_address,
@@ -82,22 +92,32 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     root = _Table(doc, "", file)
     root.only(("global", "listeners", "pools", "rollouts"))
     global_ = _global(root.data.get("global", {}), file)
-    listeners = _listeners(root, file)
+    short_form: set[str] = set()
+    listeners = _listeners(root, file, short_form)
     pools = _pools(root, file)
-    for lst in listeners.values():
-        if lst.pool not in pools:
-            defined = ", ".join(pools) if pools else "none"
-            raise ConfigError(
-                file,
-                _join(_join("listeners", lst.name), "pool"),
-                f"unknown pool {_quote(lst.pool)}{_did_you_mean(lst.pool, pools)}; defined pools: {defined}",
-            )
+    check_route_pools(listeners, pools, file, short_form)
     rollouts = parse_rollouts(root, file, listeners, pools)
     return Config(file=file, global_=global_, listeners=listeners, pools=pools, rollouts=rollouts)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", "state_file")
-_LISTENER_KEYS = ("bind", "pool", "connect_timeout", "idle_timeout", "max_connections", "backlog")
+_GLOBAL_KEYS = (
+    "workers",
+    "control_socket",
+    "shutdown_timeout",
+    "log_level",
+    "state_file",
+    *ADMIN_KEYS,
+    *ACCESS_LOG_KEYS,
+)
+_LISTENER_KEYS = (
+    "bind",
+    "pool",
+    "connect_timeout",
+    "idle_timeout",
+    "max_connections",
+    "backlog",
+    *_ROUTE_LISTENER_KEYS,
+)
 _POOL_KEYS = (
     "algorithm",
     "backends",
@@ -110,10 +130,12 @@ _POOL_KEYS = (
     "drain_timeout",
     "health_check",
     "outlier_detection",
+    "discover",
+    "send_proxy",
 )
 _BACKEND_KEYS = ("name", "address", "weight")
 _OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
-_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address")
+_HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
     "tcp": (),
     "http": ("path", "host", "expect_status", "expect_body"),
@@ -136,16 +158,21 @@ def _global(data: object, file: str) -> GlobalConfig:
     state_file = t.get_str("state_file", d.state_file)
     if not state_file.startswith("/") or "\0" in state_file:
         raise t.error("state_file", f"{_quote(state_file)} must be an absolute path (no NUL)")
+    access_log = parse_access_log(t)
     return GlobalConfig(
         workers=workers,
         control_socket=sock,
         state_file=state_file,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
+        admin=parse_admin(t),
+        access_log=access_log[0],
+        access_log_format=access_log[1],
+        access_log_buffer=access_log[2],
     )
 
 
-def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
+def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:
     if "listeners" not in root.data:
         raise ConfigError(
             file, "listeners", "no listeners defined; add a [listeners.NAME] table with bind and pool"
@@ -169,9 +196,9 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
         if ident in bound:
             raise t.error("bind", f"{bind} is already the bind address of listener {_quote(bound[ident])}")
         bound[ident] = name
-        pool = t.required("pool", " (the name of a [pools.NAME] table)")
-        if not isinstance(pool, str):
-            raise t.error("pool", f"expected a pool name (a string), got {_describe(pool)}")
+        pool, routes = listener_routes(t)
+        if not routes:
+            short_form.add(name)
         d = ListenerConfig(name=name, bind=bind, pool=pool)
         listeners[name] = ListenerConfig(
             name=name,
@@ -181,6 +208,8 @@ def _listeners(root: _Table, file: str) -> dict[str, ListenerConfig]:
             idle_timeout=t.get_duration("idle_timeout", d.idle_timeout, positive=True),
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
+            routes=routes,
+            **listener_prelude(t, routes or d.routes),
         )
     return listeners
 
@@ -216,7 +245,9 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             )
         algorithm, hash_key = real, implied_key
 
-    backends = _backends(t, file, backends_before)
+    discover = parse_discover(t)
+    # with DNS discovery the static list is optional (and may be empty)
+    backends = _backends(t, file, backends_before) if discover is None or t.data.get("backends") else ()
     table_size = t.get_int(
         "maglev_table_size", d.maglev_table_size, MIN_MAGLEV_TABLE_SIZE, MAX_MAGLEV_TABLE_SIZE
     )
@@ -229,9 +260,10 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
             "maglev_table_size", f"{table_size} is smaller than the pool's {len(backends)} backends"
         )
 
+    send_proxy = pool_send_proxy(t)
     health = None
     if "health_check" in t.data:
-        health = _health_check(t.data["health_check"], t.key("health_check"), file)
+        health = _health_check(t.data["health_check"], t.key("health_check"), file, send_proxy)
     return PoolConfig(
         name=name,
         algorithm=algorithm,
@@ -245,6 +277,8 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         drain_timeout=t.get_duration("drain_timeout", d.drain_timeout),
         health_check=health,
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
+        discover=discover,
+        send_proxy=send_proxy,
     )
 
 
@@ -285,7 +319,7 @@ def _backends(pool: _Table, file: str, backends_before: int) -> tuple[BackendCon
     return tuple(backends)
 
 
-def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
+def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "off") -> HealthCheckConfig:
     t = _Table(data, path, file)
     if "type" not in t.data:
         raise t.error("type", f"missing required key (one of: {', '.join(HEALTH_CHECK_TYPES)})")
@@ -351,6 +385,7 @@ def _health_check(data: object, path: str, file: str) -> HealthCheckConfig:
         host=host,
         expect_status=status,
         expect_body=expect_body,
+        send_proxy=health_send_proxy(t, pool_send_proxy),
     )
 
 

@@ -6,6 +6,7 @@ timeouts are stored as uint32 milliseconds, weights are 0..1000.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ HASH_KEYS = ("source_ip", "source_ip_port", "four_tuple")  # enum flb_hash_key o
 HEALTH_CHECK_TYPES = ("tcp", "http", "send_expect")
 ALL_DOWN_POLICIES = ("reject", "panic")  # enum flb_all_down order
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SPLIT_AFFINITIES = ("none", "source_ip")  # enum flb_split_affinity order
+PROXY_PROTOCOLS = ("off", "v1", "v2", "any")  # enum flb_proxy_protocol order (accept side)
+SEND_PROXY = ("off", "v1", "v2")  # what fastlb can send
+SNI_NO_MATCH = ("default", "reject")  # enum flb_sni_policy order
 
 MAX_LISTENERS = 64
 MAX_POOLS = 64
@@ -43,6 +48,10 @@ MAX_DURATION = 30 * 86400.0  # seconds; uint32 milliseconds would overflow at ~4
 MIN_TIMEOUT = 0.001  # timeouts are stored in whole milliseconds: below 1ms would become "0"
 MAX_SUN_PATH = 107  # sizeof(sockaddr_un.sun_path) minus the NUL
 MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_ROUTES = 64  # per listener
+MAX_SPLIT = 15  # FLB_MAX_SPLIT: pools in one route's split
+MAX_MATCH_ENTRIES = 1024  # source prefixes or sni patterns in one route (and proxy_protocol_from)
+MAX_SNI_BYTES = 253  # a DNS name
 
 
 def _default_workers() -> int:
@@ -117,6 +126,7 @@ class HealthCheckConfig:
     host: str | None = None  # http Host header; None = the address checked
     expect_status: tuple[int, int] = (200, 399)  # http, inclusive range
     expect_body: str | None = None  # http: substring the body must contain
+    send_proxy: str = "off"  # "off" | "v1" | "v2" (the loader resolves `true` to the pool's version)
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,29 @@ class OutlierConfig:
     consecutive_failures: int = 5  # 0 = disabled
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 50  # 0..100
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """DNS service discovery for a pool (fastlb.fleet.discovery): SRV, or A/AAAA plus a port."""
+
+    kind: str  # "srv" | "a"
+    name: str  # fully qualified, with the trailing dot
+    port: int | None  # for kind "a"
+    resolvers: tuple[Address, ...] = ()  # empty: the system resolver (/etc/resolv.conf)
+    min_interval: float = 1.0  # re-resolve at the record's TTL, bounded by these
+    max_interval: float = 300.0
+    max_backends: int = 64  # backend slots reserved for what DNS returns
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The remote admin API (fastlb.fleet.admin): HTTP JSON, bearer token, optional TLS."""
+
+    bind: Address
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,17 +175,60 @@ class PoolConfig:
     drain_timeout: float = 300.0
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierConfig = OutlierConfig()
+    discover: DiscoverConfig | None = None
+    send_proxy: str = "off"  # "off" | "v1" | "v2": PROXY header written to the backends first
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class SplitTarget:
+    """One entry of a route's split: a pool and its weight (0..1000)."""
+
+    pool: str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One route of a listener (config/routes.py): the first route whose match holds takes the
+    connection; a route without a match (no source, no sni) is the default, always the last."""
+
+    name: str
+    source: tuple[IPNetwork, ...] = ()
+    sni: tuple[str, ...] = ()  # lower case; exact names or "*.suffix"
+    backends: tuple[SplitTarget, ...] = ()
+    split_affinity: str = "none"  # "none" | "source_ip"
+
+    @property
+    def has_match(self) -> bool:
+        return bool(self.source or self.sni)
 
 
 @dataclass(frozen=True)
 class ListenerConfig:
     name: str
     bind: Address
-    pool: str
+    pool: str  # the short form's pool; with routes, the first pool of the default (else first) route
     connect_timeout: float = 5.0
     idle_timeout: float = 600.0
     max_connections: int = 0  # 0 = unlimited
     backlog: int = 4096
+    routes: tuple[RouteConfig, ...] = ()  # () = the short form: one route "default" -> pool
+    proxy_protocol: str = "off"  # "off" | "v1" | "v2" | "any"
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header
+    sni_timeout: float = 5.0  # how long the prelude (PROXY header, ClientHello) may take
+    sni_no_match: str = "default"  # connection without a server name: "default" | "reject"
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            default = RouteConfig("default", backends=(SplitTarget(self.pool, 1),))
+            object.__setattr__(self, "routes", (default,))
+
+    @property
+    def needs_sni(self) -> bool:
+        return any(r.sni for r in self.routes)
 
 
 @dataclass(frozen=True)
@@ -162,6 +238,10 @@ class GlobalConfig:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     state_file: str = "/var/lib/fastlb/state.json"  # runtime changes kept across reload/restart
+    admin: AdminConfig | None = None
+    access_log: str = "off"  # "off" | "stdout" | an absolute path
+    access_log_format: str = "json"  # "json" | "text"
+    access_log_buffer: int = 16384  # records per worker ring
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "status"}
   {"cmd": "set-weight", "pool": P, "backend": B, "weight": W}
   {"cmd": "drain" | "enable" | "disable", "pool": P, "backend": B}
+  {"cmd": "set-split", "listener": L, "route": R, "weights": {"v1": 0, "v2": 100}}
+    -> {"ok": true, "listener": L, "route": R, "weights": {...}, "previous": {...}}
   {"cmd": "rollout-start" | "rollout-status" | "rollout-pause" | ... | "switch", ...}
     (see fastlb.deploy.requests)
 Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.  A malformed or unknown request
@@ -72,6 +74,11 @@ class ControlClient:
 
     def disable(self, pool: str, backend: str) -> dict[str, Any]:
         return self.request({"cmd": "disable", "pool": pool, "backend": backend})
+
+    def set_split(self, listener: str, route: str, weights: dict[str, int]) -> dict[str, Any]:
+        """Replace the whole split of ROUTE on LISTENER (pools not named get weight 0) in one
+        publish; connections accepted after the reply go by it.  Reply: weights, previous."""
+        return self.request({"cmd": "set-split", "listener": listener, "route": route, "weights": weights})
 
     # --- deployments (fastlb.deploy.requests) ------------------------------------------------------
 

@@ -25,6 +25,11 @@ class _Backends(Protocol):
     def set_admin(self, slot: Any, admin: str) -> None: ...
 
 
+class _Routes(Protocol):
+    def set_split(self, listener: str, route: str, weights: dict[str, int]) -> dict[str, int]: ...
+    def split(self, listener: str, route: str) -> dict[str, int]: ...
+
+
 class _Deploy(Protocol):
     def request(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -33,6 +38,7 @@ class ControlTarget(Protocol):
     """What a control request can reach in the control process (fastlb.runtime.supervisor.Supervisor)."""
 
     backends: _Backends
+    routes: _Routes
     deploy: _Deploy  # rollout-*, switch (fastlb.deploy.requests)
 
     def status(self) -> dict[str, Any]: ...
@@ -58,6 +64,28 @@ def _find(sup: ControlTarget, req: dict[str, Any]) -> Any:
         return sup.backends.find(pool, backend)
     except KeyError as exc:
         raise ControlError(exc.args[0]) from None
+
+
+def _set_split(sup: ControlTarget, req: dict[str, Any]) -> dict[str, Any]:
+    listener, route, weights = req.get("listener"), req.get("route"), req.get("weights")
+    if not isinstance(listener, str) or not isinstance(route, str):
+        raise ControlError("'listener' and 'route' must be strings")
+    if not isinstance(weights, dict) or not weights:
+        raise ControlError("'weights' must be a non-empty object of pool -> weight")
+    for pool, w in weights.items():
+        if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= MAX_WEIGHT:
+            raise ControlError(f"weight of pool {pool!r} must be an integer 0..{MAX_WEIGHT}, got {w!r}")
+    try:
+        previous = sup.routes.set_split(listener, route, weights)
+    except (KeyError, ValueError) as exc:
+        raise ControlError(str(exc.args[0]) if exc.args else "bad split") from None
+    return {
+        "ok": True,
+        "listener": listener,
+        "route": route,
+        "weights": sup.routes.split(listener, route),
+        "previous": previous,
+    }
 
 
 def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
@@ -87,8 +115,10 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             old = slot.admin
             sup.backends.set_admin(slot, ADMIN_FOR[cmd])
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
+        if cmd == "set-split":
+            return _set_split(sup, req)
         if cmd in DEPLOY_COMMANDS:
             return {"ok": True, **sup.deploy.request(cmd, req)}
-        raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable)")
+        raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable, set-split)")
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}

@@ -41,6 +41,8 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
     cdef linger lg
     cdef Listener *l = &W.listeners[c.listener]
+    if W.logring != NULL:
+        log_conn(c, reset)
     if reset:
         lg.l_onoff = 1
         lg.l_linger = 0
@@ -69,25 +71,32 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
 
 
 cdef int conn_connect(Conn *c) noexcept nogil:
-    """Start a connect to the next backend the pool picks; an attempt that fails at once moves on.
+    """Start a connect to the next backend c's pool (c.pool, set by route_select()) picks; an
+    attempt that fails at once moves on.
 
     Returns 0 while a connect is in flight, -1 when no backend can be tried any more (the caller
     closes the client).
     """
     cdef Listener *l = &W.listeners[c.listener]
-    cdef flb_pool_t *p = &W.pools[l.pool]
+    cdef flb_pool_t *p
     cdef flb_backend_t *b
     cdef uint32_t idx
     cdef int fd, rc, e, one = 1
     cdef uint8_t addr[FLB_ADDR_LEN]
     cdef socklen_t alen
     cdef epoll_event ev
+    if c.pool >= W.hdr.n_pools:
+        return -1                       # not routed (route_select() said no)
+    p = &W.pools[c.pool]
     while c.attempts <= p.retries and c.attempts < MAX_TRIES:
-        idx = lb_pick(c, l.pool)
+        idx = lb_pick(c, c.pool)
         if idx == FLB_NONE:
             if c.attempts == 0:
                 flb_add64(&p.no_backend, 1)
                 W.me.no_backend += 1
+                c.term = FLB_TERM_NO_BACKEND + 1
+            elif c.term == 0:
+                c.term = FLB_TERM_CONNECT_FAILED + 1
             return -1
         c.tried[c.attempts] = idx
         c.attempts += 1
@@ -100,6 +109,7 @@ cdef int conn_connect(Conn *c) noexcept nogil:
             e = errno
             if e == EMFILE or e == ENFILE:
                 W.me.emfile += 1
+            c.term = FLB_TERM_LOCAL_ERROR + 1
             return -1
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         flb_add64(&b.attempts, 1)
@@ -121,6 +131,8 @@ cdef int conn_connect(Conn *c) noexcept nogil:
             return 0
         close_fd(fd)
         backend_failed(b, False)
+    if c.term == 0:
+        c.term = FLB_TERM_CONNECT_FAILED + 1
     return -1
 
 
@@ -128,6 +140,7 @@ cdef void conn_connect_failed(Conn *c, bint timeout) noexcept nogil:
     """The attempt in flight failed: count it, then try the next backend or close the client."""
     cdef Listener *l = &W.listeners[c.listener]
     backend_failed(&W.backends[c.backend], timeout)
+    c.term = (FLB_TERM_CONNECT_TIMEOUT if timeout else FLB_TERM_CONNECT_FAILED) + 1
     if timeout:
         W.me.timeouts_connect += 1
     close_fd(c.bfd)
@@ -165,6 +178,8 @@ cdef void conn_connected(Conn *c) noexcept nogil:
     flb_add64(&b.connect_time_sum_us, dt)
     flb_add64(&b.hist_connect[hist_bucket(dt)], 1)
     flb_add64(&b.total, 1)
+    c.connect_us = <uint32_t>(dt if dt < 4294967295ULL else 4294967295ULL)
+    c.term = 0                          # connected: how it ends is decided from here on
     c.state = CS_ESTABLISHED
     c.active_ms = W.now_ms
     # the wheel holds c at its connect deadline; the idle deadline may come sooner
@@ -306,6 +321,7 @@ cdef void conn_run(Conn *c) noexcept nogil:
     cdef int rc
     if c.state == CS_CONNECTING:
         if c.flags & F_C_ERR:
+            c.term = FLB_TERM_CLIENT_GONE + 1
             conn_close(c, True)             # the client went away while we were connecting
             return
         if not (c.flags & (F_B_WR | F_B_ERR)):
@@ -326,6 +342,7 @@ cdef void conn_run(Conn *c) noexcept nogil:
     if rc < 0:
         conn_close(c, True)
         return
+    c.bytes_c2b += <uint64_t>rc
     rc = pump(c, c.bfd, c.cfd, &c.b2c, F_B_RD, F_C_WR, F_B_EOF, F_C_SHUT, F_B_HUP, F_B2C_BULK, &b.bytes_out)
     if rc < 0:
         if not (c.flags & F_B_DATA):
@@ -333,6 +350,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
             flb_add64(&b.consecutive_failures, 1)
         conn_close(c, True)
         return
+    c.bytes_b2c += <uint64_t>rc
+    if c.closer == 0 and c.flags & (F_C_EOF | F_B_EOF):
+        c.closer = 1 if c.flags & F_C_EOF else 2
     if (rc > 0 or (c.flags & F_B_EOF)) and not (c.flags & F_B_DATA):
         c.flags |= F_B_DATA             # first byte (or a clean close): the backend works
         backend_succeeded(b)
@@ -345,4 +365,5 @@ cdef void conn_timeout(Conn *c) noexcept nogil:
         conn_connect_failed(c, True)
     else:
         W.me.timeouts_idle += 1
+        c.term = FLB_TERM_IDLE_TIMEOUT + 1
         conn_close(c, False)

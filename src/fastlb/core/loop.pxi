@@ -13,7 +13,6 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
     cdef socklen_t plen
     cdef Conn *c
     cdef epoll_event ev
-    cdef flb_pool_t *p = &W.pools[l.pool]
     for k in range(ACCEPT_BATCH):
         # reserve a place first, so that all workers together never exceed max_connections
         if flb_sadd64(&l.shm.active, 1) > <int64_t>l.max_connections and l.max_connections > 0:
@@ -48,20 +47,23 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         c = slab_alloc()
         c.cfd = fd
         c.listener = li
+        c.accepted_us = W.now_us
+        c.peer_len = <uint8_t>(plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
+        memcpy(c.peer, &peer, c.peer_len)
         W.wactive[W.hdr.n_backends + li] += 1
         c.active_ms = W.now_ms
         W.active += 1
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
-        if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
-            c.key_hash = lb_key_hash(p.hash_key, &peer, fd)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
             conn_close(c, True)
             continue
-        if conn_connect(c) < 0:
+        if route_select(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
+            if c.term == 0:
+                c.term = FLB_TERM_NO_BACKEND + 1   # no route took it
             flb_add64(&l.shm.rejected, 1)
             conn_close(c, False)
 
@@ -166,6 +168,7 @@ cdef void close_condemned() noexcept nogil:
     for k in range(W.n_used):
         if W.conns[k].state != CS_FREE and W.conns[k].backend != FLB_NONE \
                 and flb_load32(&W.backends[W.conns[k].backend].close_conns):
+            W.conns[k].term = FLB_TERM_DRAIN_DEADLINE + 1
             conn_close(&W.conns[k], False)
 
 
@@ -177,6 +180,7 @@ cdef inline void sync_generation() noexcept nogil:
     if g != W.generation:
         W.generation = g
         lb_refresh()
+        routes_refresh()
         close_condemned()
         W.me.generation_seen = g
 
@@ -237,6 +241,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     sigaddset(&mask, SIGTERM)
     sigaddset(&mask, SIGINT)
     sigaddset(&mask, SIGHUP)
+    sigaddset(&mask, SIGUSR1)           # reopen-the-log is the control process's business
     if sigprocmask(SIG_BLOCK, &mask, NULL) < 0:
         return -errno
     if getppid() == 1:
@@ -281,6 +286,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     rc = lb_setup()
     if rc < 0:
         return rc
+    rc = log_setup()
+    if rc < 0:
+        return rc
     W.listeners = <Listener *>calloc(nfds + 1, sizeof(Listener))
     if W.listeners == NULL:
         return -ENOMEM
@@ -301,12 +309,16 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         ev.data.u64 = TAG_SPECIAL | <uint64_t>i
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fds[i], &ev) < 0:
             return -errno
+    rc = routes_setup()
+    if rc < 0:
+        return rc
     ev.events = EPOLLIN
     ev.data.u64 = TAG_SPECIAL | SPECIAL_SIGNAL
     if epoll_ctl(W.ep, EPOLL_CTL_ADD, W.sfd, &ev) < 0:
         return -errno
     W.generation = flb_load64_acq(&W.hdr.generation)
     lb_refresh()
+    routes_refresh()
     W.me.generation_seen = W.generation
     W.me.pid = getpid()
     W.me.state = 1
@@ -317,6 +329,7 @@ cdef void worker_teardown() noexcept nogil:
     cdef int32_t i
     for i in range(W.n_used):
         if W.conns[i].state != CS_FREE:
+            W.conns[i].term = FLB_TERM_SHUTDOWN_DEADLINE + 1
             conn_close(&W.conns[i], False)
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)

@@ -62,6 +62,9 @@ ctypedef struct Conn:
     uint64_t key_hash       # hash of the client key, for the hashing algorithms
     uint64_t start_us       # connect start (for the connect timeout and the connect-time average)
     uint64_t active_ms      # last traffic (idle timeout)
+    uint8_t peer[FLB_ADDR_LEN]  # the client's sockaddr_in/in6 (accepted, or from a PROXY header)
+    uint32_t route          # global route index, FLB_NONE before route_select()
+    uint32_t pool           # the pool route_select() chose, FLB_NONE before
     uint8_t attempts        # connect attempts so far
     uint32_t tried[MAX_TRIES]
     Pipe c2b                # client -> backend
@@ -70,6 +73,14 @@ ctypedef struct Conn:
     int32_t t_next
     int32_t t_slot          # wheel slot, -1 = not scheduled
     int32_t next_free
+    # what the access log reports (core/accesslog.pxi); cheap enough to keep always
+    uint64_t accepted_us
+    uint64_t bytes_c2b
+    uint64_t bytes_b2c
+    uint32_t connect_us     # connect time of the attempt that succeeded
+    uint8_t term            # 0: derive at close from the flags; else enum flb_term + 1
+    uint8_t closer          # who finished first: 0 nobody yet, 1 the client, 2 the backend
+    uint8_t peer_len        # bytes of peer in use
 
 
 ctypedef struct PoolView:
@@ -81,9 +92,27 @@ ctypedef struct PoolView:
     uint64_t total          # sum of w
 
 
+ctypedef struct RouteView:
+    # a worker's copy of one route's live split (core/routes.pxi), rebuilt when the generation moves
+    uint32_t n              # split entries
+    uint32_t affinity       # enum flb_split_affinity
+    uint32_t pool[FLB_MAX_SPLIT]
+    uint32_t cum[FLB_MAX_SPLIT]   # prefix sums of the weights
+    uint32_t total
+    uint32_t n_live         # entries with weight > 0 whose pool has a usable backend
+    uint32_t live_pool[FLB_MAX_SPLIT]
+    uint32_t live_cum[FLB_MAX_SPLIT]
+    uint32_t live_total
+
+
 ctypedef struct Listener:
     int fd                  # -1 once closed (draining)
-    uint32_t pool
+    uint32_t pool           # the default route's first pool (kept for what reads it; picks use c.pool)
+    uint32_t first_route    # routes of this listener: [first_route, first_route + n_routes)
+    uint32_t n_routes
+    uint32_t default_route  # the route without a match, FLB_NONE if there is none
+    uint32_t needs_sni
+    uint32_t sni_policy
     uint32_t connect_timeout_ms
     uint32_t idle_timeout_ms
     uint32_t max_connections
@@ -134,11 +163,20 @@ ctypedef struct Worker:
     uint32_t *rr            # per pool round-robin cursor
     PoolView *views         # per pool: what may take new connections (rebuilt on publish)
     uint8_t *ok             # per backend: 1 if in its pool's view
+    # routes (core/routes.pxi)
+    flb_route_t *routes
+    flb_cidr_t *cidrs
+    flb_sni_t *snis
+    uint64_t *route_pools   # [n_routes][n_pools] connections per route and pool
+    RouteView *rviews       # per route: the local copy of its split
     uint64_t rng
     # lifecycle
     int stopping
     uint64_t stop_deadline_ms
     int pending_accept
+    # access log (core/accesslog.pxi): this worker's ring, NULL when the log is off
+    flb_logring_t *logring
+    flb_logrec_t *logrecs
 
 
 cdef Worker W
@@ -200,6 +238,8 @@ cdef inline Conn *slab_alloc() noexcept nogil:
     c.cfd = -1
     c.bfd = -1
     c.backend = FLB_NONE
+    c.route = FLB_NONE
+    c.pool = FLB_NONE
     c.c2b.rfd = -1
     c.c2b.wfd = -1
     c.b2c.rfd = -1

@@ -37,5 +37,6 @@ static inline uint64_t flb_hash64(const void *data, size_t len, uint64_t seed) {
 #define FLB_SEED_SKIP   0x666c622d736b6970ULL /* "flb-skip": Maglev skip of a backend name */
 #define FLB_SEED_RING   0x666c622d72696e67ULL /* "flb-ring": ring point "name#k" */
 #define FLB_SEED_KEY    0x666c622d6b657973ULL /* "flb-keys": client key in the data plane */
+#define FLB_SEED_SPLIT  0x666c622d73706c74ULL /* "flb-splt": client address -> side of a route's split */
 
 #endif

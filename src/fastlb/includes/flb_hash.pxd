@@ -9,3 +9,4 @@ cdef extern from "flb_hash.h" nogil:
     uint64_t FLB_SEED_SKIP
     uint64_t FLB_SEED_RING
     uint64_t FLB_SEED_KEY
+    uint64_t FLB_SEED_SPLIT

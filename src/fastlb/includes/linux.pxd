@@ -166,6 +166,7 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(clockid_t clk, timespec *tp)
     enum:
         CLOCK_MONOTONIC
+        CLOCK_REALTIME
         CLOCK_MONOTONIC_COARSE
 
 

@@ -12,6 +12,11 @@
  *   header.workers_off       flb_worker_t[n_workers]
  *   header.wactive_off       int32_t[n_workers][n_backends + n_listeners] (per-worker active shares)
  *   header.tables_off        per pool, two table buffers (double buffer for maglev / ring_hash)
+ *   header.logring_off       per worker, an access-log ring: flb_logring_t + slots x flb_logrec_t (0: off)
+ *   header.routes_off        flb_route_t[n_routes]       (each listener owns a contiguous slice)
+ *   header.cidrs_off         flb_cidr_t[n_cidrs]         (match.source and proxy_protocol_from)
+ *   header.snis_off          flb_sni_t[n_snis]           (match.sni patterns)
+ *   header.route_pools_off   uint64_t[n_routes][n_pools] (connections each route sent to each pool)
  *
  * Publishing rules (writer = control process only):
  *   - weight, eff_weight, admin, health: single aligned 32-bit stores (never torn).
@@ -19,8 +24,12 @@
  *   - hash tables: write the inactive buffer, then release-store pool.table_active,
  *     then bump header.generation (release).  A backend slot is written before any
  *     table that points at it.
- *   - workers acquire-load header.generation once per loop turn and refresh their
- *     local pick state when it moved.
+ *   - route splits: write split[(split_seq + 1) & 1], then release-store split_seq + 1,
+ *     then bump header.generation.  Workers copy the live split into local memory when the
+ *     generation moves, and retry the copy if split_seq changed meanwhile: no worker ever
+ *     uses half of a split.
+ *   - workers acquire-load header.generation once per loop turn (and again before routing a
+ *     new connection) and refresh their local pick state when it moved.
  * Counters (active, total, bytes, errors) are updated by the workers with atomic adds.
  *
  * Bump FLB_LAYOUT_VERSION on any change to this file.
@@ -36,6 +45,8 @@
 #define FLB_ADDR_LEN       28                     /* sizeof(struct sockaddr_in6) */
 #define FLB_NONE           0xFFFFFFFFu            /* "no backend" in tables and picks */
 #define FLB_HIST_BUCKETS   16                     /* connect-time histogram buckets per backend */
+#define FLB_MAX_SPLIT      15                     /* pools in one route's split */
+#define FLB_SNI_LEN        256                    /* a server-name pattern, lower case, NUL-padded */
 
 /* Upper bounds (microseconds, inclusive) of the connect-time histogram buckets; the last is +Inf.
  * A worker increments exactly one bucket per established connection; readers accumulate them
@@ -76,6 +87,27 @@ enum flb_health {
     FLB_HEALTH_EJECTED = 2, /* passive ejection (outlier detection) */
 };
 
+/* route split.affinity */
+enum flb_split_affinity {
+    FLB_AFFINITY_NONE = 0,       /* a weighted draw per connection */
+    FLB_AFFINITY_SOURCE_IP = 1,  /* a hash of the client address picks the pool */
+};
+
+/* listener.proxy_protocol (what the listener accepts) and pool.send_proxy (what fastlb sends) */
+enum flb_proxy_protocol {
+    FLB_PROXY_OFF = 0,
+    FLB_PROXY_V1 = 1,
+    FLB_PROXY_V2 = 2,
+    FLB_PROXY_ANY = 3,           /* accept only: v1 or v2, told apart by the signature */
+};
+
+/* listener.sni_policy: a connection without a server name (no ClientHello in time, not TLS,
+ * no SNI extension) */
+enum flb_sni_policy {
+    FLB_SNI_DEFAULT = 0,         /* routed without a name: source-only routes, then the default */
+    FLB_SNI_REJECT = 1,          /* reset, counted in listener.no_route */
+};
+
 /* pool.all_down_policy */
 enum flb_all_down {
     FLB_ALL_DOWN_REJECT = 0,
@@ -106,8 +138,20 @@ typedef struct {
     uint64_t wactive_off;        /* int32_t[n_workers][n_backends + n_listeners]: each worker's own
                                     share of the active counters, so the control process can take
                                     a crashed worker's connections back out of the shared totals */
-    uint64_t _reserved;
-} flb_header_t;                  /* 128 bytes */
+    uint64_t logring_off;        /* access-log rings, one per worker (0: access log off) */
+    /* routes (issue 10) */
+    uint64_t routes_off;         /* flb_route_t[n_routes] */
+    uint64_t cidrs_off;          /* flb_cidr_t[n_cidrs] */
+    uint64_t snis_off;           /* flb_sni_t[n_snis] */
+    uint64_t route_pools_off;    /* uint64_t[n_routes][n_pools] */
+    uint32_t n_routes;
+    uint32_t n_cidrs;
+    uint32_t n_snis;
+    uint32_t route_size;         /* sizeof(flb_route_t), for the Python self-check */
+    uint32_t cidr_size;
+    uint32_t sni_size;
+    uint64_t _rreserved;
+} flb_header_t;                  /* 192 bytes */
 
 typedef struct {
     /* configuration (control writes before fork; read-only afterwards) */
@@ -126,7 +170,18 @@ typedef struct {
     uint64_t paused_full;        /* times a worker stopped accepting at max_connections */
     uint64_t accept_errors;
     uint64_t _cpad[3];
-} flb_listener_t;                /* 192 bytes */
+    /* routes and preludes (issue 10): configuration (before fork), then counters */
+    uint32_t first_route;        /* slice of routes[]: [first_route, first_route + n_routes) */
+    uint32_t n_routes;           /* >= 1: `pool = "X"` is one default route */
+    uint32_t needs_sni;          /* 1 if any route matches on sni: read the ClientHello first */
+    uint32_t proxy_protocol;     /* enum flb_proxy_protocol: header expected from trusted senders */
+    uint32_t proxy_from_first;   /* slice of cidrs[]: the senders trusted to send PROXY headers */
+    uint32_t proxy_from_n;
+    uint32_t sni_timeout_ms;     /* how long to wait for the ClientHello (inspect-delay) */
+    uint32_t sni_policy;         /* enum flb_sni_policy */
+    uint64_t no_route;           /* connections no route took (or sni_policy = reject) */
+    uint64_t _rpad[3];
+} flb_listener_t;                /* 256 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -146,7 +201,10 @@ typedef struct {
     /* counters (workers, atomic) */
     uint64_t no_backend;         /* picks that found no eligible backend */
     uint64_t _cpad[7];
-} flb_pool_t;                    /* 192 bytes */
+    /* routes and preludes (issue 10) */
+    uint32_t send_proxy;         /* enum flb_proxy_protocol (off, v1, v2): header sent to backends */
+    uint32_t _rpad[15];
+} flb_pool_t;                    /* 256 bytes */
 
 /* Table formats (uint32 entries):
  *   maglev:    table_len = M entries, each a global backend index (or FLB_NONE).
@@ -205,9 +263,115 @@ typedef struct {
     uint64_t generation_seen;
 } flb_worker_t;                  /* 128 bytes */
 
-_Static_assert(sizeof(flb_header_t) == 128, "header size");
-_Static_assert(sizeof(flb_listener_t) == 192, "listener size");
-_Static_assert(sizeof(flb_pool_t) == 192, "pool size");
+/* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
+ * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
+ * acquire-loads head, reads records [tail, head), then release-stores tail.  A worker whose ring is
+ * full drops the record and counts it in `dropped`: forwarding never waits for the log. */
+#define FLB_LOGREC_SIZE 128
+
+/* flb_logrec_t.termination: why a connection ended (HAProxy's termination states are the anchor) */
+enum flb_term {
+    FLB_TERM_CLIENT_CLOSE = 0,      /* normal: the client finished first */
+    FLB_TERM_BACKEND_CLOSE = 1,     /* normal: the backend finished first */
+    FLB_TERM_CLIENT_RESET = 2,
+    FLB_TERM_BACKEND_RESET = 3,
+    FLB_TERM_CONNECT_FAILED = 4,    /* every backend tried refused or failed (retries exhausted) */
+    FLB_TERM_NO_BACKEND = 5,        /* the pool had no usable backend */
+    FLB_TERM_CONNECT_TIMEOUT = 6,   /* the last attempt timed out */
+    FLB_TERM_IDLE_TIMEOUT = 7,
+    FLB_TERM_HALF_CLOSE_TIMEOUT = 8,
+    FLB_TERM_DRAIN_DEADLINE = 9,    /* the backend's drain_timeout passed */
+    FLB_TERM_SHUTDOWN_DEADLINE = 10,/* the worker's shutdown_timeout passed */
+    FLB_TERM_PRELUDE_ERROR = 11,    /* bad or missing PROXY header / ClientHello, or its timeout */
+    FLB_TERM_LOCAL_ERROR = 12,      /* fastlb's own trouble (descriptors, memory) */
+    FLB_TERM_CLIENT_GONE = 13,      /* the client left before a backend answered the connect */
+};
+
+typedef struct {
+    uint64_t head;               /* records written (worker; release-store after the record) */
+    uint64_t tail;               /* records consumed (control process; release-store) */
+    uint64_t dropped;            /* records lost because the ring was full (worker) */
+    uint32_t slots;              /* capacity, a power of two (control process, before fork) */
+    uint32_t _pad0;
+    uint64_t _pad[4];
+} flb_logring_t;                 /* 64 bytes, followed by slots x flb_logrec_t */
+
+typedef struct {
+    uint64_t end_unix_us;        /* CLOCK_REALTIME when the connection ended */
+    uint64_t duration_us;        /* accept to end */
+    uint64_t bytes_in;           /* client -> backend */
+    uint64_t bytes_out;          /* backend -> client */
+    uint32_t connect_us;         /* connect time of the attempt that succeeded (0: none did) */
+    uint32_t listener;
+    uint32_t route;              /* FLB_NONE: no route */
+    uint32_t pool;
+    uint32_t backend;            /* FLB_NONE: no backend */
+    uint16_t termination;        /* enum flb_term */
+    uint8_t  retries;            /* connect attempts beyond the first */
+    uint8_t  _pad0;
+    uint8_t  client[FLB_ADDR_LEN]; /* sockaddr_in/in6 of the client (the PROXY address if accepted) */
+    uint32_t client_len;
+    uint8_t  _pad1[40];
+} flb_logrec_t;                  /* 128 bytes */
+
+_Static_assert(sizeof(flb_logring_t) == 64, "logring size");
+_Static_assert(sizeof(flb_logrec_t) == FLB_LOGREC_SIZE, "logrec size");
+
+/* One address prefix (match.source, proxy_protocol_from).  addr is the network, already masked;
+ * a client address a matches iff (a & mask) == addr, byte by byte over 4 (IPv4) or 16 bytes. */
+typedef struct {
+    uint32_t family;             /* AF_INET or AF_INET6 */
+    uint32_t prefix_len;
+    uint8_t  addr[16];
+    uint8_t  mask[16];
+    uint8_t  _pad[24];
+} flb_cidr_t;                    /* 64 bytes */
+
+/* One server-name pattern (match.sni), lower case.  wildcard = 0: an exact name; 1: the pattern
+ * was "*.example.com" and name holds ".example.com": any name ending so, with at least one more
+ * label in front, matches (suffix match, as Gateway API hostnames). */
+typedef struct {
+    uint32_t len;                /* bytes in name */
+    uint32_t wildcard;
+    char     name[FLB_SNI_LEN];
+    uint8_t  _pad[56];
+} flb_sni_t;                     /* 320 bytes */
+
+/* One split of a route: the pools and their weights, in a fixed order (config order, then pools
+ * added at runtime).  With affinity source_ip the order matters: entry k owns the share
+ * [sum(w[0..k-1]), sum(w[0..k])) of the client-address hash space. */
+typedef struct {
+    uint32_t n;                  /* entries */
+    uint32_t affinity;           /* enum flb_split_affinity */
+    uint32_t pool[FLB_MAX_SPLIT];
+    uint32_t weight[FLB_MAX_SPLIT]; /* 0..1000 */
+} flb_split_t;                   /* 128 bytes */
+
+typedef struct {
+    /* configuration (control writes before fork; the split is republished at runtime) */
+    char     name[FLB_NAME_LEN];
+    uint32_t listener;           /* index into listeners[] */
+    uint32_t has_match;          /* 0: the default route (no match: takes what the others leave) */
+    uint32_t first_cidr;         /* match.source: slice of cidrs[] (n_cidrs = 0: any source) */
+    uint32_t n_cidrs;
+    uint32_t first_sni;          /* match.sni: slice of snis[] (n_snis = 0: any name) */
+    uint32_t n_snis;
+    uint32_t split_seq;          /* live split = split[split_seq & 1] (acquire-load) */
+    uint32_t _pad1[9];
+    flb_split_t split[2];        /* double buffer, see the publishing rules above */
+    /* counters (workers, atomic) - own cache line */
+    uint64_t connections;        /* connections this route took */
+    uint64_t no_pool;            /* taken, but no pool of the split could take it (rejected) */
+    uint64_t _cpad[6];
+} flb_route_t;                   /* 448 bytes */
+
+_Static_assert(sizeof(flb_header_t) == 192, "header size");
+_Static_assert(sizeof(flb_listener_t) == 256, "listener size");
+_Static_assert(sizeof(flb_pool_t) == 256, "pool size");
+_Static_assert(sizeof(flb_cidr_t) == 64, "cidr size");
+_Static_assert(sizeof(flb_sni_t) == 320, "sni size");
+_Static_assert(sizeof(flb_split_t) == 128, "split size");
+_Static_assert(sizeof(flb_route_t) == 448, "route size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
 _Static_assert(sizeof(flb_worker_t) == 128, "worker size");
 

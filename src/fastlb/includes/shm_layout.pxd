@@ -1,5 +1,5 @@
 # shm_layout.pxd - Cython view of shm_layout.h (THE shared-memory layout; see that file for the rules).
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "shm_layout.h" nogil:
@@ -9,7 +9,23 @@ cdef extern from "shm_layout.h" nogil:
         FLB_NAME_LEN
         FLB_ADDR_LEN
         FLB_HIST_BUCKETS
+        FLB_MAX_SPLIT
+        FLB_SNI_LEN
     uint32_t FLB_NONE
+
+    cdef enum flb_split_affinity:
+        FLB_AFFINITY_NONE
+        FLB_AFFINITY_SOURCE_IP
+
+    cdef enum flb_proxy_protocol:
+        FLB_PROXY_OFF
+        FLB_PROXY_V1
+        FLB_PROXY_V2
+        FLB_PROXY_ANY
+
+    cdef enum flb_sni_policy:
+        FLB_SNI_DEFAULT
+        FLB_SNI_REJECT
 
     cdef enum flb_algorithm:
         FLB_ALG_ROUND_ROBIN
@@ -61,6 +77,18 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t worker_size
         uint32_t stopping
         uint64_t wactive_off
+        uint64_t logring_off
+        # routes (issue 10)
+        uint64_t routes_off
+        uint64_t cidrs_off
+        uint64_t snis_off
+        uint64_t route_pools_off
+        uint32_t n_routes
+        uint32_t n_cidrs
+        uint32_t n_snis
+        uint32_t route_size
+        uint32_t cidr_size
+        uint32_t sni_size
 
     ctypedef struct flb_listener_t:
         char name[64]
@@ -75,6 +103,16 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t rejected
         uint64_t paused_full
         uint64_t accept_errors
+        # routes and preludes (issue 10)
+        uint32_t first_route
+        uint32_t n_routes
+        uint32_t needs_sni
+        uint32_t proxy_protocol
+        uint32_t proxy_from_first
+        uint32_t proxy_from_n
+        uint32_t sni_timeout_ms
+        uint32_t sni_policy
+        uint64_t no_route
 
     ctypedef struct flb_pool_t:
         char name[64]
@@ -91,6 +129,8 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t panic
         uint32_t scan_len
         uint64_t no_backend
+        # routes and preludes (issue 10)
+        uint32_t send_proxy
 
     ctypedef struct flb_backend_t:
         uint32_t seq
@@ -136,3 +176,70 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t splice_errors
         uint64_t conn_capacity
         uint64_t generation_seen
+
+    cdef enum flb_term:
+        FLB_TERM_CLIENT_CLOSE
+        FLB_TERM_BACKEND_CLOSE
+        FLB_TERM_CLIENT_RESET
+        FLB_TERM_BACKEND_RESET
+        FLB_TERM_CONNECT_FAILED
+        FLB_TERM_NO_BACKEND
+        FLB_TERM_CONNECT_TIMEOUT
+        FLB_TERM_IDLE_TIMEOUT
+        FLB_TERM_HALF_CLOSE_TIMEOUT
+        FLB_TERM_DRAIN_DEADLINE
+        FLB_TERM_SHUTDOWN_DEADLINE
+        FLB_TERM_PRELUDE_ERROR
+        FLB_TERM_LOCAL_ERROR
+        FLB_TERM_CLIENT_GONE
+
+    ctypedef struct flb_logring_t:
+        uint64_t head
+        uint64_t tail
+        uint64_t dropped
+        uint32_t slots
+
+    ctypedef struct flb_logrec_t:
+        uint64_t end_unix_us
+        uint64_t duration_us
+        uint64_t bytes_in
+        uint64_t bytes_out
+        uint32_t connect_us
+        uint32_t listener
+        uint32_t route
+        uint32_t pool
+        uint32_t backend
+        uint16_t termination
+        uint8_t retries
+        uint8_t client[FLB_ADDR_LEN]
+        uint32_t client_len
+    # routes (issue 10)
+    ctypedef struct flb_cidr_t:
+        uint32_t family
+        uint32_t prefix_len
+        uint8_t addr[16]
+        uint8_t mask[16]
+
+    ctypedef struct flb_sni_t:
+        uint32_t len
+        uint32_t wildcard
+        char name[256]
+
+    ctypedef struct flb_split_t:
+        uint32_t n
+        uint32_t affinity
+        uint32_t pool[15]
+        uint32_t weight[15]
+
+    ctypedef struct flb_route_t:
+        char name[64]
+        uint32_t listener
+        uint32_t has_match
+        uint32_t first_cidr
+        uint32_t n_cidrs
+        uint32_t first_sni
+        uint32_t n_snis
+        uint32_t split_seq
+        flb_split_t split[2]
+        uint64_t connections
+        uint64_t no_pool

@@ -54,6 +54,7 @@ def format_status(st: dict[str, Any]) -> str:
             f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
             f"accepted {li['accepted']}, rejected {li['rejected']}"
         )
+        lines.extend(_route_lines(li.get("routes", [])))
     if st.get("deploy"):
         from fastlb.deploy.view import format_deploy
 
@@ -61,3 +62,20 @@ def format_status(st: dict[str, Any]) -> str:
     alive = sum(1 for w in st["workers"] if w["state"] == 1)
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
+
+
+def _route_lines(routes: list[dict[str, Any]]) -> list[str]:
+    """One line per route: its match, split (weight and connections per pool) and affinity."""
+    lines = []
+    for r in routes:
+        match = [f"source {','.join(r['match']['source'])}"] if r["match"]["source"] else []
+        match += [f"sni {','.join(r['match']['sni'])}"] if r["match"]["sni"] else []
+        split = " ".join(f"{p}={w} ({r['pools'].get(p, 0)} conns)" for p, w in r["split"].items())
+        affinity = f", affinity {r['split_affinity']}" if r["split_affinity"] != "none" else ""
+        if r.get("split_source") == "runtime":
+            split += " *"  # set at runtime (state file), not the config file's split
+        lines.append(
+            f"  route {r['name']} [{'; '.join(match) or 'default'}]: {split}{affinity}; "
+            f"{r['connections']} connections"
+        )
+    return lines

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from fastlb._shm import Region
-from fastlb.config import Config, PoolConfig
+from fastlb.config import BackendConfig, Config, PoolConfig
 from fastlb.runtime.health import CheckTarget, OutlierTracker
 from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import publish_table
@@ -73,6 +73,7 @@ class BackendManager:
         self.region = region
         self.pools = pools
         self.state = state
+        self.discovered: dict[str, list[BackendConfig]] = {}  # pool -> backends from DNS
         for ps in pools.values():
             ps.outlier = OutlierTracker(ps.config.outlier_detection, len(ps.config.backends))
         self.restore_state()
@@ -347,6 +348,76 @@ class BackendManager:
             return True
         return False
 
+    # --- membership: reload and discovery -------------------------------------------------------
+
+    def extra_backends(self, pool: str) -> list[BackendConfig]:
+        """Backends of `pool` that come from outside the config file (DNS discovery)."""
+        return list(self.discovered.get(pool, ()))
+
+    def apply_discovered(self, pool: str, backends: list[BackendConfig]) -> None:
+        """A new DNS answer for `pool`: the static backends plus these, through the usual lifecycle."""
+        ps = self.pools.get(pool)
+        if ps is None:
+            return
+        self.discovered[pool] = list(backends)
+        problems: list[str] = []
+        self._sync_backends(ps, list(ps.config.backends) + list(backends), time.monotonic(), problems)
+        for p in problems:
+            log.error("discovery: %s", p)
+        if ps.outlier is not None:
+            members = list(ps.config.backends) + list(backends)
+            ps.outlier.set_pool_size(len(members), [b.name for b in members])
+        self.publish_pool(ps)
+
+    def _sync_backends(
+        self, ps: PoolState, backends: list[BackendConfig], now: float, needs_restart: list[str]
+    ) -> None:
+        """Make ps's members exactly `backends`: drain the vanished, add the new (slow start),
+        apply changed weights and addresses."""
+        name = ps.config.name
+        wanted = {b.name: b for b in backends}
+        for bname, slot in list(ps.slots.items()):
+            if bname not in wanted and not slot.removed:
+                slot.removed = True
+                if slot.admin != "drain":
+                    slot.admin = "drain"
+                    slot.drain_since = now
+                log.info("pool %s backend %s: removed from the config; draining", name, bname)
+        for bc in backends:
+            slot = ps.slots.get(bc.name)
+            if slot is not None and not slot.removed:
+                # a weight set at runtime is settled by restore_state() (and logged there)
+                runtime = self.state is not None and f"weight:{name}/{bc.name}" in self.state.values
+                weight = slot.weight if runtime else bc.weight
+                if slot.weight != weight:
+                    log.info(
+                        "pool %s backend %s: weight %d -> %d (reload)",
+                        name,
+                        bc.name,
+                        slot.weight,
+                        weight,
+                    )
+                    slot.weight = weight
+                if slot.address != str(bc.address):
+                    self.region.set_backend(
+                        slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight
+                    )
+                    slot.address = str(bc.address)
+                    log.info("pool %s backend %s: address now %s (reload)", name, bc.name, bc.address)
+                continue
+            if slot is not None and slot.removed:
+                del ps.slots[bc.name]  # re-added before its drain finished: a fresh slot
+                self.region.set_in_use(slot.index, False)
+            index = ps.free_slot()
+            if index is None:
+                needs_restart.append(f"pools.{name}.backends: no free slot for {bc.name}")
+                continue
+            self.region.set_backend(index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
+            ps.slots[bc.name] = BackendSlot(
+                index, name, bc.name, str(bc.address), bc.weight, slow_start_from=now
+            )
+            log.info("pool %s backend %s: added (%s, weight %d)", name, bc.name, bc.address, bc.weight)
+
     # --- reload ----------------------------------------------------------------------------------
 
     def reload(self, new: Config) -> list[str]:
@@ -363,52 +434,12 @@ class BackendManager:
             for key in ("algorithm", "hash_key", "retries", "maglev_table_size", "ring_vnodes", "all_down"):
                 if getattr(old, key) != getattr(pc, key):
                     needs_restart.append(f"pools.{name}.{key}")
-            wanted = {b.name: b for b in pc.backends}
-            for bname, slot in list(ps.slots.items()):
-                if bname not in wanted and not slot.removed:
-                    slot.removed = True
-                    if slot.admin != "drain":
-                        slot.admin = "drain"
-                        slot.drain_since = now
-                    log.info("pool %s backend %s: removed from the config; draining", name, bname)
-            for bc in pc.backends:
-                slot = ps.slots.get(bc.name)
-                if slot is not None and not slot.removed:
-                    # a weight set at runtime is settled by restore_state() below (and logged there)
-                    runtime = self.state is not None and f"weight:{name}/{bc.name}" in self.state.values
-                    weight = slot.weight if runtime else bc.weight
-                    if slot.weight != weight:
-                        log.info(
-                            "pool %s backend %s: weight %d -> %d (reload)",
-                            name,
-                            bc.name,
-                            slot.weight,
-                            weight,
-                        )
-                        slot.weight = weight
-                    if slot.address != str(bc.address):
-                        self.region.set_backend(
-                            slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight
-                        )
-                        slot.address = str(bc.address)
-                        log.info("pool %s backend %s: address now %s (reload)", name, bc.name, bc.address)
-                    continue
-                if slot is not None and slot.removed:
-                    del ps.slots[bc.name]  # re-added before its drain finished: a fresh slot
-                    self.region.set_in_use(slot.index, False)
-                index = ps.free_slot()
-                if index is None:
-                    needs_restart.append(f"pools.{name}.backends: no free slot for {bc.name}")
-                    continue
-                self.region.set_backend(index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
-                ps.slots[bc.name] = BackendSlot(
-                    index, name, bc.name, str(bc.address), bc.weight, slow_start_from=now
-                )
-                log.info("pool %s backend %s: added (%s, weight %d)", name, bc.name, bc.address, bc.weight)
+            self._sync_backends(ps, list(pc.backends) + self.extra_backends(name), now, needs_restart)
             ps.config = _merge_pool(old, pc)
             if ps.outlier is not None:
                 ps.outlier.config = ps.config.outlier_detection
-                ps.outlier.set_pool_size(len(pc.backends), [b.name for b in pc.backends])
+                members = list(pc.backends) + self.extra_backends(name)
+                ps.outlier.set_pool_size(len(members), [b.name for b in members])
         self.restore_state()
         self.publish_all()
         return needs_restart

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from fastlb import worker
 from fastlb._shm import Region
@@ -27,9 +28,15 @@ from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.health import CheckTarget, HealthChecker
+from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import table_capacity
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
+
+if TYPE_CHECKING:
+    from fastlb.fleet.admin import AdminServer
+    from fastlb.fleet.discovery import Discovery
+    from fastlb.observe.accesslog import AccessLog
 
 log = logging.getLogger("fastlb")
 
@@ -100,9 +107,14 @@ class Supervisor:
         self.state = StateFile(config.global_.state_file, config.file)
         self.state.load()
         self.backends = BackendManager(self.region, self.pools, self.state)
+        self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
         self.deploy = DeployManager(self)  # rollouts, switches, runtime splits (fastlb.deploy)
+        self.routes.on_change = self.deploy.on_split_change  # every split change -> state file
         self.deploy.restore()
         self.checker: HealthChecker | None = None
+        self.discovery: Discovery | None = None
+        self.access_log: AccessLog | None = None
+        self.admin: AdminServer | None = None
 
     # --- shared memory -----------------------------------------------------------------------
 
@@ -112,10 +124,24 @@ class Supervisor:
         caps = []
         for i, (name, pc) in enumerate(cfg.pools.items()):
             n_slots = len(pc.backends) + max(SPARE_SLOTS_MIN, len(pc.backends))
+            if pc.discover is not None:
+                n_slots += pc.discover.max_backends
             self.pools[name] = PoolState(i, pc, first, n_slots)
             caps.append(table_capacity(pc.algorithm, n_slots, pc.maglev_table_size, pc.ring_vnodes))
             first += n_slots
-        region = Region(len(cfg.listeners), len(cfg.pools), first, self.n_workers, caps)
+        n_routes, n_cidrs, n_snis = route_layout(cfg)
+        log_slots = cfg.global_.access_log_buffer if cfg.global_.access_log != "off" else 0
+        region = Region(
+            len(cfg.listeners),
+            len(cfg.pools),
+            first,
+            self.n_workers,
+            caps,
+            n_routes=n_routes,
+            n_cidrs=n_cidrs,
+            n_snis=n_snis,
+            log_slots=log_slots,
+        )
         for ps in self.pools.values():
             pc = ps.config
             region.set_pool(
@@ -258,11 +284,13 @@ class Supervisor:
                 raise StartupError(self.startup_failure or "workers did not open their listeners in time")
             await asyncio.sleep(0.01)
         self.ready = True
+        self._start_access_log()
         await self._start_control_socket()
         tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
         tasks.append(asyncio.create_task(self.checker.run()))
+        self._start_fleet_services()
         if not self.stopping:
             listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
             log.info("ready: %d workers, listeners: %s", self.n_workers, listeners)
@@ -273,6 +301,9 @@ class Supervisor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_fleet_services()
+        if self.access_log is not None:
+            await self.access_log.stop()  # after the workers: their last connections are logged too
         await self._stop_control_socket()
         log.info("stopped")
         return self.exit_code
@@ -293,6 +324,49 @@ class Supervisor:
                 self.backends.tick()
             except Exception:
                 log.exception("periodic backend update failed")
+
+    def _start_access_log(self) -> None:
+        g = self.config.global_
+        if g.access_log == "off":
+            return
+        from fastlb.observe.accesslog import AccessLog, Names
+
+        def backend_names() -> dict[int, str]:
+            return {s.index: s.name for ps in self.pools.values() for s in ps.slots.values()}
+
+        names = Names(
+            list(self.config.listeners), list(self.config.pools), backend_names, self.routes.index_names
+        )
+        self.access_log = AccessLog(self.region, self.n_workers, g.access_log, g.access_log_format, names)
+        self.access_log.start()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+
+    def _start_fleet_services(self) -> None:
+        """DNS discovery for the pools that have it, and the remote admin API if configured."""
+        # imported only when used: dnspython and aiohttp cost the control process memory (and OpenSSL)
+        discovering = {n: p.discover for n, p in self.config.pools.items() if p.discover is not None}
+        if discovering:
+            from fastlb.fleet.discovery import Discovery
+
+            self.discovery = Discovery(discovering, self._on_discovered)
+            self.discovery.start()
+        if self.config.global_.admin is not None:
+            from fastlb.fleet.admin import AdminServer
+
+            self.admin = AdminServer(self, self.config.global_.admin)
+            self._admin_task = asyncio.create_task(self.admin.start())
+
+    async def _stop_fleet_services(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+
+    def _on_discovered(self, pool: str, backends: list) -> None:
+        self.backends.apply_discovered(pool, backends)
+        if self.checker is not None:
+            self.checker.set_targets(self.backends.check_targets())
+        self.poke()
 
     def poke(self) -> None:
         """Backend state changed outside tick(): let the tick loop re-evaluate what it has to do."""
@@ -317,11 +391,20 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        listeners_old = [(lc.name, str(lc.bind), lc.pool) for lc in self.config.listeners.values()]
-        listeners_new = [(lc.name, str(lc.bind), lc.pool) for lc in new.listeners.values()]
+        listeners_old = [(lc.name, str(lc.bind)) for lc in self.config.listeners.values()]
+        listeners_new = [(lc.name, str(lc.bind)) for lc in new.listeners.values()]
         restart = [] if listeners_old == listeners_new else ["listeners"]
+        if not restart and any(
+            RouteManager.prelude_changed(old, new.listeners[old.name])
+            for old in self.config.listeners.values()
+        ):
+            restart.append("listeners (proxy_protocol, sni settings)")
         self.deploy.before_reload()
         restart += self.backends.reload(new)
+        if self.discovery is not None:
+            self.discovery.update({n: p.discover for n, p in new.pools.items() if p.discover is not None})
+        if restart[:1] != ["listeners"]:
+            restart += self.routes.reload(new)  # the file's splits replace the published ones
         self.deploy.after_reload(new)  # runtime splits by the state file's rule; rollouts keep theirs
         self.poke()
         if self.checker is not None:
@@ -438,6 +521,11 @@ class Supervisor:
                     "rise": ps.config.health_check.rise if ps.config.health_check else 0,
                     "slow_start": ps.config.slow_start,
                     "backends": backends,
+                    **(
+                        {"discovery": self.discovery.pools[ps.config.name].status()}
+                        if self.discovery is not None and ps.config.name in self.discovery.pools
+                        else {}
+                    ),
                 }
             )
         listeners = []
@@ -453,10 +541,24 @@ class Supervisor:
                     "rejected": li["rejected"],
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
+                    "no_route": li["no_route"],
+                    "routes": self.deploy.mark_routes(lc.name, self.routes.routes_status(lc.name)),
                 }
             )
         workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
+        extra = {}
+        if self.access_log is not None:
+            dropped = self.access_log.dropped()
+            for w, d in zip(workers, dropped, strict=True):
+                w["log_dropped"] = d
+            extra["access_log"] = {
+                "destination": self.access_log.destination,
+                "format": self.access_log.format,
+                "written": self.access_log.written,
+                "dropped": sum(dropped),
+            }
         return {
+            **extra,
             "pid": os.getpid(),
             "generation": r.generation,
             "deploy": self.deploy.status_view(),

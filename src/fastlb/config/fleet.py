@@ -1,0 +1,107 @@
+"""Configuration for running fastlb as one of a fleet: the remote admin API ([global] admin*) and
+DNS service discovery (a pool's `discover` table)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+
+from fastlb.config.model import Address, AdminConfig, DiscoverConfig
+from fastlb.config.values import _describe, _quote, _Table, parse_address
+
+ADMIN_KEYS = ("admin", "admin_token_file", "admin_tls_cert", "admin_tls_key")
+DISCOVER_KEYS = ("srv", "a", "port", "resolvers", "min_interval", "max_interval", "max_backends")
+MAX_DISCOVERED = 256  # backend slots a discovered pool reserves at most
+_DNS_NAME_RE = re.compile(
+    r"(?=.{1,253}\.?$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?"
+)
+
+
+def parse_admin(t: _Table) -> AdminConfig | None:
+    """The admin API keys of [global]; None when `admin` is absent (the API is off).
+
+    Off loopback a bearer token is required: an admin API reachable from the network without one
+    would let anyone who can reach the port drain the fleet."""
+    if "admin" not in t.data:
+        for k in ADMIN_KEYS[1:]:
+            if k in t.data:
+                raise t.error(k, 'applies only with admin = "ADDRESS:PORT" (the admin API is off)')
+        return None
+    bind = parse_address(t.data["admin"], t.key("admin"), t.file)
+    token_file = _path(t, "admin_token_file")
+    cert, key = _path(t, "admin_tls_cert"), _path(t, "admin_tls_key")
+    if (cert is None) != (key is None):
+        missing = "admin_tls_key" if key is None else "admin_tls_cert"
+        raise t.error(missing, "admin_tls_cert and admin_tls_key go together (TLS needs both)")
+    if token_file is None and not ipaddress.ip_address(bind.host).is_loopback:
+        raise t.error(
+            "admin_token_file",
+            f"the admin API binds {bind}, which is not loopback: set admin_token_file (a bearer token)",
+        )
+    return AdminConfig(bind=bind, token_file=token_file, tls_cert=cert, tls_key=key)
+
+
+def _path(t: _Table, name: str) -> str | None:
+    if name not in t.data:
+        return None
+    value = t.get_str(name, "")
+    if not value.startswith("/"):
+        raise t.error(name, f"{_quote(value)} must be an absolute path")
+    return os.path.normpath(value)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_discover(pool: _Table) -> DiscoverConfig | None:
+    """A pool's `discover = { srv = NAME | a = NAME, port = P, resolvers = [...], ... }`."""
+    if "discover" not in pool.data:
+        return None
+    t = _Table(
+        pool.data["discover"],
+        pool.key("discover"),
+        pool.file,
+        'a table like { srv = "_redis._tcp.service.consul" } or { a = "redis.internal", port = 6379 }',
+    )
+    t.only(DISCOVER_KEYS)
+    if ("srv" in t.data) == ("a" in t.data):
+        raise t.error("srv", 'give exactly one of srv = "_service._tcp.NAME" or a = "NAME" (with port)')
+    kind = "srv" if "srv" in t.data else "a"
+    name = t.get_str(kind, "")
+    if not _DNS_NAME_RE.fullmatch(name):
+        raise t.error(kind, f"{_quote(name)} is not a DNS name")
+    port = None
+    if kind == "a":
+        if "port" not in t.data:
+            raise t.error("port", "missing required key (the backends' port; A/AAAA records carry none)")
+        port = t.get_int("port", 0, 1, 65535)
+    elif "port" in t.data:
+        raise t.error("port", "applies only to a = NAME (SRV records carry their own ports)")
+    resolvers: list[Address] = []
+    raw = t.data.get("resolvers", [])
+    if not isinstance(raw, list):
+        raise t.error("resolvers", f'expected an array like ["127.0.0.1:53"], got {_describe(raw)}')
+    for i, item in enumerate(raw):
+        if isinstance(item, str) and _is_ip(item):  # a bare address: the DNS port
+            item = f"[{item}]:53" if ":" in item else f"{item}:53"
+        resolvers.append(parse_address(item, f"{t.key('resolvers')}[{i}]", t.file))
+    min_interval = t.get_duration("min_interval", 1.0, positive=True)
+    max_interval = t.get_duration("max_interval", 300.0, positive=True)
+    if max_interval < min_interval:
+        raise t.error("max_interval", f"is below min_interval ({min_interval:g}s)")
+    return DiscoverConfig(
+        kind=kind,
+        name=name.rstrip(".") + ".",
+        port=port,
+        resolvers=tuple(resolvers),
+        min_interval=min_interval,
+        max_interval=max_interval,
+        max_backends=t.get_int("max_backends", 64, 1, MAX_DISCOVERED),
+    )

@@ -1,0 +1,158 @@
+"""The remote admin API: the control socket's operations as HTTP JSON, served by the control process.
+
+    GET  /v1/status                     -> {"ok": true, "status": {...}}
+    POST /v1/<command>   body: {...}    -> the control socket's reply for {"cmd": <command>, ...body}
+    GET  /metrics                       -> Prometheus text, when the metrics collector is available
+
+Every request is validated exactly like a control-socket request (fastlb.control.server), so the
+two can never disagree.  Errors are JSON `{"ok": false, "error": "..."}` with an HTTP status:
+400 bad request or refused operation, 401 missing/wrong token, 404 unknown path or command,
+405 wrong method, 408 body too slow, 413 body too large.  Off loopback the config requires a bearer
+token (`admin_token_file`); when a token is configured every request needs
+`Authorization: Bearer <token>`.  TLS with `admin_tls_cert` / `admin_tls_key`.  aiohttp parses HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import ssl
+from typing import Any
+
+from aiohttp import web
+
+from fastlb.config.model import AdminConfig
+from fastlb.control import MAX_REQUEST
+from fastlb.control.server import ControlTarget, handle_request
+
+log = logging.getLogger("fastlb")
+
+BODY_TIMEOUT = 5.0  # seconds a client gets to send its request body
+
+
+def read_token(path: str) -> str:
+    """The bearer token: the file's first line, stripped.  Raises OSError/ValueError."""
+    with open(path, encoding="utf-8") as f:
+        token = f.readline().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: the token must be at least 16 characters")
+    return token
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"ok": False, "error": message}, status=status)
+
+
+class AdminServer:
+    """The admin HTTP API of one control process."""
+
+    def __init__(self, target: ControlTarget, config: AdminConfig) -> None:
+        self.target = target
+        self.config = config
+        self.token: str | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_REQUEST, middlewares=[self._guard])
+        app.router.add_get("/v1/status", self._status)
+        app.router.add_post("/v1/{cmd}", self._command)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve; a failure (address in use, unreadable token or certificate) is logged and
+        leaves the load balancer running without the admin API."""
+        cfg = self.config
+        try:
+            if cfg.token_file is not None:
+                self.token = read_token(cfg.token_file)
+            ctx = None
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, cfg.bind.host, cfg.bind.port, ssl_context=ctx, backlog=512)
+            await site.start()
+            server = site._server  # the asyncio server: learn the port when 0 was asked for
+            sockets = getattr(server, "sockets", None) or []
+            self.port = sockets[0].getsockname()[1] if sockets else cfg.bind.port
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.error("admin API on %s not started: %s", cfg.bind, exc)
+            await self.stop()
+            return
+        log.info(
+            "admin API on %s://%s (token %s)",
+            "https" if ctx else "http",
+            cfg.bind,
+            "required" if self.token else "not required: loopback",
+        )
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- request handling ----------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.token is not None:
+            given = request.headers.get("Authorization", "")
+            if not given.startswith("Bearer ") or not hmac.compare_digest(
+                given[7:].strip().encode(), self.token.encode()
+            ):
+                return _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"request body over {MAX_REQUEST} bytes")
+        except web.HTTPNotFound:
+            return _error(404, f"no such path {request.path!r} (GET /v1/status, POST /v1/COMMAND)")
+        except web.HTTPMethodNotAllowed as exc:
+            return _error(
+                405, f"{request.method} not allowed here (allowed: {', '.join(exc.allowed_methods)})"
+            )
+
+    def _reply(self, req: dict[str, Any]) -> web.Response:
+        reply = handle_request(self.target, json.dumps(req).encode())
+        if reply.get("ok"):
+            poke = getattr(self.target, "poke", None)  # let the control process act on the change now
+            if callable(poke):
+                poke()
+            return web.json_response(reply)
+        status = 404 if str(reply.get("error", "")).startswith("unknown command") else 400
+        return web.json_response(reply, status=status)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return self._reply({"cmd": "status"})
+
+    async def _command(self, request: web.Request) -> web.Response:
+        cmd = request.match_info["cmd"]
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                body = await request.read()
+        except TimeoutError:
+            return _error(408, f"request body not received within {BODY_TIMEOUT:g}s")
+        if body.strip():
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):
+                return _error(400, "request body is not JSON (a JSON object)")
+            if not isinstance(data, dict):
+                return _error(400, "request body must be a JSON object")
+        else:
+            data = {}
+        if "cmd" in data and data["cmd"] != cmd:
+            return _error(400, f"body says cmd {data['cmd']!r} but the path says {cmd!r}")
+        return self._reply({**data, "cmd": cmd})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        render = getattr(self.target, "metrics_text", None)
+        if not callable(render):
+            return _error(404, "metrics are not enabled ([global] metrics)")
+        body, content_type = render()
+        return web.Response(body=body, headers={"Content-Type": content_type})

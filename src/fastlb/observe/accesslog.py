@@ -1,0 +1,208 @@
+"""The access log's consumer side: one line per ended connection, drained from the workers' rings.
+
+Workers write fixed-size records into their own ring in shared memory (core/accesslog.pxi) and never
+wait for this process; a full ring drops records and counts them (`dropped`, in status and metrics).
+This process drains every ring every DRAIN_INTERVAL and writes the lines to `[global] access_log`
+("stdout", a file path, or "off").  SIGUSR1 reopens the file (logrotate's `postrotate`).
+
+Formats (`[global] access_log_format`):
+  json (default): {"time": "2026-12-02T00:41:07.123456Z", "client": "10.0.0.7:51544",
+                   "listener": "web", "route": "default", "pool": "web", "backend": "a",
+                   "connect_ms": 0.21, "duration_ms": 12.5, "bytes_in": 517, "bytes_out": 2048,
+                   "retries": 0, "termination": "client_close"}
+  text: 2026-12-02T00:41:07.123456Z 10.0.0.7:51544 web/default web/a connect=0.21ms
+        duration=12.50ms in=517 out=2048 retries=0 client_close       (one line, fields space-separated)
+A field with no value (no backend was reached, no route) is null in json and "-" in text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import IO, Any
+
+log = logging.getLogger("fastlb")
+
+DRAIN_INTERVAL = 0.1  # seconds between drains of the rings
+NONE = 0xFFFFFFFF
+
+# enum flb_term (shm_layout.h), in order
+TERMINATIONS = (
+    "client_close",
+    "backend_close",
+    "client_reset",
+    "backend_reset",
+    "connect_failed",
+    "no_backend",
+    "connect_timeout",
+    "idle_timeout",
+    "half_close_timeout",
+    "drain_deadline",
+    "shutdown_deadline",
+    "prelude_error",
+    "local_error",
+    "client_gone",
+)
+FORMATS = ("json", "text")
+
+
+def client_address(sa: bytes) -> str | None:
+    """sockaddr_in / sockaddr_in6 bytes -> "ip:port" / "[ip]:port"."""
+    if len(sa) < 8:
+        return None
+    family = struct.unpack_from("=H", sa)[0]
+    port = struct.unpack_from("!H", sa, 2)[0]
+    if family == socket.AF_INET:
+        return f"{socket.inet_ntop(socket.AF_INET, sa[4:8])}:{port}"
+    if family == socket.AF_INET6 and len(sa) >= 24:
+        return f"[{socket.inet_ntop(socket.AF_INET6, sa[8:24])}]:{port}"
+    return None
+
+
+class Names:
+    """Index -> name maps for listeners, routes, pools and backends; `refresh()` re-reads the
+    backend and route maps (they change with reloads and discovery) once per drain."""
+
+    def __init__(
+        self,
+        listeners: list[str],
+        pools: list[str],
+        backends: Callable[[], dict[int, str]],
+        routes: Callable[[], dict[int, str]] | None = None,
+    ) -> None:
+        self.listeners = listeners
+        self.pools = pools
+        self._backends = backends
+        self._routes = routes or dict
+        self.backends: dict[int, str] = {}
+        self.routes: dict[int, str] = {}
+
+    def refresh(self) -> None:
+        self.backends = self._backends()
+        self.routes = self._routes()
+
+
+class AccessLog:
+    """Drains the region's access-log rings into one destination."""
+
+    def __init__(self, region: Any, n_workers: int, destination: str, fmt: str, names: Names) -> None:
+        self.region = region
+        self.n_workers = n_workers
+        self.destination = destination
+        self.format = fmt
+        self.names = names
+        self.written = 0
+        self.write_errors = 0
+        self._out: IO[str] | None = None
+        self._task: asyncio.Task | None = None
+
+    # --- destination -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (or reopen, after logrotate moved the file) the destination."""
+        if self.destination == "stdout":
+            self._out = sys.stdout
+            return
+        old = self._out
+        try:
+            os.makedirs(os.path.dirname(self.destination) or ".", exist_ok=True)
+            self._out = open(self.destination, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+        except OSError as exc:
+            log.error(
+                "access log %s: cannot open: %s (records are counted, not written)", self.destination, exc
+            )
+            self._out = None
+        if old is not None and old is not sys.stdout:
+            with contextlib.suppress(OSError):
+                old.close()
+
+    def reopen(self) -> None:
+        self.drain()
+        self.open()
+        log.info("access log reopened: %s", self.destination)
+
+    def dropped(self) -> list[int]:
+        return [self.region.log_dropped(i) for i in range(self.n_workers)]
+
+    # --- draining --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.open()
+        self._task = asyncio.create_task(self._loop(), name="access-log")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.drain()  # the last connections of a stopping instance
+        if self._out is not None and self._out is not sys.stdout:
+            self._out.close()
+        self._out = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(DRAIN_INTERVAL)
+            try:
+                self.drain()
+            except Exception:
+                log.exception("access log: draining failed")
+
+    def drain(self) -> int:
+        """Write every record the rings hold now; returns how many."""
+        records = [rec for w in range(self.n_workers) for rec in self.region.log_drain(w)]
+        if records:
+            self.names.refresh()
+        lines = [self.render(rec) for rec in records]
+        if lines and self._out is not None:
+            try:
+                self._out.write("\n".join(lines) + "\n")
+                self._out.flush()
+            except OSError as exc:
+                self.write_errors += 1
+                if self.write_errors == 1:
+                    log.error("access log %s: write failed: %s", self.destination, exc)
+        self.written += len(lines)
+        return len(lines)
+
+    def record(self, rec: tuple) -> dict[str, Any]:
+        (end_us, dur_us, b_in, b_out, conn_us, li, route, pool, backend, term, retries, client) = rec
+        names = self.names
+        when = datetime.datetime.fromtimestamp(end_us / 1e6, datetime.UTC)
+        return {
+            "time": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "client": client_address(client),
+            "listener": names.listeners[li] if li < len(names.listeners) else None,
+            "route": names.routes.get(route) if route != NONE else None,
+            "pool": names.pools[pool] if pool < len(names.pools) else None,
+            "backend": names.backends.get(backend) if backend != NONE else None,
+            "connect_ms": round(conn_us / 1000, 3) if conn_us else None,
+            "duration_ms": round(dur_us / 1000, 3),
+            "bytes_in": b_in,
+            "bytes_out": b_out,
+            "retries": retries,
+            "termination": TERMINATIONS[term] if term < len(TERMINATIONS) else f"unknown-{term}",
+        }
+
+    def render(self, rec: tuple) -> str:
+        r = self.record(rec)
+        if self.format == "json":
+            return json.dumps(r, separators=(", ", ": "))
+
+        def v(x: Any) -> str:
+            return "-" if x is None else str(x)
+
+        connect = "-" if r["connect_ms"] is None else f"{r['connect_ms']:.2f}ms"
+        return (
+            f"{r['time']} {v(r['client'])} {v(r['listener'])}/{v(r['route'])} {v(r['pool'])}/{v(r['backend'])} "
+            f"connect={connect} duration={r['duration_ms']:.2f}ms in={r['bytes_in']} out={r['bytes_out']} "
+            f"retries={r['retries']} {r['termination']}"
+        )
