@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -86,18 +87,31 @@ class DeployManager:
         file, except while a reload applies the file's splits (settled by after_reload)."""
         if self._reloading:
             return
+        if not self._own_change:
+            for r in self.rollouts.values():
+                if r.active and (r.spec.listener, r.spec.route) == (listener, route):
+                    log.warning(
+                        "listener %s route %s: split set by hand while rollout %s runs; it sets its own "
+                        "split again at its next judgement (pause, abort or promote it first)",
+                        listener,
+                        route,
+                        r.spec.name,
+                    )
         base = file_split(self.config, listener, route)
         if base is None:
             return
         self.sup.state.set(f"split:{listener}/{route}", norm(split), base)
 
     def _set_split(self, listener: str, route: str, weights: dict[str, int]) -> dict[str, int]:
+        self._own_change = True
         try:
             previous = self.splits.set_split(listener, route, weights)
         except (KeyError, ValueError) as exc:
             raise DeployError(str(exc.args[0]) if exc.args else "bad split") from None
-        if getattr(self.sup.routes, "on_change", None) is None:  # no hook: record it ourselves
-            self.on_split_change(listener, route, self.splits.split(listener, route))
+            if getattr(self.sup.routes, "on_change", None) is None:  # no hook: record it ourselves
+                self.on_split_change(listener, route, self.splits.split(listener, route))
+        finally:
+            self._own_change = False
         return previous
 
     def _split(self, listener: str, route: str) -> dict[str, int]:
@@ -403,17 +417,21 @@ class DeployManager:
         """Judge each rollout when it is due: sleeps until the next judgement (or a poke) - an
         idle control process stays asleep."""
         self._wake = asyncio.Event()
-        while True:
-            try:
-                async with asyncio.timeout(self._delay()):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                self.tick()
-            except Exception:
-                log.exception("rollout tick failed")
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._delay()):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                try:
+                    self.tick()
+                except Exception:
+                    log.exception("rollout tick failed")
+        finally:  # stopping: no --check left running
+            for t in list(self._checks.values()):
+                t.cancel()
 
     def _delay(self) -> float | None:
         due = [r.next_at for n, r in self.rollouts.items() if r.active and n not in self._checks]
@@ -540,9 +558,13 @@ async def run_check(r: Rollout) -> CheckOutcome:
         out, _ = await asyncio.wait_for(proc.communicate(), g.check_timeout)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
         return CheckOutcome(False, f"timed out after {g.check_timeout:g}s")
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     last = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
     detail = f"exit {proc.returncode}" + (f": {last[0][:200]}" if last else "")
     return CheckOutcome(proc.returncode == 0, detail)
