@@ -34,7 +34,12 @@ def routes_toml(v2_address: str, drain_timeout: str = "30s") -> str:
 
 
 def start(
-    backends, fastlb, v2: dict | None = None, v2_address: str | None = None, drain_timeout: str = "30s"
+    backends,
+    fastlb,
+    v2: dict | None = None,
+    v2_address: str | None = None,
+    drain_timeout: str = "30s",
+    extra: str = "",
 ):
     """v1a (pool web) and v2a (pool v2, `v2` overrides its server spec; v2_address overrides its
     address, e.g. a port nothing listens on); returns (backends, lb, client, socket path)."""
@@ -44,7 +49,7 @@ def start(
         workers=2,
         listener={"pool": None},
         pool={"drain_timeout": drain_timeout},
-        extra=routes_toml(v2_address or b.address("v2a"), drain_timeout),
+        extra=routes_toml(v2_address or b.address("v2a"), drain_timeout) + extra,
     )
     sock = str(lb.dir / "control.sock")
     return b, lb, ControlClient(sock), sock
@@ -155,9 +160,21 @@ def test_bad_canary_that_resets_before_the_first_byte_is_rolled_back_by_the_earl
     assert "> max 1.0% (stable 0.0%)" in first, first
 
 
+IDLE_TABLE = """
+[rollouts.idle]
+listener = "web"
+route = "default"
+to = "v2"
+steps = [10, 100]
+interval = "300ms"
+"""
+
+
 def test_idle_canary_is_inconclusive_and_holds(backends, fastlb):
-    b, lb, client, sock = start(backends, fastlb)
-    rollout(sock, "start", "web", "default", "--to", "v2", "--steps", "10,100", "--interval", "300ms")
+    """Started through the Python API from a [rollouts.NAME] table."""
+    b, lb, client, sock = start(backends, fastlb, extra=IDLE_TABLE)
+    v = client.rollout_start(rollout="idle", name="web-default")
+    assert (v["share"], v["stable"], v["interval"]) == (10, "web", 0.3)
     wait_until(
         lambda: sum(1 for h in view(client)["history"] if h.get("result") == "inconclusive") >= 3,
         20,

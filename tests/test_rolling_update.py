@@ -203,3 +203,20 @@ def test_rolling_update_stops_on_a_failing_command_and_leaves_that_backend_drain
     assert r.returncode == 1
     assert r.stderr.strip() == "rolling-update: FAILED: web/a: replace command exited 3; left drained"
     assert {n: x["admin"] for n, x in backends_status(lb).items()} == {"a": "drain", "b": "ready"}
+
+
+def test_wait_ramped_returns_at_the_end_of_slow_start(restartable, fastlb):
+    ports = restartable("a", "b")
+    lb = fastlb(
+        [(n, f"127.0.0.1:{p}", 10) for n, p in ports.items()],
+        pool={"health_check": HEALTH, "slow_start": "2s"},
+    )
+    sock = str(lb.dir / "control.sock")
+    assert cli("disable", "--socket", sock, "web", "a").returncode == 0
+    assert cli("enable", "--socket", sock, "web", "a").returncode == 0
+    assert backends_status(lb)["a"]["effective_weight"] < 10  # ramping
+    t0 = time.monotonic()
+    r = cli("wait", "--socket", sock, "web", "a", "--healthy", "--ramped", "--timeout", "20s")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 >= 1.0
+    assert r.stdout.strip() == "web/a: healthy (up, weight 10/10)"
