@@ -507,6 +507,7 @@ cdef class Region:
             "timeouts_idle": w.timeouts_idle, "resets": w.resets, "pipes_pooled": w.pipes_pooled,
             "pipes_in_use": w.pipes_in_use, "splice_errors": w.splice_errors,
             "conn_capacity": w.conn_capacity, "generation_seen": w.generation_seen,
+            "orphaned_since_ms": w.orphaned_since_ms, "control_pid": w.control_pid,
         }
 
     def reset_worker(self, int i) -> None:

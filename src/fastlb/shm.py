@@ -24,7 +24,7 @@ EXPECTED_RECORD_SIZES = {
     "listener": 256,
     "pool": 256,
     "backend": 384,
-    "worker": 128,
+    "worker": 192,
     "route": 448,
     "cidr": 64,
     "sni": 320,

@@ -122,6 +122,24 @@ class FastLB:
         self.notifications: list[tuple[float, int, str]] = []  # (monotonic time, sender pid, text)
         self._known: dict[int, psutil.Process] = {}  # every process seen in the tree, for teardown
         self._log = None
+        self.serve_args: list[str] = []  # extra `fastlb serve` arguments (e.g. --takeover)
+        self.argv_prefix: list[str] = []  # a wrapper to run `fastlb serve` under (e.g. a subreaper)
+
+    def clone(self, tag: str) -> FastLB:
+        """Another, not yet started, `fastlb serve` on this one's config file and port (its own log
+        and notify socket): a second instance, a restart or a takeover."""
+        other = object.__new__(FastLB)
+        other.__dict__.update(self.__dict__)
+        other.log_path = self.dir / f"fastlb-{tag}.log"
+        other.notify_path = self.dir / f"notify-{tag}.sock"
+        other.proc = None
+        other.notify_sock = None
+        other.notifications = []
+        other._known = {}
+        other._log = None
+        other.serve_args = []
+        other.argv_prefix = []
+        return other
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -156,6 +174,7 @@ class FastLB:
         self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop; appends after restart)
         self.proc = subprocess.Popen(
             [
+                *self.argv_prefix,
                 sys.executable,
                 "-m",
                 "fastlb",
@@ -164,6 +183,7 @@ class FastLB:
                 str(self.config_path),
                 "--workers",
                 str(self.workers),
+                *self.serve_args,
             ],
             cwd=self.dir,
             env=env,

@@ -106,6 +106,8 @@ _GLOBAL_KEYS = (
     "shutdown_timeout",
     "log_level",
     "state_file",
+    "orphan_timeout",
+    "worker_stall_timeout",
     *ADMIN_KEYS,
     *ACCESS_LOG_KEYS,
 )
@@ -169,7 +171,17 @@ def _global(data: object, file: str) -> GlobalConfig:
         access_log=access_log[0],
         access_log_format=access_log[1],
         access_log_buffer=access_log[2],
+        orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
+        worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
     )
+
+
+def _stall_timeout(t: _Table, default: float) -> float:
+    """worker_stall_timeout: at least 500ms (a worker's loop turns at least every 100 ms)."""
+    seconds = t.get_duration("worker_stall_timeout", default, positive=True)
+    if seconds < 0.5:
+        raise t.error("worker_stall_timeout", "must be at least 500ms (workers beat every 100 ms at most)")
+    return seconds
 
 
 def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:

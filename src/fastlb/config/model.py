@@ -242,6 +242,8 @@ class GlobalConfig:
     access_log: str = "off"  # "off" | "stdout" | an absolute path
     access_log_format: str = "json"  # "json" | "text"
     access_log_buffer: int = 16384  # records per worker ring
+    orphan_timeout: float = 300.0  # workers whose control process died drain this long after
+    worker_stall_timeout: float = 3.0  # a worker's heartbeat older than this: killed and replaced
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,8 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
         idx = <uint32_t>(u & 0xFFFFFFFFULL)
         if idx == SPECIAL_SIGNAL:
             read_signals(shutdown_ms)
+        elif idx == SPECIAL_PARENT:
+            orphan_begin()
         elif idx < <uint32_t>W.n_listeners and W.listeners[idx].fd >= 0:
             W.listeners[idx].pending = 1
         return
@@ -232,8 +234,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     W.index = index
     W.rng = (<uint64_t>getpid() << 32) ^ clock_us() ^ 0x9E3779B97F4A7C15ULL
     clock_update()
-    # the control process going away must not leave workers behind: drain and exit
-    prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
+    # the control process going away does not stop the data plane: see core/orphan.pxi
     # a peer that is gone must show up as EPIPE from splice/send, never as a fatal SIGPIPE
     if signal(SIGPIPE, SIG_IGN) == SIG_ERR:
         return -errno
@@ -242,10 +243,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     sigaddset(&mask, SIGINT)
     sigaddset(&mask, SIGHUP)
     sigaddset(&mask, SIGUSR1)           # reopen-the-log is the control process's business
+    sigaddset(&mask, SIGUSR2)           # the control process's upgrade signal: ignored here
     if sigprocmask(SIG_BLOCK, &mask, NULL) < 0:
         return -errno
-    if getppid() == 1:
-        return -3                       # ESRCH: the parent died before PDEATHSIG was armed
     W.sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)
     if W.sfd < 0:
         return -errno
@@ -320,6 +320,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     lb_refresh()
     routes_refresh()
     W.me.generation_seen = W.generation
+    W.me.heartbeat_ms = W.now_ms        # before state 1: the watchdog reads both
     W.me.pid = getpid()
     W.me.state = 1
     return 0
@@ -334,6 +335,7 @@ cdef void worker_teardown() noexcept nogil:
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)
     pipes_release_pool()
+    orphan_close()
     close_fd(W.ep)
     close_fd(W.sfd)
     W.me.active = 0
@@ -342,13 +344,19 @@ cdef void worker_teardown() noexcept nogil:
     W.me.state = 3
 
 
-cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdown_ms) noexcept nogil:
-    """The worker: set up, then loop until drained after SIGTERM/SIGINT.  Returns 0 or -errno."""
+cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdown_ms,
+                     uint64_t orphan_ms, int control_pid) noexcept nogil:
+    """The worker: set up, watch the control process, then loop until drained after SIGTERM/SIGINT
+    (or orphan_timeout after the control process died).  Returns 0 or -errno."""
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i, timeout, work
     cdef uint32_t li
     cdef int rc = worker_setup(base, index, fds, nfds)
     if rc < 0:
+        return rc
+    rc = orphan_watch(control_pid, orphan_ms)
+    if rc < 0:
+        W.me.state = 3
         return rc
     work = 1
     while True:
@@ -376,6 +384,7 @@ cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdow
             retry_starved()
         timers_run()
         work = housekeeping()
+        orphan_check(shutdown_ms)
         if W.stopping and (W.active == 0 or W.now_ms >= W.stop_deadline_ms):
             break
     worker_teardown()

@@ -67,6 +67,7 @@ class DeployManager:
         self.rollouts: dict[str, Rollout] = {}
         self._checks: dict[str, asyncio.Task] = {}
         self._wake: asyncio.Event | None = None
+        self.stopped = False
         self._reloading = False
         self._own_change = False
         d = sup.state.deploy
@@ -435,6 +436,8 @@ class DeployManager:
 
     def _delay(self) -> float | None:
         due = [r.next_at for n, r in self.rollouts.items() if r.active and n not in self._checks]
+        if self.stopped:
+            due = []
         if not due:
             return None
         return min(max(TICK, min(due) - self.clock()), 60.0)
@@ -443,7 +446,17 @@ class DeployManager:
         if self._wake is not None:
             self._wake.set()
 
+    def stop(self, handed_over: bool = False) -> None:
+        """Stopping: no more judgements (a restart resumes them from the state file).  handed_over:
+        a successor instance took over and owns the state file from now on: this one stops writing."""
+        self.stopped = True
+        if handed_over:
+            self.sup.state.frozen = True
+        self.poke()
+
     def tick(self) -> None:
+        if self.stopped:
+            return
         now = self.clock()
         for name, r in list(self.rollouts.items()):
             if not r.due(now) or name in self._checks:

@@ -130,6 +130,7 @@ cdef extern from "<signal.h>" nogil:
         SIGHUP
         SIGPIPE
         SIGUSR1
+        SIGUSR2
 
 
 cdef extern from "<sys/signalfd.h>" nogil:
@@ -187,3 +188,10 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     int getpid()
     int getppid()
+
+
+cdef extern from "<sys/syscall.h>" nogil:
+    # pidfd_open(2) (Linux 5.3): glibc before 2.36 has no wrapper, so it is called through syscall()
+    enum:
+        SYS_pidfd_open
+    long syscall(long number, ...)

@@ -261,7 +261,14 @@ typedef struct {
     uint64_t splice_errors;
     uint64_t conn_capacity;      /* slab slots */
     uint64_t generation_seen;
-} flb_worker_t;                  /* 128 bytes */
+    /* process lifecycle (procrel) */
+    uint64_t orphaned_since_ms;  /* CLOCK_MONOTONIC ms when this worker saw its control process
+                                    die (0: it has a control process); it then drains and exits
+                                    orphan_timeout later, or when a new fastlb takes over */
+    uint32_t control_pid;        /* the control process this worker watches (a pidfd) */
+    uint32_t _lpad;
+    uint64_t _lcpad[6];
+} flb_worker_t;                  /* 192 bytes */
 
 /* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
  * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
@@ -373,6 +380,6 @@ _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 128, "worker size");
+_Static_assert(sizeof(flb_worker_t) == 192, "worker size");
 
 #endif

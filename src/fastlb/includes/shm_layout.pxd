@@ -176,6 +176,8 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t splice_errors
         uint64_t conn_capacity
         uint64_t generation_seen
+        uint64_t orphaned_since_ms
+        uint32_t control_pid
 
     cdef enum flb_term:
         FLB_TERM_CLIENT_CLOSE

@@ -50,6 +50,7 @@ class StateFile:
         self.rollouts: dict[str, dict[str, Any]] = {}
         self.deploy: dict[str, Any] = {}  # fastlb.deploy.engine's own records (switches, retired pools)
         self._write_failed = False
+        self.frozen = False  # another instance took over (fastlb serve --takeover): it writes now
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -159,6 +160,8 @@ class StateFile:
 
     def save(self) -> bool:
         """Write the whole state atomically; False (logged) if it could not be written."""
+        if self.frozen:
+            return False
         doc = {
             "format": FORMAT,
             "version": VERSION,
