@@ -238,3 +238,17 @@ def test_requests_parse_the_config_file_forms(tmp_path):
         spec_from_request(m, {"listener": "web", "route": "default", "to": "v2", "max_failure_rate": "lots"})
     with pytest.raises(ControlError, match="no \\[rollouts.nope\\] table"):
         spec_from_request(m, {"rollout": "nope"})
+
+
+def test_an_unreadable_finished_rollout_is_dropped_without_touching_the_split(tmp_path):
+    sup = FakeSup(tmp_path)
+    m = sup.manager()
+    m.start(spec())
+    m.act("r", "promote")
+    doc = json.loads((tmp_path / "state.json").read_text())
+    doc["rollouts"]["r"]["step"] = "x"
+    (tmp_path / "state.json").write_text(json.dumps(doc))
+    sup2 = FakeSup(tmp_path)
+    m2 = sup2.manager()
+    assert "r" not in m2.rollouts and "r" not in sup2.state.rollouts
+    assert sup2.routes.splits[("web", "default")] == {"v1": 0, "v2": 100}  # the runtime split stays

@@ -164,7 +164,14 @@ class DeployManager:
                 self._save(r)
 
     def _untrusted(self, name: str, rec: Any, why: str) -> None:
-        """A persisted rollout that cannot be resumed: send its route back to stable, say why."""
+        """A persisted rollout that cannot be resumed: send its route back to stable, say why.
+        A finished one (promoted, failed, aborted) changes nothing: its record is dropped."""
+        if isinstance(rec, dict) and rec.get("status") in ("promoted", "failed", "aborted"):
+            log.warning(
+                "rollout %s: its saved record (%s) is unreadable (%s); dropped", name, rec["status"], why
+            )
+            self.sup.state.set_rollout(name, None)
+            return
         log.error("rollout %s: its saved state cannot be trusted (%s); rolling back", name, why)
         spec = rec.get("spec", {}) if isinstance(rec, dict) else {}
         listener, route, to, frm = (spec.get(k) for k in ("listener", "route", "to", "from"))
