@@ -11,6 +11,8 @@
 #   core/routes.pxi  routes and splits: route_select() picks a connection's route and pool
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
 #   core/orphan.pxi  watching the control process (pidfd); orphan mode and orphan_timeout
+#   core/flush.pxi   a side errors or resets: early-close retry, or forward its last bytes, then reset
+#   core/deadlines.pxi shutdown/drain deadlines reset (counted); half_close_timeout
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
@@ -34,6 +36,8 @@ include "core/accesslog.pxi"
 include "core/routes.pxi"
 include "core/conn.pxi"
 include "core/orphan.pxi"
+include "core/flush.pxi"
+include "core/deadlines.pxi"
 include "core/loop.pxi"
 
 

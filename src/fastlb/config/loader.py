@@ -118,8 +118,10 @@ _LISTENER_KEYS = (
     "idle_timeout",
     "max_connections",
     "backlog",
+    "half_close_timeout",
     *_ROUTE_LISTENER_KEYS,
 )
+MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
     "algorithm",
     "backends",
@@ -220,10 +222,18 @@ def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, Liste
             idle_timeout=t.get_duration("idle_timeout", d.idle_timeout, positive=True),
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
+            half_close_timeout=_half_close_timeout(t, d.half_close_timeout),
             routes=routes,
             **listener_prelude(t, routes or d.routes),
         )
     return listeners
+
+
+def _half_close_timeout(t: _Table, default: float) -> float:
+    value = t.get_duration("half_close_timeout", default)
+    if value > MAX_HALF_CLOSE_TIMEOUT:
+        raise t.error("half_close_timeout", "is too long: at most 1000h (0 = no limit)")
+    return value
 
 
 def _pools(root: _Table, file: str) -> dict[str, PoolConfig]:

@@ -215,6 +215,7 @@ class ListenerConfig:
     idle_timeout: float = 600.0
     max_connections: int = 0  # 0 = unlimited
     backlog: int = 4096
+    half_close_timeout: float = 60.0  # after one side finished, the other's limit; 0 = none
     routes: tuple[RouteConfig, ...] = ()  # () = the short form: one route "default" -> pool
     proxy_protocol: str = "off"  # "off" | "v1" | "v2" | "any"
     proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header

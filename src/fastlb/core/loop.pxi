@@ -157,7 +157,7 @@ cdef void retry_starved() noexcept nogil:
 
 
 cdef void close_condemned() noexcept nogil:
-    """Close the connections of backends whose drain deadline passed (backend.close_conns)."""
+    """Reset (and count) the connections of backends whose drain deadline passed (backend.close_conns)."""
     cdef uint32_t i
     cdef int32_t k
     cdef int any_ = 0
@@ -171,7 +171,7 @@ cdef void close_condemned() noexcept nogil:
         if W.conns[k].state != CS_FREE and W.conns[k].backend != FLB_NONE \
                 and flb_load32(&W.backends[W.conns[k].backend].close_conns):
             W.conns[k].term = FLB_TERM_DRAIN_DEADLINE + 1
-            conn_close(&W.conns[k], False)
+            conn_deadline_reset(&W.conns[k])
 
 
 cdef inline void sync_generation() noexcept nogil:
@@ -183,6 +183,7 @@ cdef inline void sync_generation() noexcept nogil:
         W.generation = g
         lb_refresh()
         routes_refresh()
+        addr_copies_refresh()
         close_condemned()
         W.me.generation_seen = g
 
@@ -304,6 +305,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         W.listeners[i].connect_timeout_ms = sl.connect_timeout_ms
         W.listeners[i].idle_timeout_ms = sl.idle_timeout_ms
         W.listeners[i].max_connections = sl.max_connections
+        W.listeners[i].half_close_timeout_ms = sl.half_close_timeout_ms
         W.listeners[i].pending = 1
         ev.events = EPOLLIN | EPOLLET
         ev.data.u64 = TAG_SPECIAL | <uint64_t>i
@@ -319,6 +321,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     W.generation = flb_load64_acq(&W.hdr.generation)
     lb_refresh()
     routes_refresh()
+    addr_copies_refresh()
     W.me.generation_seen = W.generation
     W.me.heartbeat_ms = W.now_ms        # before state 1: the watchdog reads both
     W.me.pid = getpid()
@@ -327,11 +330,13 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
 
 
 cdef void worker_teardown() noexcept nogil:
+    """Reset (counted: the shutdown deadline ended them) what is still open, close the rest, mark
+    the worker exited."""
     cdef int32_t i
     for i in range(W.n_used):
         if W.conns[i].state != CS_FREE:
             W.conns[i].term = FLB_TERM_SHUTDOWN_DEADLINE + 1
-            conn_close(&W.conns[i], False)
+            conn_deadline_reset(&W.conns[i])
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)
     pipes_release_pool()

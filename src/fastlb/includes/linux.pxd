@@ -40,7 +40,18 @@ cdef extern from "<fcntl.h>" nogil:
         F_GETPIPE_SZ
         O_NONBLOCK
         O_CLOEXEC
+        O_RDONLY
     int fcntl(int fd, int cmd, ...)
+    int open(const char *path, int flags)
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ            # bytes in a TCP socket's send queue (unsent + unacknowledged)
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -81,6 +92,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_RDWR
         MSG_DONTWAIT
         MSG_NOSIGNAL
+        MSG_PEEK
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -195,3 +207,4 @@ cdef extern from "<sys/syscall.h>" nogil:
     enum:
         SYS_pidfd_open
     long syscall(long number, ...)
+    unsigned int geteuid()

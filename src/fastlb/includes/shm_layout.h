@@ -181,7 +181,11 @@ typedef struct {
     uint32_t sni_policy;         /* enum flb_sni_policy */
     uint64_t no_route;           /* connections no route took (or sni_policy = reject) */
     uint64_t _rpad[3];
-} flb_listener_t;                /* 256 bytes */
+    /* dprel (issue 9, data-plane reliability): configuration, control writes before fork */
+    uint32_t half_close_timeout_ms; /* after one side finished (EOF forwarded), the other side gets
+                                    this long; then the connection is reset.  0 = no limit */
+    uint32_t _dpad[15];
+} flb_listener_t;                /* 320 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -268,7 +272,17 @@ typedef struct {
     uint32_t control_pid;        /* the control process this worker watches (a pidfd) */
     uint32_t _lpad;
     uint64_t _lcpad[6];
-} flb_worker_t;                  /* 192 bytes */
+    /* dprel (issue 9, data-plane reliability) */
+    uint32_t pipe_size;          /* smallest pipe capacity (bytes) this worker has got so far */
+    uint32_t pipe_pool_cap;      /* idle pipes it keeps at most (sized from pipe-user-pages-soft) */
+    uint64_t pipes_small;        /* pipes that came out smaller than the default 64 KiB */
+    uint64_t deadline_resets;    /* connections reset by shutdown_timeout or drain_timeout */
+    uint64_t half_close_timeouts; /* connections reset by half_close_timeout */
+    uint64_t seqlock_fallbacks;  /* backend address read from the worker's last good copy */
+    uint64_t flushed_resets;     /* resets delivered after forwarding what the dead side held */
+    uint64_t early_close_retries; /* connections retried after a backend closed before any byte */
+    uint64_t _dpad;
+} flb_worker_t;                  /* 256 bytes */
 
 /* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
  * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
@@ -373,13 +387,13 @@ typedef struct {
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");
-_Static_assert(sizeof(flb_listener_t) == 256, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 320, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 256, "pool size");
 _Static_assert(sizeof(flb_cidr_t) == 64, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
 _Static_assert(sizeof(flb_backend_t) == 384, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 192, "worker size");
+_Static_assert(sizeof(flb_worker_t) == 256, "worker size");
 
 #endif

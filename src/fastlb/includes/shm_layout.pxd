@@ -113,6 +113,7 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t sni_timeout_ms
         uint32_t sni_policy
         uint64_t no_route
+        uint32_t half_close_timeout_ms
 
     ctypedef struct flb_pool_t:
         char name[64]
@@ -178,6 +179,14 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t generation_seen
         uint64_t orphaned_since_ms
         uint32_t control_pid
+        uint32_t pipe_size
+        uint32_t pipe_pool_cap
+        uint64_t pipes_small
+        uint64_t deadline_resets
+        uint64_t half_close_timeouts
+        uint64_t seqlock_fallbacks
+        uint64_t flushed_resets
+        uint64_t early_close_retries
 
     cdef enum flb_term:
         FLB_TERM_CLIENT_CLOSE

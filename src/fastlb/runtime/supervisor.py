@@ -31,6 +31,7 @@ from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
+from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
 from fastlb.runtime.routes import RouteManager, route_layout
@@ -108,6 +109,7 @@ class Supervisor:
         self.state.load()
         self.backends = BackendManager(self.region, self.pools, self.state)
         self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
+        self.dataplane = DataPlaneWatch(self.region, self.n_workers)
         self.deploy = DeployManager(self)  # rollouts, switches, runtime splits (fastlb.deploy)
         self.routes.on_change = self.deploy.on_split_change  # every split change -> state file
         self.deploy.restore()
@@ -160,6 +162,7 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                round(lc.half_close_timeout * 1000),
             )
         return region
 
@@ -354,6 +357,7 @@ class Supervisor:
             self._tick_wake.clear()
             try:
                 self.backends.tick()
+                self.dataplane.check()
             except Exception:
                 log.exception("periodic backend update failed")
             self.watchdog.check()
@@ -577,6 +581,7 @@ class Supervisor:
                         "connect_errors": b["connect_errors"],
                         "connect_timeouts": b["connect_timeouts"],
                         "resets": b["resets"],
+                        "early_closes": b["early_closes"],
                         "consecutive_failures": b["consecutive_failures"],
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
