@@ -50,10 +50,13 @@ def format_status(st: dict[str, Any]) -> str:
     if runtime:
         lines.append("* set at runtime (kept in the state file), not the config file's value")
     for li in st["listeners"]:
-        lines.append(
-            f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
-            f"accepted {li['accepted']}, rejected {li['rejected']}"
-        )
+        if li.get("protocol") == "udp":
+            lines.append(_udp_line(li))
+        else:
+            lines.append(
+                f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
+                f"accepted {li['accepted']}, rejected {li['rejected']}"
+            )
         lines.extend(_route_lines(li.get("routes", [])))
     if st.get("deploy"):
         from fastlb.deploy.view import format_deploy
@@ -62,6 +65,19 @@ def format_status(st: dict[str, Any]) -> str:
     alive = sum(1 for w in st["workers"] if w["state"] == 1)
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
+
+
+def _udp_line(li: dict[str, Any]) -> str:
+    """A UDP listener: flows now and created, datagrams each way, drops by cause (only those > 0)."""
+    u = li["udp"]
+    drops = {k.removeprefix("drop_"): v for k, v in u.items() if k.startswith("drop_") and v}
+    text = (
+        f"listener {li['name']} udp {li['bind']} -> {li['pool']}: flows {li['active']} "
+        f"(created {li['accepted']}), datagrams in {u['datagrams_in']} out {u['datagrams_out']}"
+    )
+    if drops:
+        text += ", dropped " + " ".join(f"{k}={v}" for k, v in drops.items())
+    return text
 
 
 def _route_lines(routes: list[dict[str, Any]]) -> list[str]:
