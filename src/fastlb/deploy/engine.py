@@ -185,13 +185,14 @@ class DeployManager:
             )
             self.sup.state.set_rollout(name, rec)
 
-    def _settle_splits(self) -> None:
+    def _settle_splits(self) -> list[str]:
         known = {
             f"split:{ln}/{rc.name}"
             for ln, lc in self.config.listeners.items()
             for rc in getattr(lc, "routes", ())
         }
         self.sup.state.prune(known | {k for k in self.sup.state.values if not k.startswith("split:")})
+        notes: list[str] = []
         for lname, lc in self.config.listeners.items():
             for rc in getattr(lc, "routes", ()):
                 base = file_split(self.config, lname, rc.name)
@@ -202,6 +203,9 @@ class DeployManager:
                     self._reloading = True  # already recorded: do not record it again
                     try:
                         self.splits.set_split(lname, rc.name, dict(value))
+                        notes.append(
+                            f"listeners.{lname}.routes.{rc.name}.split: {_fmt(value)} (runtime value kept)"
+                        )
                     except (KeyError, ValueError) as exc:
                         log.warning(
                             "state: listener %s route %s: runtime split not applied: %s", lname, rc.name, exc
@@ -210,18 +214,20 @@ class DeployManager:
                     finally:
                         self._reloading = False
         self.sup.state.save()
+        return notes
 
     def before_reload(self) -> None:
         self._reloading = True
 
-    def after_reload(self, new: Any) -> None:
+    def after_reload(self, new: Any) -> list[str]:
         """After the routes applied the file's splits: runtime splits by the rule, then every active
-        rollout's split again (it owns its route)."""
+        rollout's split again (it owns its route).  Returns what it re-applied, for the reload's
+        report."""
         self._reloading = False
         self.config = new
         if getattr(self.sup, "routes", None) is None:
-            return
-        self._settle_splits()
+            return []
+        notes = self._settle_splits()
         for r in self.rollouts.values():
             if not r.active:
                 continue
@@ -233,7 +239,12 @@ class DeployManager:
                 continue
             if norm(self._split(r.spec.listener, r.spec.route)) != norm(r.split()):
                 log.info("rollout %s: reload: its split %s applied again", r.spec.name, _fmt(r.split()))
+                notes.append(
+                    f"listeners.{r.spec.listener}.routes.{r.spec.route}.split: {_fmt(r.split())} "
+                    f"(rollout {r.spec.name} running)"
+                )
             self._apply(r)
+        return notes
 
     def _check_spec(self, s: RolloutSpec) -> None:
         for p in (s.to_pool, s.from_pool):

@@ -25,15 +25,18 @@ from typing import TYPE_CHECKING
 
 from fastlb import worker
 from fastlb._shm import Region
-from fastlb.config import Config, ConfigError, load_config
+from fastlb.config import Config
 from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
+from fastlb.observe.document import backend_extras, listener_settings, worker_status
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.control_socket import ControlServer, ControlSocketError
 from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
+from fastlb.runtime.ops import OpsServices
+from fastlb.runtime.reload import reload_config
 from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import table_capacity
@@ -119,6 +122,7 @@ class Supervisor:
         self.discovery: Discovery | None = None
         self.access_log: AccessLog | None = None
         self.admin: AdminServer | None = None
+        self.ops = OpsServices(config)
 
     # --- shared memory -----------------------------------------------------------------------
 
@@ -164,6 +168,7 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                lc.backlog,
                 round(lc.half_close_timeout * 1000),
                 **udp_listener_fields(lc),
             )
@@ -327,6 +332,7 @@ class Supervisor:
         self._start_access_log()
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
         self.write_runfile()
+        await self.ops.start(self)
         tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
@@ -348,6 +354,7 @@ class Supervisor:
         if self.control is not None:
             self.control.close()
         runfile.remove_if_mine(self.runfile_path)
+        await self.ops.stop()
         log.info("stopped")
         return self.exit_code
 
@@ -428,35 +435,10 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config; a bad one changes nothing and says why."""
-        path = self.config.file
-        try:
-            new = load_config(path)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        listeners_old = [(lc.name, str(lc.bind), lc.protocol) for lc in self.config.listeners.values()]
-        listeners_new = [(lc.name, str(lc.bind), lc.protocol) for lc in new.listeners.values()]
-        restart = [] if listeners_old == listeners_new else ["listeners"]
-        if not restart and any(
-            RouteManager.prelude_changed(old, new.listeners[old.name])
-            for old in self.config.listeners.values()
-        ):
-            restart.append("listeners (proxy_protocol, sni settings)")
-        self.deploy.before_reload()
-        restart += self.backends.reload(new)
-        if self.discovery is not None:
-            self.discovery.update({n: p.discover for n, p in new.pools.items() if p.discover is not None})
-        if restart[:1] != ["listeners"]:
-            restart += self.routes.reload(new)  # the file's splits replace the published ones
-        self.deploy.after_reload(new)  # runtime splits by the state file's rule; rollouts keep theirs
-        self.poke()
-        if self.checker is not None:
-            self.checker.set_targets(self.backends.check_targets())
-        if restart:
-            log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
-        log.info("reloaded %s", path)
+    def reload(self) -> dict:
+        """SIGHUP / `fastlb reload`: re-read the config, apply what can be applied, name the rest
+        (fastlb.runtime.reload); a bad file changes nothing and says why."""
+        return reload_config(self, sd_notify)
 
     def upgrade(self) -> str | None:
         """SIGUSR2 or `fastlb upgrade`: restart in place without refusing a connection
@@ -529,11 +511,8 @@ class Supervisor:
 
     def status(self) -> dict:
         r = self.region
+        checks = {(c["pool"], c["backend"]): c for c in self.checker.snapshot()} if self.checker else {}
         pools = []
-        checks = {
-            (t["pool"], t["backend"]): {"checks": t["checks"], "checks_ok": t["consecutive_ok"]}
-            for t in (self.checker.snapshot() if self.checker is not None else [])
-        }
         for ps in self.pools.values():
             backends = []
             for slot in list(ps.slots.values()):
@@ -561,7 +540,8 @@ class Supervisor:
                         "removed": slot.removed,
                         "weight_source": self.backends.value_source(slot, "weight"),
                         "admin_source": self.backends.value_source(slot, "admin"),
-                        **checks.get((ps.config.name, slot.name), {}),
+                        **backend_extras(b, slot, checks.get((ps.config.name, slot.name))),
+                        **_check_counts(checks.get((ps.config.name, slot.name))),
                     }
                 )
             p = r.pool(ps.index)
@@ -596,6 +576,7 @@ class Supervisor:
                     "rejected": li["rejected"],
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
+                    **listener_settings(li),
                     "no_route": li["no_route"],
                     "routes": self.deploy.mark_routes(lc.name, self.routes.routes_status(lc.name)),
                     **udp_listener_status(lc, li),
@@ -603,8 +584,7 @@ class Supervisor:
             )
         workers = [
             dict(
-                r.worker(i),
-                index=i,
+                worker_status(r.worker(i), i),
                 restarts=self.restart_count.get(i, 0),
                 stalls=self.watchdog.stalls_of.get(i, 0),
             )
@@ -633,10 +613,18 @@ class Supervisor:
             "pid": os.getpid(),
             "generation": r.generation,
             "deploy": self.deploy.status_view(),
+            "config_file": self.config.file,
             "listeners": listeners,
             "pools": pools,
             "workers": workers,
+            **self.ops.status(),
         }
+
+    def connect_histogram(self, pool: str, backend: str) -> list[int] | None:
+        """The backend's connect-time histogram buckets (shm_layout.h hist_connect), for metrics."""
+        ps = self.pools.get(pool)
+        slot = ps.slots.get(backend) if ps else None
+        return None if slot is None else self.region.backend(slot.index)["hist_connect"]
 
 
 def _state_name(b: dict) -> str:
@@ -658,6 +646,11 @@ def _takeover_request(line: bytes) -> dict | None:
     if isinstance(req, dict) and req.get("cmd") in takeover.TAKEOVER_COMMANDS:
         return req
     return None
+
+
+def _check_counts(check: dict | None) -> dict:
+    """Health checks run and passing in a row (fastlb wait --healthy needs fresh rise checks)."""
+    return {"checks": check["checks"], "checks_ok": check["consecutive_ok"]} if check else {}
 
 
 def _describe_exit(code: int) -> str:
