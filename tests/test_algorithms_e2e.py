@@ -270,9 +270,9 @@ def test_maglev_source_ip_affinity_across_workers_and_instances(backends, fastlb
     spec = [(name, b.address(name), w) for name, w in WEIGHTS.items()]
     lbs = [fastlb(spec, workers=2, algorithm="maglev", pool={"hash_key": "source_ip"}) for _ in range(2)]
     ctls = [ControlClient(str(lb.dir / "control.sock")) for lb in lbs]
-    # the two instances differ only in their listening port and control socket
+    # the two instances differ only in their listening port, control socket and state file
     diff = set(lbs[0].config_text.splitlines()) ^ set(lbs[1].config_text.splitlines())
-    assert {line.split(" = ")[0] for line in diff} == {"bind", "control_socket"}, diff
+    assert {line.split(" = ")[0] for line in diff} == {"bind", "control_socket", "state_file"}, diff
 
     seen: Counter = Counter()  # every connection of this test, by the backend that answered
 

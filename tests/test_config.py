@@ -106,7 +106,11 @@ def test_full_file_every_key() -> None:
     assert list(cfg.listeners) == ["web", "web6", "redis"]  # file order
     assert list(cfg.pools) == ["web", "redis", "spare"]
     assert cfg.global_ == GlobalConfig(
-        workers=4, control_socket="/run/fastlb/control.sock", shutdown_timeout=10.0, log_level="debug"
+        workers=4,
+        control_socket="/run/fastlb/control.sock",
+        shutdown_timeout=10.0,
+        log_level="debug",
+        state_file="/var/lib/fastlb/web-state.json",
     )
     web = cfg.listeners["web"]
     assert (web.connect_timeout, web.idle_timeout, web.max_connections, web.backlog) == (
@@ -433,6 +437,7 @@ BAD: list[tuple[str, str, str, str]] = [
     ("workers-bool", "[global]\nworkers = true\n" + MINIMAL, "global.workers", "boolean"),
     ("log-level", '[global]\nlog_level = "verbose"\n' + MINIMAL, "global.log_level", "debug, info, warning, error"),
     ("control-socket-relative", '[global]\ncontrol_socket = "fastlb.sock"\n' + MINIMAL, "global.control_socket", "absolute"),
+    ("state-file-relative", '[global]\nstate_file = "state.json"\n' + MINIMAL, "global.state_file", "absolute"),
     ("control-socket-long", f'[global]\ncontrol_socket = "/{"s" * 120}"\n' + MINIMAL, "global.control_socket", "107 bytes"),
     ("shutdown-timeout", '[global]\nshutdown_timeout = "-1s"\n' + MINIMAL, "global.shutdown_timeout", "negative"),
     ("health-not-table", _pool('health_check = "tcp"'), "pools.web.health_check", "table"),

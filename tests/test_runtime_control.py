@@ -333,7 +333,9 @@ def test_status_table_and_json(backends, fastlb):
     lines = r.stdout.splitlines()
     assert lines[0].split() == HEADER
     rows = [line.split() for line in lines[1:4]]
-    assert [row[:3] for row in rows] == [["web", "a", "up"], ["web", "b", "up"], ["web", "c", "drain"]]
+    # c's drain was set at runtime: marked "*" (kept in the state file, not the config file's value)
+    assert [row[:3] for row in rows] == [["web", "a", "up"], ["web", "b", "up"], ["web", "c", "drain*"]]
+    assert "* set at runtime" in r.stdout
     assert [row[3] for row in rows] == ["5", "3", "2"]  # WEIGHT
     assert [row[4] for row in rows] == ["0", "0", "0"]  # ACTIVE
     assert [int(row[5]) for row in rows] == [got["a"], got["b"], 0]  # TOTAL
@@ -342,6 +344,11 @@ def test_status_table_and_json(backends, fastlb):
     assert [row[9] for row in rows] == ["-", "-", "-"]  # CHECK: the pool has no health_check
     assert all(len(row) == len(HEADER) for row in rows)
     assert not any(line.startswith("web ") for line in lines[4:]), "more backend rows than backends"
+    assert {x["name"]: x["admin_source"] for x in ctl.status()["pools"][0]["backends"]} == {
+        "a": "file",
+        "b": "file",
+        "c": "runtime",
+    }
     # the same through the config file instead of the socket path
     r2 = cli("status", "-c", str(lb.config_path))
     assert r2.returncode == 0 and r2.stdout.splitlines()[:4] == lines[:4]

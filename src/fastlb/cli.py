@@ -201,7 +201,6 @@ def _admin_command(name: str, doc: str):
     main.command(name)(cmd)
 
 
-_admin_command("drain", "Drain BACKEND: no new connections; established ones continue.")
 _admin_command("enable", "Put BACKEND back in service (ready).")
 _admin_command("disable", "Put BACKEND in maintenance: no new connections.")
 
@@ -238,6 +237,15 @@ def set_split(
         return " ".join(f"{p}={w}" for p, w in s.items())
 
     click.echo(f"{listener}/{route}: {fmt(r['previous'])} -> {fmt(r['weights'])}")
+
+
+def _register_deploy() -> None:
+    from fastlb.deploy.cli import register
+
+    register(main, _control_options, _client, _run_control)
+
+
+_register_deploy()  # drain [--wait], wait, rollout, switch (fastlb.deploy.cli)
 
 
 @main.command()

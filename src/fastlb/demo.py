@@ -84,7 +84,8 @@ def run_demo(seconds: float, workers: int) -> int:
             for n, w in WEIGHTS.items()
         )
         config = (
-            f'[global]\nworkers = {workers}\ncontrol_socket = "{tmp}/control.sock"\nshutdown_timeout = "5s"\n\n'
+            f'[global]\nworkers = {workers}\ncontrol_socket = "{tmp}/control.sock"\n'
+            f'state_file = "{tmp}/state.json"\nshutdown_timeout = "5s"\n\n'
             f'[listeners.demo]\nbind = "127.0.0.1:{lb_port}"\npool = "demo"\nconnect_timeout = "2s"\n'
             f'idle_timeout = "30s"\n\n[pools.demo]\nalgorithm = "weighted_round_robin"\n'
             f"backends = [\n{backends},\n]\n"

@@ -12,6 +12,8 @@ Modes:
   half_close_answer  read to EOF hashing, then send `send_bytes` seeded bytes and close; report
   sink               half_close_answer with send_bytes = 0
   reset              read; on the first bytes, close with a RST (SO_LINGER 0); report
+  flaky              like id, but resets a share of the connections (`reset_share`, 0..1, drawn
+                     from `seed`) at once on accept, before any byte (a crashing canary)
   blackhole          listen(0), queue pre-filled, never accept: further SYNs are dropped, so a connect
                      never completes (checked at start: "blackhole_ok")
   close_on_accept    accept, then close at once (FIN) without reading or sending
@@ -51,7 +53,7 @@ from pathlib import Path
 CHUNK = 256 * 1024
 OUT_HIGH = 4 * 1024 * 1024  # echo: stop reading while this much is waiting to go back
 HASHED = {"blast", "half_close_answer", "sink", "reset", "answer_reset", "hold", "paced"}
-MODES = HASHED | {"echo", "id", "blackhole", "close_on_accept"}
+MODES = HASHED | {"echo", "id", "flaky", "blackhole", "close_on_accept"}
 
 # ================================================================================ server side
 
@@ -83,7 +85,7 @@ class Conn:
     def __init__(self, sock: socket.socket, srv: dict) -> None:
         self.sock = sock
         self.name = srv["name"]
-        self.mode = srv["mode"]
+        self.mode = "id" if srv["mode"] == "flaky" else srv["mode"]
         self.out = bytearray()
         self.off = 0
         self.send_bytes = int(srv.get("send_bytes", 0))
@@ -119,6 +121,7 @@ class Server:
         self.accepted: dict[str, int] = {}
         self.active: dict[str, int] = {}
         self.events: list[dict] = []
+        self.flaky_resets: dict[str, int] = {}  # flaky: connections reset at accept
         self.ports: dict[str, int] = {}
         self.blackhole_ok: dict[str, bool] = {}
         self.keep: list[socket.socket] = []  # blackhole queue fillers
@@ -187,6 +190,13 @@ class Server:
                     return
                 raise
             name = srv["name"]
+            if srv["mode"] == "flaky":
+                rng = srv.setdefault("_rng", random.Random(int(srv.get("seed", 0))))
+                if rng.random() < float(srv.get("reset_share", 0.5)):
+                    self.flaky_resets[name] = self.flaky_resets.get(name, 0) + 1
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.close()
+                    continue
             self.accepted[name] += 1
             if srv["mode"] == "close_on_accept":
                 s.close()
@@ -358,7 +368,9 @@ class Server:
             line, self.stdin_buf = self.stdin_buf.split(b"\n", 1)
             cmd = line.decode().strip()
             if cmd == "stats":
-                self.reply({"accepted": self.accepted, "active": self.active})
+                self.reply(
+                    {"accepted": self.accepted, "active": self.active, "flaky_resets": self.flaky_resets}
+                )
             elif cmd == "events":
                 self.reply({"events": self.events})
                 self.events = []

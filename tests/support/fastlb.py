@@ -91,7 +91,12 @@ class FastLB:
         self.log_path = workdir / "fastlb.log"
         self.notify_path = workdir / "notify.sock"
         bind = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
-        g = {"workers": workers, "control_socket": str(workdir / "control.sock"), "shutdown_timeout": "30s"}
+        g = {
+            "workers": workers,
+            "control_socket": str(workdir / "control.sock"),
+            "state_file": str(workdir / "state.json"),
+            "shutdown_timeout": "30s",
+        }
         g.update(global_ or {})
         lst = {"bind": bind, "pool": "web"}
         if not udp:  # these keys apply to TCP listeners only
@@ -191,7 +196,7 @@ class FastLB:
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop; appends after restart)
         self.proc = subprocess.Popen(
             [
                 *self.argv_prefix,
@@ -323,6 +328,22 @@ class FastLB:
             raise AssertionError(
                 f"fastlb still running {timeout:.0f}s later; log:\n{self.log_text()}"
             ) from None
+
+    def restart(self, timeout: float = 30.0) -> FastLB:
+        """Stop this fastlb gracefully (SIGTERM, exit 0 expected) and start it again with the same
+        config file, port, control socket and state file; its log continues in the same file."""
+        self.signal(signal.SIGTERM)
+        code = self.wait_exit(timeout)
+        assert code == 0, f"fastlb exited {code} on SIGTERM; log:\n{self.log_text()}"
+        if self.notify_sock is not None:
+            self.notify_sock.close()
+            self.notify_sock = None
+        with contextlib.suppress(FileNotFoundError):
+            self.notify_path.unlink()
+        if self._log is not None:
+            self._log.close()
+        self.notifications = []
+        return self.start(timeout)
 
     def log_text(self, limit: int = 20000) -> str:
         try:

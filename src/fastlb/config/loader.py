@@ -39,6 +39,7 @@ from fastlb.config.model import (
     PoolConfig,
 )
 from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.rollouts import parse_rollouts
 from fastlb.config.routes import (
     LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
 )
@@ -96,13 +97,14 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     """Parse and validate TOML text; `file` only names the source in errors. Raises ConfigError."""
     doc = _parse_toml(text, file)
     root = _Table(doc, "", file)
-    root.only(("global", "listeners", "pools"))
+    root.only(("global", "listeners", "pools", "rollouts"))
     global_ = _global(root.data.get("global", {}), file)
     short_form: set[str] = set()
     listeners = _listeners(root, file, short_form)
     pools = _pools(root, file)
     check_route_pools(listeners, pools, file, short_form)
-    return Config(file=file, global_=global_, listeners=listeners, pools=pools)
+    rollouts = parse_rollouts(root, file, listeners, pools)
+    return Config(file=file, global_=global_, listeners=listeners, pools=pools, rollouts=rollouts)
 
 
 def _parse_toml(text: str, file: str) -> dict[str, object]:
@@ -139,6 +141,7 @@ _GLOBAL_KEYS = (
     "control_socket",
     "shutdown_timeout",
     "log_level",
+    "state_file",
     "orphan_timeout",
     "worker_stall_timeout",
     *ADMIN_KEYS,
@@ -196,10 +199,14 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
+    state_file = t.get_str("state_file", d.state_file)
+    if not state_file.startswith("/") or "\0" in state_file:
+        raise t.error("state_file", f"{_quote(state_file)} must be an absolute path (no NUL)")
     access_log = parse_access_log(t)
     return GlobalConfig(
         workers=workers,
         control_socket=sock,
+        state_file=state_file,
         shutdown_timeout=t.get_duration("shutdown_timeout", d.shutdown_timeout),
         log_level=t.get_choice("log_level", d.log_level, LOG_LEVELS),
         admin=parse_admin(t),

@@ -250,6 +250,7 @@ class GlobalConfig:
     control_socket: str = "/run/fastlb/control.sock"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    state_file: str = "/var/lib/fastlb/state.json"  # runtime changes kept across reload/restart
     admin: AdminConfig | None = None
     access_log: str = "off"  # "off" | "stdout" | an absolute path
     access_log_format: str = "json"  # "json" | "text"
@@ -265,6 +266,7 @@ class Config:
     global_: GlobalConfig
     listeners: dict[str, ListenerConfig]  # file order
     pools: dict[str, PoolConfig]  # file order
+    rollouts: dict = field(default_factory=dict)  # name -> config.rollouts.RolloutConfig
 
 
 def _one_line(text: str) -> str:

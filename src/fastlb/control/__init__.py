@@ -15,6 +15,8 @@ who may talk to it), one JSON object per line each way.  Requests:
       fastlb.runtime.takeover and docs/failure-behaviour.md; used by `fastlb serve --takeover`)
   {"cmd": "reload"} -> {"ok": true, "file": F, "applied": [...], "needs_restart": [...]}
                        or {"ok": false, "error": "reload refused, nothing changed: ..."}
+  {"cmd": "rollout-start" | "rollout-status" | "rollout-pause" | ... | "switch", ...}
+    (see fastlb.deploy.requests)
 Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.  A malformed or unknown request
 changes nothing.
 """
@@ -91,3 +93,41 @@ class ControlClient:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file; raises ControlError (nothing changed) if it is refused."""
         return self.request({"cmd": "reload"})
+
+    # --- deployments (fastlb.deploy.requests) ------------------------------------------------------
+
+    def rollout_start(
+        self, listener: str | None = None, route: str | None = None, to: str | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Start a canary rollout of pool `to` on ROUTE of LISTENER (or rollout=NAME for a
+        [rollouts.NAME] table).  options: from_ (or "from"), name, steps, interval, pause_at,
+        threshold, max_failure_rate, max_early_reset_rate, max_unhealthy, max_connect_time,
+        min_connections, check, check_timeout, in the config file's forms ("30s", "1%")."""
+        if "from_" in options:
+            options["from"] = options.pop("from_")
+        req = {"cmd": "rollout-start", "listener": listener, "route": route, "to": to, **options}
+        return self.request({k: v for k, v in req.items() if v is not None})["rollout"]
+
+    def rollout_status(self, name: str | None = None) -> list[dict[str, Any]]:
+        return self.request({"cmd": "rollout-status", **({"name": name} if name else {})})["rollouts"]
+
+    def rollout_action(self, action: str, name: str | None = None) -> dict[str, Any]:
+        """action: pause | resume | promote | abort."""
+        return self.request({"cmd": f"rollout-{action}", **({"name": name} if name else {})})["rollout"]
+
+    def switch(
+        self,
+        listener: str,
+        route: str,
+        pool: str | None = None,
+        *,
+        drain_old: bool = False,
+        back: bool = False,
+    ) -> dict[str, Any]:
+        """Blue-green: every new connection of the route to `pool` (or back to the previous side)."""
+        req: dict[str, Any] = {"cmd": "switch", "listener": listener, "route": route, "drain_old": drain_old}
+        if back:
+            req["back"] = True
+        else:
+            req["pool"] = pool
+        return self.request(req)["switch"]

@@ -30,11 +30,16 @@ class _Routes(Protocol):
     def split(self, listener: str, route: str) -> dict[str, int]: ...
 
 
+class _Deploy(Protocol):
+    def request(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]: ...
+
+
 class ControlTarget(Protocol):
     """What a control request can reach in the control process (fastlb.runtime.supervisor.Supervisor)."""
 
     backends: _Backends
     routes: _Routes
+    deploy: _Deploy  # rollout-*, switch (fastlb.deploy.requests)
 
     def status(self) -> dict[str, Any]: ...
     def reload(self) -> dict[str, Any]: ...
@@ -42,6 +47,15 @@ class ControlTarget(Protocol):
 
 MAX_NAME = 63  # config names are 1..63 bytes (FLB_NAME_LEN with its NUL)
 ADMIN_FOR = {"drain": "drain", "enable": "ready", "disable": "maint"}
+DEPLOY_COMMANDS = (
+    "rollout-start",
+    "rollout-status",
+    "rollout-pause",
+    "rollout-resume",
+    "rollout-promote",
+    "rollout-abort",
+    "switch",
+)
 
 
 def _find(sup: ControlTarget, req: dict[str, Any]) -> Any:
@@ -121,6 +135,8 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             return _set_split(sup, req)
         if cmd == "reload":
             return sup.reload()
+        if cmd in DEPLOY_COMMANDS:
+            return {"ok": True, **sup.deploy.request(cmd, req)}
         raise ControlError(
             f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split, reload)"
         )

@@ -40,6 +40,7 @@ def format_status(st: dict[str, Any]) -> str:
         "CHECK",
     )
     rows = [head]
+    runtime = False
     for p in st["pools"]:
         for b in p["backends"]:
             weight = (
@@ -47,12 +48,19 @@ def format_status(st: dict[str, Any]) -> str:
                 if b["effective_weight"] == b["weight"]
                 else f"{b['effective_weight']}/{b['weight']}"
             )
+            state = b["state"]
+            if b.get("weight_source") == "runtime":
+                weight += "*"
+                runtime = True
+            if b.get("admin_source") == "runtime":
+                state += "*"
+                runtime = True
             errors = b["connect_errors"] + b["connect_timeouts"] + b["resets"]
             rows.append(
                 (
                     p["name"],
                     b["name"],
-                    b["state"],
+                    state,
                     weight,
                     str(b["active"]),
                     str(b["total"]),
@@ -64,6 +72,8 @@ def format_status(st: dict[str, Any]) -> str:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if runtime:
+        lines.append("* set at runtime (kept in the state file), not the config file's value")
     for li in st["listeners"]:
         if li.get("protocol") == "udp":
             lines.append(_udp_line(li))
@@ -73,6 +83,10 @@ def format_status(st: dict[str, Any]) -> str:
                 f"accepted {li['accepted']}, rejected {li['rejected']}"
             )
         lines.extend(_route_lines(li.get("routes", [])))
+    if st.get("deploy"):
+        from fastlb.deploy.view import format_deploy
+
+        lines.extend(format_deploy(st["deploy"]))
     alive = sum(1 for w in st["workers"] if w["state"] == "running")
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
@@ -111,6 +125,8 @@ def _route_lines(routes: list[dict[str, Any]]) -> list[str]:
         match += [f"sni {','.join(r['match']['sni'])}"] if r["match"]["sni"] else []
         split = " ".join(f"{p}={w} ({r['pools'].get(p, 0)} conns)" for p, w in r["split"].items())
         affinity = f", affinity {r['split_affinity']}" if r["split_affinity"] != "none" else ""
+        if r.get("split_source") == "runtime":
+            split += " *"  # set at runtime (state file), not the config file's split
         lines.append(
             f"  route {r['name']} [{'; '.join(match) or 'default'}]: {split}{affinity}; "
             f"{r['connections']} connections"

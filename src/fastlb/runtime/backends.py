@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from fastlb._shm import Region
 from fastlb.config import BackendConfig, Config, PoolConfig
 from fastlb.runtime.health import CheckTarget, OutlierTracker
+from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import TablePublisher, table_capacity
 from fastlb.shm import sockaddr_bytes
 
@@ -70,16 +71,55 @@ class PoolState:
 class BackendManager:
     """Owns the backend records of the region after the supervisor created it."""
 
-    def __init__(self, region: Region, pools: dict[str, PoolState]) -> None:
+    def __init__(self, region: Region, pools: dict[str, PoolState], state: StateFile | None = None) -> None:
         self.region = region
         self.pools = pools
+        self.state = state
         self.discovered: dict[str, list[BackendConfig]] = {}  # pool -> backends from DNS
         self.tables = TablePublisher(region)
         for ps in pools.values():
             ps.outlier = OutlierTracker(ps.config.outlier_detection, len(ps.config.backends))
+        self.restore_state()
+        for ps in pools.values():
             for slot in ps.slots.values():
                 slot.eff_weight = slot.weight
         self.publish_all()
+
+    # --- runtime state (fastlb.runtime.statefile) ------------------------------------------------
+
+    def restore_state(self) -> None:
+        """Weights and admin states by the state file's rule (start and reload): a runtime value wins
+        unless the config file's value changed since it was last loaded."""
+        if self.state is None:
+            return
+        now = time.monotonic()
+        keep = set()
+        for ps in self.pools.values():
+            conf = {b.name: b.weight for b in ps.config.backends}
+            for slot in ps.slots.values():
+                if slot.removed or slot.name not in conf:
+                    continue
+                what = f"pool {slot.pool} backend {slot.name}"
+                wkey, akey = f"weight:{slot.pool}/{slot.name}", f"admin:{slot.pool}/{slot.name}"
+                keep |= {wkey, akey}
+                slot.weight, _ = self.state.resolve(wkey, conf[slot.name], f"{what} weight")
+                admin, src = self.state.resolve(akey, "ready", f"{what} admin state")
+                if src == "runtime" and admin in ("drain", "maint") and slot.admin != admin:
+                    slot.admin = admin
+                    slot.drain_since = now if admin == "drain" else None
+        self.state.prune(keep | {k for k in self.state.values if not k.startswith(("weight:", "admin:"))})
+        self.state.save()
+
+    def _config_weight(self, slot: BackendSlot) -> int:
+        return next(
+            (b.weight for b in self.pools[slot.pool].config.backends if b.name == slot.name), slot.weight
+        )
+
+    def value_source(self, slot: BackendSlot, what: str) -> str:
+        """ "runtime" if slot's `what` ("weight" | "admin") was set at runtime, else "file"."""
+        if self.state is None:
+            return "file"
+        return self.state.source(f"{what}:{slot.pool}/{slot.name}")
 
     # --- publishing ----------------------------------------------------------------------------
 
@@ -174,6 +214,8 @@ class BackendManager:
         slot.weight = weight
         log.info("pool %s backend %s: weight %d", slot.pool, slot.name, weight)
         self.publish_pool(self.pools[slot.pool])
+        if self.state is not None and not slot.removed:
+            self.state.set(f"weight:{slot.pool}/{slot.name}", weight, self._config_weight(slot))
 
     def set_admin(self, slot: BackendSlot, admin: str) -> None:
         old = slot.admin
@@ -200,6 +242,8 @@ class BackendManager:
             self.region.backend(slot.index)["active"],
         )
         self.publish_pool(self.pools[slot.pool])
+        if self.state is not None and not slot.removed:
+            self.state.set(f"admin:{slot.pool}/{slot.name}", admin, "ready")
 
     # --- health ----------------------------------------------------------------------------------
 
@@ -361,16 +405,19 @@ class BackendManager:
         for bc in backends:
             slot = ps.slots.get(bc.name)
             if slot is not None and not slot.removed:
-                if slot.weight != bc.weight:
+                # a weight set at runtime is settled by restore_state() (and logged there)
+                runtime = self.state is not None and f"weight:{name}/{bc.name}" in self.state.values
+                weight = slot.weight if runtime else bc.weight
+                if slot.weight != weight:
                     log.info(
                         "pool %s backend %s: weight %d -> %d (reload)",
                         name,
                         bc.name,
                         slot.weight,
-                        bc.weight,
+                        weight,
                     )
-                    done.append(f"pools.{name}.backends.{bc.name}.weight: {slot.weight} -> {bc.weight}")
-                    slot.weight = bc.weight
+                    done.append(f"pools.{name}.backends.{bc.name}.weight: {slot.weight} -> {weight}")
+                    slot.weight = weight
                 if slot.address != str(bc.address):
                     self.region.set_backend(
                         slot.index,
@@ -439,6 +486,7 @@ class BackendManager:
                 ps.outlier.config = ps.config.outlier_detection
                 members = list(pc.backends) + self.extra_backends(name)
                 ps.outlier.set_pool_size(len(members), [b.name for b in members])
+        self.restore_state()
         self.publish_all()
         return applied, needs_restart
 

@@ -49,6 +49,9 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
         notify(f"READY=1\nSTATUS=reload failed: {exc}")
         return result
     g_applied, g_restart, running_global = _global(sup, new)
+    deploy = getattr(sup, "deploy", None)  # runtime values: fastlb.runtime.statefile's rule
+    if deploy is not None:
+        deploy.before_reload()
     b_applied, b_restart = sup.backends.reload(new)
     discovery = getattr(sup, "discovery", None)
     if discovery is not None:  # DNS discovery: the file's discover settings replace the running ones
@@ -58,6 +61,8 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
     l_applied, l_restart, listeners = _listeners(sup, new)
     applied, needs_restart = g_applied + l_applied + b_applied, g_restart + l_restart + b_restart
     needs_restart += _routes(sup, new, not l_restart, applied)
+    if deploy is not None:
+        applied += deploy.after_reload(new)  # runtime splits kept; running rollouts keep theirs
     sup.config = Config(
         file=path,
         global_=running_global,

@@ -27,6 +27,7 @@ from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config
 from fastlb.control.server import handle_request
+from fastlb.deploy.engine import DeployManager
 from fastlb.observe.document import backend_extras, listener_settings, worker_status
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
@@ -38,6 +39,7 @@ from fastlb.runtime.ops import OpsServices
 from fastlb.runtime.preludes import prelude_status
 from fastlb.runtime.reload import reload_config
 from fastlb.runtime.routes import RouteManager, route_layout
+from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import table_capacity
 from fastlb.runtime.udp import udp_listener_fields, udp_listener_status
 from fastlb.runtime.watchdog import Watchdog
@@ -109,9 +111,14 @@ class Supervisor:
         self.runfile_path = runfile.path_for(config.global_.control_socket)
         self.watchdog = Watchdog(self, config.global_.worker_stall_timeout)
         self.region = self._build_region()
-        self.backends = BackendManager(self.region, self.pools)
+        self.state = StateFile(config.global_.state_file, config.file)
+        self.state.load()
+        self.backends = BackendManager(self.region, self.pools, self.state)
         self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
         self.dataplane = DataPlaneWatch(self.region, self.n_workers)
+        self.deploy = DeployManager(self)  # rollouts, switches, runtime splits (fastlb.deploy)
+        self.routes.on_change = self.deploy.on_split_change  # every split change -> state file
+        self.deploy.restore()
         self.checker: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.access_log: AccessLog | None = None
@@ -251,13 +258,15 @@ class Supervisor:
 
     def reap(self) -> None:
         """Collect dead workers; restart them (with back-off if they keep dying) unless stopping."""
-        while True:
+        # only our workers and an upgrade's successor: waitpid(-1) would also reap the children
+        # asyncio waits for (a rollout's --check command)
+        for pid in [*self.pids, *([self.successor_pid] if self.successor_pid else [])]:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # gone without a status (cannot happen to a live child)
+                got, status = (pid, 0) if pid in self.pids else (0, 0)
+            if got == 0:
+                continue
             index = self.pids.pop(pid, None)
             if index is None:
                 if pid == self.successor_pid and not self.stopping:
@@ -325,7 +334,7 @@ class Supervisor:
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
         self.write_runfile()
         await self.ops.start(self)
-        tasks = [asyncio.create_task(self._tick_loop())]
+        tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
         tasks.append(asyncio.create_task(self.checker.run()))
@@ -463,6 +472,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        self.deploy.stop(handed_over=successor is not None)  # rollouts hold; a successor owns the state file
         asyncio.get_running_loop().call_later(self.shutdown_timeout + 5.0, self._kill_stragglers)
         if not self.pids and self._all_exited is not None:
             self._all_exited.set()
@@ -520,6 +530,7 @@ class Supervisor:
                 backends.append(
                     {
                         "name": slot.name,
+                        "address": slot.address,
                         "state": _state_name(b),
                         "admin": ADMIN_NAMES[b["admin"]],
                         "health": HEALTH_NAMES[b["health"]],
@@ -537,7 +548,10 @@ class Supervisor:
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
                         "removed": slot.removed,
+                        "weight_source": self.backends.value_source(slot, "weight"),
+                        "admin_source": self.backends.value_source(slot, "admin"),
                         **backend_extras(b, slot, checks.get((ps.config.name, slot.name))),
+                        **_check_counts(checks.get((ps.config.name, slot.name))),
                     }
                 )
             p = r.pool(ps.index)
@@ -549,6 +563,8 @@ class Supervisor:
                     "panic": bool(p["panic"]),
                     "all_down": ps.all_down,
                     "all_down_policy": ps.config.all_down,
+                    "rise": ps.config.health_check.rise if ps.config.health_check else 0,
+                    "slow_start": ps.config.slow_start,
                     "backends": backends,
                     **(
                         {"discovery": self.discovery.pools[ps.config.name].status()}
@@ -572,7 +588,7 @@ class Supervisor:
                     "accept_errors": li["accept_errors"],
                     **listener_settings(li),
                     "no_route": li["no_route"],
-                    "routes": self.routes.routes_status(lc.name),
+                    "routes": self.deploy.mark_routes(lc.name, self.routes.routes_status(lc.name)),
                     **udp_listener_status(lc, li),
                     "preludes": prelude_status(lc, li),
                 }
@@ -607,6 +623,7 @@ class Supervisor:
             **extra,
             "pid": os.getpid(),
             "generation": r.generation,
+            "deploy": self.deploy.status_view(),
             "config_file": self.config.file,
             "listeners": listeners,
             "pools": pools,
@@ -640,6 +657,11 @@ def _takeover_request(line: bytes) -> dict | None:
     if isinstance(req, dict) and req.get("cmd") in takeover.TAKEOVER_COMMANDS:
         return req
     return None
+
+
+def _check_counts(check: dict | None) -> dict:
+    """Health checks run and passing in a row (fastlb wait --healthy needs fresh rise checks)."""
+    return {"checks": check["checks"], "checks_ok": check["consecutive_ok"]} if check else {}
 
 
 def _describe_exit(code: int) -> str:
