@@ -96,6 +96,33 @@ def fastlb(tmp_path, request):
         lb.stop()
 
 
+@pytest.fixture
+def udp_servers(tmp_path, request):
+    """Factory: udp_servers(udp_server("a", "echo"), ...) -> a started UdpServers (issue 13)."""
+    from support.udp import UdpServers
+
+    yield from _server_factory(UdpServers, "udp", tmp_path, request)
+
+
+@pytest.fixture
+def dnsmasq(tmp_path, request):
+    """Factory: dnsmasq(answer="127.0.0.9", host="127.0.0.1") -> a started support.dns.Dnsmasq
+    answering every name under test.example with `answer`; each is stopped at teardown."""
+    from support.dns import Dnsmasq
+
+    started: list = []
+
+    def start(answer: str, host: str = "127.0.0.1"):
+        d = Dnsmasq(tmp_path / f"dns{len(started)}", host)
+        started.append(d)
+        _logs(request.node).append((f"dnsmasq {answer} log", d.log_text))
+        return d.start(wildcard=[("test.example", answer)])
+
+    yield start
+    for d in started:
+        d.stop()
+
+
 @pytest.fixture(scope="session")
 def debian_wheel(tmp_path_factory):
     """fastlb compiled once per session into a wheel by Debian's own /usr/bin/python3."""

@@ -13,15 +13,17 @@
 #   core/orphan.pxi  watching the control process (pidfd); orphan mode and orphan_timeout
 #   core/flush.pxi   a side errors or resets: early-close retry, or forward its last bytes, then reset
 #   core/deadlines.pxi shutdown/drain deadlines reset (counted); half_close_timeout
+#   core/udp.pxi     UDP listeners: flow table, recvmmsg/sendmmsg batches, flow expiry
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
 from libc.errno cimport (
-    EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EIO, EMFILE, ENFILE, ENOBUFS, ENOMEM, ENOSYS, ETIMEDOUT, errno,
+    EAGAIN, ECONNABORTED, ECONNREFUSED, EHOSTDOWN, EHOSTUNREACH, EINPROGRESS, EINTR, EIO, EMFILE,
+    EMSGSIZE, ENETUNREACH, ENFILE, ENOBUFS, ENOMEM, ENONET, ENOSYS, EPROTO, ETIMEDOUT, errno,
 )
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset, strlen
+from libc.string cimport memcmp, memcpy, memset, strlen
 
 from flb_atomic cimport *
 from flb_hash cimport FLB_SEED_KEY, FLB_SEED_SPLIT, flb_hash64
@@ -39,6 +41,7 @@ include "core/reload.pxi"
 include "core/orphan.pxi"
 include "core/flush.pxi"
 include "core/deadlines.pxi"
+include "core/udp.pxi"
 include "core/loop.pxi"
 
 

@@ -39,6 +39,7 @@ PROXY_PROTOCOL = {"off": FLB_PROXY_OFF, "v1": FLB_PROXY_V1, "v2": FLB_PROXY_V2, 
 SNI_POLICY = {"default": FLB_SNI_DEFAULT, "reject": FLB_SNI_REJECT}
 MAX_SPLIT = FLB_MAX_SPLIT
 SNI_LEN = FLB_SNI_LEN
+PROTOCOLS = {"tcp": FLB_PROTO_TCP, "udp": FLB_PROTO_UDP}
 
 RECORD_SIZES = {
     "header": sizeof(flb_header_t),
@@ -121,7 +122,9 @@ cdef class Region:
             raise OSError("mmap of the shared region failed")
         self.size = size
         self.hdr = <flb_header_t *>self.base
-        memset(self.base, 0, size)
+        # No memset: a new memfd reads as zeros, and its pages are only allocated when first
+        # written.  Zeroing all of it would allocate every table buffer up front (two per pool,
+        # 4 bytes x maglev_table_size each: ~40 MB per pool at 5000011) before any is used.
         self.hdr.layout_version = FLB_LAYOUT_VERSION
         self.hdr.header_size = sizeof(flb_header_t)
         self.hdr.total_size = size
@@ -229,9 +232,13 @@ cdef class Region:
 
     # --- configuration (before fork, or published afterwards) ------------------------------
 
-    def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                     int max_connections, bytes sockaddr, int backlog=0,
-                     uint32_t half_close_timeout_ms=0) -> None:
+    def set_listener(self, int i, str name, int pool, uint32_t connect_timeout_ms,
+                     uint32_t idle_timeout_ms, uint32_t max_connections, bytes sockaddr,
+                     uint32_t half_close_timeout_ms=0, str protocol="tcp", uint32_t udp_idle_timeout_ms=0,
+                     uint32_t udp_responses=0, uint32_t max_flows=0, bint udp_pktinfo=False,
+                     uint32_t backlog=0) -> None:
+        """Timeouts and max_connections are the record's uint32 fields: the config's limits (30 days
+        of milliseconds, 10,000,000 connections) fit them, so whatever check-config accepts is stored."""
         cdef flb_listener_t *l = self._listener(i)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")
@@ -245,6 +252,11 @@ cdef class Region:
         l.addrlen = len(sockaddr)
         l.backlog = backlog
         l.half_close_timeout_ms = half_close_timeout_ms
+        l.protocol = PROTOCOLS[protocol]
+        l.udp_idle_timeout_ms = udp_idle_timeout_ms
+        l.udp_responses = udp_responses
+        l.max_flows = max_flows
+        l.udp_pktinfo = 1 if udp_pktinfo else 0
 
     def set_listener_runtime(self, int i, int pool, int connect_timeout_ms, int idle_timeout_ms,
                              int max_connections, int backlog, uint32_t half_close_timeout_ms=0) -> None:
@@ -493,6 +505,18 @@ cdef class Region:
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
             "accept_errors": flb_load64(&l.accept_errors), "backlog": flb_load32(&l.backlog),
+            "protocol": l.protocol, "udp_idle_timeout_ms": l.udp_idle_timeout_ms,
+            "udp_responses": l.udp_responses, "max_flows": l.max_flows, "udp_pktinfo": l.udp_pktinfo,
+            "udp_datagrams_in": flb_load64(&l.udp_datagrams_in),
+            "udp_datagrams_out": flb_load64(&l.udp_datagrams_out),
+            "udp_drop_table_full": flb_load64(&l.udp_drop_table_full),
+            "udp_drop_no_backend": flb_load64(&l.udp_drop_no_backend),
+            "udp_drop_oversized": flb_load64(&l.udp_drop_oversized),
+            "udp_drop_unreachable": flb_load64(&l.udp_drop_unreachable),
+            "udp_drop_send": flb_load64(&l.udp_drop_send),
+            "udp_expired_idle": flb_load64(&l.udp_expired_idle),
+            "udp_expired_responses": flb_load64(&l.udp_expired_responses),
+            "udp_drop_unexpected": flb_load64(&l.udp_drop_unexpected),
             "first_route": l.first_route, "n_routes": l.n_routes, "needs_sni": l.needs_sni,
             "proxy_protocol": l.proxy_protocol, "proxy_from_first": l.proxy_from_first,
             "proxy_from_n": l.proxy_from_n, "sni_timeout_ms": l.sni_timeout_ms,
@@ -542,6 +566,9 @@ cdef class Region:
             "connect_time_sum_us": flb_load64(&b.connect_time_sum_us),
             "early_closes": flb_load64(&b.early_closes),
             "hist_connect": [flb_load64(&b.hist_connect[k]) for k in range(FLB_HIST_BUCKETS)],
+            "udp_datagrams_in": flb_load64(&b.udp_datagrams_in),
+            "udp_datagrams_out": flb_load64(&b.udp_datagrams_out),
+            "udp_unreachable": flb_load64(&b.udp_unreachable),
         }
 
     def consecutive_failures(self, int i) -> int:
@@ -565,6 +592,10 @@ cdef class Region:
             "deadline_resets": w.deadline_resets, "half_close_timeouts": w.half_close_timeouts,
             "seqlock_fallbacks": w.seqlock_fallbacks, "flushed_resets": w.flushed_resets,
             "early_close_retries": w.early_close_retries,
+            "udp_flows": w.udp_flows, "udp_rx_calls": w.udp_rx_calls,
+            "udp_rx_datagrams": w.udp_rx_datagrams, "udp_tx_calls": w.udp_tx_calls,
+            "udp_tx_datagrams": w.udp_tx_datagrams, "udp_flow_capacity": w.udp_flow_capacity,
+            "udp_socket_errors": w.udp_socket_errors,
         }
 
     def reset_worker(self, int i) -> None:

@@ -41,10 +41,10 @@ WORKER_STATE_NAMES = {0: "starting", 1: "running", 2: "draining", 3: "exited"}  
 
 EXPECTED_RECORD_SIZES = {
     "header": 192,
-    "listener": 320,
+    "listener": 512,
     "pool": 256,
-    "backend": 384,
-    "worker": 256,
+    "backend": 448,
+    "worker": 320,
     "route": 448,
     "cidr": 64,
     "sni": 320,

@@ -2,13 +2,15 @@
 
 `Dnsmasq(workdir).start(srv=[...], a=[...], ttl=2)` writes a config file and runs dnsmasq in the
 foreground; `reload(...)` rewrites the zone and restarts it on the same port (dnsmasq re-reads its
-config only on start), `stop()` ends it (a test of "the server is gone").
+config only on start), `stop()` ends it (a test of "the server is gone"), `kill()` SIGKILLs it (a
+crash: its port then answers ICMP port unreachable).  `wildcard=[("test.example", "127.0.0.9")]`
+answers every name under a domain with one address (the UDP tests tell servers apart by it);
+`Dnsmasq(workdir, host="::1")` listens on IPv6 loopback.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,16 +18,18 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from .helpers import free_port, wait_until
+from .helpers import free_udp_port, wait_until
 
 
 class Dnsmasq:
-    """dnsmasq answering only from its config (no upstream, no /etc/hosts) on 127.0.0.1:port."""
+    """dnsmasq answering only from its config (no upstream, no /etc/hosts) on host:port
+    (127.0.0.1 unless told otherwise); names it does not know are REFUSED."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_udp_port()
+        self.host = host
+        self.port = free_udp_port(host)
         self.conf = self.dir / "dnsmasq.conf"
         self.log = self.dir / "dnsmasq.log"
         self.proc: subprocess.Popen | None = None
@@ -34,16 +38,23 @@ class Dnsmasq:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    def write(self, srv: list[tuple[str, str, int, int, int]], a: list[tuple[str, str]], ttl: int) -> None:
-        """srv: (name, target, port, priority, weight); a: (name, address)."""
+    def write(
+        self,
+        srv: list[tuple[str, str, int, int, int]],
+        a: list[tuple[str, str]],
+        ttl: int,
+        wildcard: list[tuple[str, str]] = (),
+    ) -> None:
+        """srv: (name, target, port, priority, weight); a: (name, address); wildcard: (domain,
+        address): every name under domain answers address."""
         lines = [
             "no-resolv",
             "no-hosts",
             "no-daemon",
             "bind-interfaces",
-            "listen-address=127.0.0.1",
+            f"listen-address={self.host}",
             "except-interface=nonexistent",
             f"port={self.port}",
             f"local-ttl={ttl}",
@@ -55,10 +66,12 @@ class Dnsmasq:
         ]
         lines += [f"srv-host={n},{t},{p},{prio},{w}" for n, t, p, prio, w in srv]
         lines += [f"host-record={n},{addr}" for n, addr in a]
+        lines += [f"address=/{d}/{addr}" for d, addr in wildcard]
         self.conf.write_text("\n".join(lines) + "\n")
 
-    def start(self, srv=(), a=(), ttl: int = 2) -> Dnsmasq:
-        self.write(list(srv), list(a), ttl)
+    def start(self, srv=(), a=(), ttl: int = 2, wildcard=()) -> Dnsmasq:
+        self.wildcard = list(wildcard)
+        self.write(list(srv), list(a), ttl, self.wildcard)
         self.proc = subprocess.Popen(
             [self.binary, f"--conf-file={self.conf}"],
             stdin=subprocess.DEVNULL,
@@ -73,7 +86,7 @@ class Dnsmasq:
             raise AssertionError(f"dnsmasq exited: {(self.dir / 'dnsmasq.stderr').read_text()}")
         q = dns.message.make_query("probe.invalid.", "A")
         try:
-            r = dns.query.udp(q, "127.0.0.1", port=self.port, timeout=0.3)
+            r = dns.query.udp(q, self.host, port=self.port, timeout=0.3)
         except (OSError, dns.exception.Timeout):
             return False
         return r.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.REFUSED)
@@ -81,6 +94,27 @@ class Dnsmasq:
     def reload(self, srv=(), a=(), ttl: int = 2) -> Dnsmasq:
         self.stop()
         return self.start(srv, a, ttl)
+
+    def kill(self) -> None:
+        """SIGKILL: a crashed server (the port is closed at once; no clean shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> Dnsmasq:
+        """Start again on the same port with the same zone (after kill() or stop())."""
+        self.stop()
+        return self.start(wildcard=self.wildcard)
+
+    def log_text(self) -> str:
+        texts = []
+        for path in (self.log, self.dir / "dnsmasq.stderr"):
+            try:
+                texts.append(path.read_text(errors="replace")[-5000:])
+            except OSError:
+                pass
+        return "\n".join(texts)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -98,16 +132,3 @@ class Dnsmasq:
             return sum(1 for line in self.log.read_text().splitlines() if " query[" in line)
         except FileNotFoundError:
             return 0
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port free on host that is also free for TCP (dnsmasq binds both)."""
-    for _ in range(50):
-        port = free_port(host)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no free UDP port")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from .helpers import LOCALHOST, connect, free_port, wait_until
+from .helpers import LOCALHOST, connect, free_port, free_udp_port, wait_until
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 PR_SET_PDEATHSIG = 1
@@ -85,14 +85,17 @@ class FastLB:
         self.nofile = nofile
         self.user = user
         self.host = host
-        self.port = free_port(host)
+        udp = (listener or {}).get("protocol") == "udp"
+        self.port = free_udp_port(host) if udp else free_port(host)
         self.config_path = workdir / "fastlb.toml"
         self.log_path = workdir / "fastlb.log"
         self.notify_path = workdir / "notify.sock"
         bind = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         g = {"workers": workers, "control_socket": str(workdir / "control.sock"), "shutdown_timeout": "30s"}
         g.update(global_ or {})
-        lst = {"bind": bind, "pool": "web", "connect_timeout": "2s", "idle_timeout": "5m"}
+        lst = {"bind": bind, "pool": "web"}
+        if not udp:  # these keys apply to TCP listeners only
+            lst.update({"connect_timeout": "2s", "idle_timeout": "5m"})
         lst.update(listener or {})
         lst = {k: v for k, v in lst.items() if v is not None}
         entries = []
@@ -123,6 +126,7 @@ class FastLB:
         self._log = None
         self.serve_args: list[str] = []  # extra `fastlb serve` arguments (e.g. --takeover)
         self.argv_prefix: list[str] = []  # a wrapper to run `fastlb serve` under (e.g. a subreaper)
+        self.env: dict[str, str] = {}  # extra environment (e.g. PYTHONPATH of another fastlb build)
 
     def clone(self, tag: str) -> FastLB:
         """Another, not yet started, `fastlb serve` on this one's config file and port (its own log
@@ -138,6 +142,7 @@ class FastLB:
         other._log = None
         other.serve_args = []
         other.argv_prefix = []
+        other.env = {}
         return other
 
     @property
@@ -158,7 +163,7 @@ class FastLB:
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.notify_sock = ns
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1", **self.env)
         python = sys.executable
         user_kw = {}
         if self.user is not None:

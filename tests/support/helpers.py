@@ -66,6 +66,22 @@ def free_port(host: str = LOCALHOST) -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port(host: str = LOCALHOST) -> int:
+    """A port free for both UDP and TCP right now (a DNS listener may want both)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = u.getsockname()[1]
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as t:
+                    t.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for both UDP and TCP")
+
+
 def connect(addr: tuple[str, int], timeout: float = 5.0) -> socket.socket:
     """A blocking client socket connected to `addr`, with `timeout` on every later operation."""
     s = socket.create_connection(addr, timeout=timeout)

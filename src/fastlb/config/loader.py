@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tomllib
 
 from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
@@ -47,6 +49,14 @@ from fastlb.config.routes import (
     listener_routes,
     pool_send_proxy,
 )
+from fastlb.config.udp import (
+    UDP_HEALTH_CHECK_TYPES,
+    UDP_HEALTH_TYPE_KEYS,
+    UDP_LISTENER_KEYS,
+    check_udp_routes,
+    health_udp_fields,
+    listener_udp_fields,
+)
 from fastlb.config.values import (
     _HTTP_PATH_RE,
     _HTTP_TOKEN_RE,
@@ -84,10 +94,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(text: str, file: str = "<string>") -> Config:
     """Parse and validate TOML text; `file` only names the source in errors. Raises ConfigError."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "(syntax)", f"invalid TOML: {exc}") from None
+    doc = _parse_toml(text, file)
     root = _Table(doc, "", file)
     root.only(("global", "listeners", "pools"))
     global_ = _global(root.data.get("global", {}), file)
@@ -97,6 +104,35 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     check_route_pools(listeners, pools, file, short_form)
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
+
+def _parse_toml(text: str, file: str) -> dict[str, object]:
+    """tomllib.loads, with its ways to fail (bad syntax, an integer too long for int(), nesting
+    deeper than the interpreter's stack, a lone surrogate that no file can hold but a str can) turned
+    into one ConfigError each."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            file, "(syntax)", f"not valid Unicode text (a lone surrogate at character {exc.start})"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", f"invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            file, "(syntax)", "invalid TOML: arrays or inline tables are nested too deeply"
+        ) from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        m = _LONG_NUMBER_RE.search(text)
+        where = f" (line {text.count(chr(10), 0, m.start()) + 1})" if m else ""
+        raise ConfigError(
+            file, "(syntax)", f"invalid TOML: a number{where} has more than {_MAX_DIGITS} digits"
+        ) from None
+
+
+_MAX_DIGITS = sys.get_int_max_str_digits()  # 4300 by default; tomllib's int() obeys it (decimal only)
+_LONG_NUMBER_RE = re.compile(rf"[0-9_]{{{_MAX_DIGITS + 1},}}")
 
 _GLOBAL_KEYS = (
     "workers",
@@ -118,6 +154,8 @@ _LISTENER_KEYS = (
     "backlog",
     "half_close_timeout",
     *_ROUTE_LISTENER_KEYS,
+    "protocol",
+    *UDP_LISTENER_KEYS,
 )
 MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
@@ -142,6 +180,7 @@ _HEALTH_TYPE_KEYS = {
     "tcp": (),
     "http": ("path", "host", "expect_status", "expect_body"),
     "send_expect": ("send", "expect"),
+    **UDP_HEALTH_TYPE_KEYS,
 }
 
 
@@ -202,14 +241,15 @@ def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, Liste
     if len(section.data) > MAX_LISTENERS:
         raise ConfigError(file, "listeners", f"{len(section.data)} listeners; the limit is {MAX_LISTENERS}")
     listeners: dict[str, ListenerConfig] = {}
-    bound: dict[tuple[int, str, int], str] = {}  # (family, host, port) -> listener name
+    bound: dict[tuple[int, str, int, str], str] = {}  # (family, host, port, protocol) -> listener name
     for name, data in section.data.items():
         path = section.key(name)
         _check_name(name, path, file, "listener")
         t = _Table(data, path, file)
         t.only(_LISTENER_KEYS)
         bind = parse_address(t.required("bind", ' (e.g. bind = "0.0.0.0:80")'), t.key("bind"), file)
-        ident = (bind.family, bind.host, bind.port)
+        udp = listener_udp_fields(t)  # protocol, and the UDP keys (config/udp.py)
+        ident = (bind.family, bind.host, bind.port, udp["protocol"])  # TCP and UDP may share a port
         if ident in bound:
             raise t.error("bind", f"{bind} is already the bind address of listener {_quote(bound[ident])}")
         bound[ident] = name
@@ -226,9 +266,11 @@ def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, Liste
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
             half_close_timeout=_half_close_timeout(t, d.half_close_timeout),
+            **udp,
             routes=routes,
             **listener_prelude(t, routes or d.routes),
         )
+        check_udp_routes(t, udp["protocol"], listeners[name].needs_sni)
     return listeners
 
 
@@ -367,9 +409,12 @@ def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "of
 
     send = expect = b""
     path_ = d.path
-    host = expect_body = None
+    host = expect_body = query = None
     status = d.expect_status
-    if kind == "send_expect":
+    if kind in UDP_HEALTH_CHECK_TYPES:
+        udp = health_udp_fields(kind, t)
+        send, expect, query = udp.get("send", b""), udp.get("expect", b""), udp.get("query")
+    elif kind == "send_expect":
         send = t.get_str("send", "").encode("utf-8")
         if "expect" not in t.data:
             raise t.error(
@@ -410,6 +455,7 @@ def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "of
         host=host,
         expect_status=status,
         expect_body=expect_body,
+        query=query,
         send_proxy=health_send_proxy(t, pool_send_proxy),
     )
 

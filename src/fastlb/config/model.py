@@ -24,7 +24,7 @@ ALGORITHMS = (
 # alias -> (algorithm, hash_key it implies)
 ALGORITHM_ALIASES = {"source_hash": ("maglev", "source_ip")}
 HASH_KEYS = ("source_ip", "source_ip_port", "four_tuple")  # enum flb_hash_key order
-HEALTH_CHECK_TYPES = ("tcp", "http", "send_expect")
+HEALTH_CHECK_TYPES = ("tcp", "http", "send_expect", "udp_send_expect", "dns")  # last two: config/udp.py
 ALL_DOWN_POLICIES = ("reject", "panic")  # enum flb_all_down order
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SPLIT_AFFINITIES = ("none", "source_ip")  # enum flb_split_affinity order
@@ -113,7 +113,7 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class HealthCheckConfig:
-    type: str  # "tcp" | "http" | "send_expect"
+    type: str  # "tcp" | "http" | "send_expect" | "udp_send_expect" | "dns"
     interval: float = 2.0
     timeout: float = 1.0  # <= interval; the loader uses min(1s, interval) when the file leaves it out
     rise: int = 2
@@ -126,6 +126,7 @@ class HealthCheckConfig:
     host: str | None = None  # http Host header; None = the address checked
     expect_status: tuple[int, int] = (200, 399)  # http, inclusive range
     expect_body: str | None = None  # http: substring the body must contain
+    query: str | None = None  # dns: the name of the A query (config/udp.py)
     send_proxy: str = "off"  # "off" | "v1" | "v2" (the loader resolves `true` to the pool's version)
 
 
@@ -216,6 +217,11 @@ class ListenerConfig:
     max_connections: int = 0  # 0 = unlimited
     backlog: int = 4096
     half_close_timeout: float = 60.0  # after one side finished, the other's limit; 0 = none
+    # UDP (issue 13, config/udp.py); the four keys above apply to TCP only
+    protocol: str = "tcp"  # "tcp" | "udp"
+    udp_idle_timeout: float = 30.0  # a flow with no datagram either way for this long is forgotten
+    udp_responses: int = 0  # replies expected per client datagram; 0 = unknown
+    max_flows: int = 100_000  # across all workers
     routes: tuple[RouteConfig, ...] = ()  # () = the short form: one route "default" -> pool
     proxy_protocol: str = "off"  # "off" | "v1" | "v2" | "any"
     proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header

@@ -74,6 +74,9 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
     cdef linger lg
     cdef Listener *l = &W.listeners[c.listener]
+    if c.state >= CS_UDP_FLOW:
+        udp_conn_close(c)               # core/udp.pxi: a flow or a spare socket
+        return
     if W.logring != NULL:
         log_conn(c, reset)
     if reset:
@@ -430,7 +433,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
 cdef void conn_timeout(Conn *c) noexcept nogil:
     """c's wheel deadline passed: connect timeout (next backend), flush tick, half-close or idle
     timeout."""
-    if c.state == CS_CONNECTING:
+    if c.state == CS_UDP_FLOW:
+        udp_flow_timeout(c)             # core/udp.pxi
+    elif c.state == CS_CONNECTING:
         conn_connect_failed(c, True)
     elif c.state == CS_FLUSHING:
         flush_tick(c)

@@ -78,7 +78,9 @@ cdef void begin_drain(uint32_t shutdown_ms) noexcept nogil:
     W.stop_deadline_ms = W.now_ms + shutdown_ms
     W.me.state = 2
     for i in range(W.n_listeners):
-        if W.listeners[i].fd >= 0:
+        # a UDP listener's socket also carries the replies: it stays open (no new flows) until
+        # the worker's flows are gone (core/udp.pxi)
+        if W.listeners[i].fd >= 0 and W.listeners[i].protocol != FLB_PROTO_UDP:
             close_fd(W.listeners[i].fd)
             W.listeners[i].fd = -1
             W.listeners[i].pending = 0
@@ -119,6 +121,9 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
     c = &W.conns[slot]
     if c.state == CS_FREE or c.gen != gen:
         return                          # stale: the slot was freed (and maybe reused) meanwhile
+    if c.state >= CS_UDP_FLOW:
+        udp_event(c, e)                 # core/udp.pxi: a flow's or a spare's backend socket
+        return
     if (u & 1) == SIDE_CLIENT:
         if e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             c.flags |= F_C_RD
@@ -198,6 +203,7 @@ cdef int housekeeping() noexcept nogil:
     W.me.active = W.active
     W.me.pipes_pooled = <uint64_t>W.n_pooled
     W.me.pipes_in_use = <uint64_t>W.pipes_in_use
+    udp_sweep()                         # core/udp.pxi: close spare sockets unused for a while
     for i in range(W.n_listeners):
         l = &W.listeners[i]
         if l.fd < 0:
@@ -307,6 +313,11 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         W.listeners[i].idle_timeout_ms = sl.idle_timeout_ms
         W.listeners[i].max_connections = sl.max_connections
         W.listeners[i].half_close_timeout_ms = sl.half_close_timeout_ms
+        W.listeners[i].protocol = sl.protocol
+        W.listeners[i].udp_idle_timeout_ms = sl.udp_idle_timeout_ms
+        W.listeners[i].udp_responses = sl.udp_responses
+        W.listeners[i].max_flows = sl.max_flows
+        W.listeners[i].udp_pktinfo = sl.udp_pktinfo
         W.listeners[i].backlog = sl.backlog  # the control process listened with it
         W.listeners[i].pending = 1
         ev.events = EPOLLIN | EPOLLET
@@ -314,6 +325,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fds[i], &ev) < 0:
             return -errno
     rc = routes_setup()
+    if rc < 0:
+        return rc
+    rc = udp_setup()
     if rc < 0:
         return rc
     ev.events = EPOLLIN
@@ -339,8 +353,10 @@ cdef void worker_teardown() noexcept nogil:
         if W.conns[i].state != CS_FREE:
             W.conns[i].term = FLB_TERM_SHUTDOWN_DEADLINE + 1
             conn_deadline_reset(&W.conns[i])
+    udp_flush()
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)
+    udp_teardown()
     pipes_release_pool()
     orphan_close()
     close_fd(W.ep)
@@ -383,10 +399,14 @@ cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdow
         sync_generation()
         for i in range(n):
             dispatch(&events[i], shutdown_ms)
+        udp_flush()                     # replies read in this batch go out together
         for li in range(<uint32_t>W.n_listeners):
             if W.listeners[li].pending and W.listeners[li].fd >= 0 and not W.listeners[li].paused_full \
                     and W.listeners[li].paused_until == 0:
-                accept_ready(&W.listeners[li], li)
+                if W.listeners[li].protocol == FLB_PROTO_UDP:
+                    udp_listener_ready(&W.listeners[li], li)
+                else:
+                    accept_ready(&W.listeners[li], li)
         if W.n_starved > 0:
             retry_starved()
         timers_run()

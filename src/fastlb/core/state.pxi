@@ -8,6 +8,8 @@ cdef enum:
     CS_FLUSHING = 3      # one side errored or reset: forwarding what it still held to the other
                          # side, then waiting (bounded) for that side's send queue to drain, then
                          # resetting both (core/flush.pxi)
+    CS_UDP_FLOW = 4      # a UDP flow (core/udp.pxi): bfd is its connected backend socket, no cfd
+    CS_UDP_SPARE = 5     # a spare connected UDP socket to `backend`, kept for the next flow (core/udp.pxi)
 
 # Connection flags.  *_RD / *_WR: the socket is known readable / writable (edge-triggered epoll:
 # set by an event, cleared only by EAGAIN).  *_EOF: we read EOF from that side.  *_SHUT: we sent
@@ -135,6 +137,11 @@ ctypedef struct Listener:
     int paused_full         # stopped at max_connections
     uint64_t paused_until   # ms: EMFILE back-off
     flb_listener_t *shm
+    uint32_t protocol       # FLB_PROTO_TCP / FLB_PROTO_UDP (core/udp.pxi)
+    uint32_t udp_idle_timeout_ms
+    uint32_t udp_responses
+    uint32_t max_flows
+    uint32_t udp_pktinfo
 
 
 ctypedef struct Worker:

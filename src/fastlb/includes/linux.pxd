@@ -94,11 +94,51 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_DONTWAIT
         MSG_NOSIGNAL
         MSG_PEEK
+        SOCK_DGRAM
+        MSG_TRUNC
+        MSG_CTRUNC
+
+    # UDP batching (issue 13): recvmmsg/sendmmsg and ancillary data (IP_PKTINFO)
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+
+    cdef struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    cdef struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+    cdef struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    int recvmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
+    int sendmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    ssize_t sendmsg(int sockfd, const msghdr *msg, int flags)
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
 
 
 cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
+        IPPROTO_IP
+        IPPROTO_IPV6
+        IP_PKTINFO
+        IPV6_PKTINFO
+        IPV6_RECVPKTINFO
 
     cdef struct in_addr:
         uint32_t s_addr
@@ -117,6 +157,15 @@ cdef extern from "<netinet/in.h>" nogil:
         uint32_t sin6_flowinfo
         in6_addr sin6_addr
         uint32_t sin6_scope_id
+
+    cdef struct in_pktinfo:
+        int ipi_ifindex
+        in_addr ipi_spec_dst
+        in_addr ipi_addr
+
+    cdef struct in6_pktinfo:
+        in6_addr ipi6_addr
+        unsigned int ipi6_ifindex
 
 
 cdef extern from "<netinet/tcp.h>" nogil:

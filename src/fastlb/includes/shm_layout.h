@@ -67,6 +67,12 @@ enum flb_algorithm {
     FLB_ALG_LEAST_RESPONSE_TIME = 7,
 };
 
+/* listener.protocol */
+enum flb_protocol {
+    FLB_PROTO_TCP = 0,
+    FLB_PROTO_UDP = 1,
+};
+
 /* pool.hash_key */
 enum flb_hash_key {
     FLB_HASH_SOURCE_IP = 0,
@@ -191,7 +197,27 @@ typedef struct {
     uint32_t half_close_timeout_ms; /* after one side finished (EOF forwarded), the other side gets
                                     this long; then the connection is reset.  0 = no limit */
     uint32_t _dpad[15];
-} flb_listener_t;                /* 320 bytes */
+    /* UDP (issue 13): configuration (control writes before fork) - own cache line (offset 320) */
+    uint32_t protocol;           /* enum flb_protocol */
+    uint32_t udp_idle_timeout_ms; /* a flow with no datagram either way for this long is closed */
+    uint32_t udp_responses;      /* replies expected per client datagram; 0 = unknown (idle timeout only) */
+    uint32_t max_flows;          /* across all workers (counted in `active`) */
+    uint32_t udp_pktinfo;        /* 1: wildcard bind, replies carry IP_PKTINFO/IPV6_PKTINFO */
+    uint32_t _upad[11];
+    /* UDP counters (workers, atomic); for a UDP listener `active` is flows open now and
+       `accepted` flows created */
+    uint64_t udp_datagrams_in;   /* client datagrams forwarded to a backend */
+    uint64_t udp_datagrams_out;  /* backend datagrams sent back to a client */
+    uint64_t udp_drop_table_full; /* client datagrams dropped: max_flows (or the worker's table) full */
+    uint64_t udp_drop_no_backend; /* dropped: no backend could take a new flow (or draining) */
+    uint64_t udp_drop_oversized; /* dropped: truncated on receive or EMSGSIZE on send */
+    uint64_t udp_drop_unreachable; /* flows closed by an ICMP error from the backend (ECONNREFUSED...) */
+    uint64_t udp_drop_send;      /* datagrams lost to a send error (ENOBUFS, EAGAIN: socket buffer full) */
+    uint64_t udp_expired_idle;   /* flows closed by udp_idle_timeout */
+    uint64_t udp_expired_responses; /* flows closed after udp_responses replies per datagram */
+    uint64_t udp_drop_unexpected; /* backend datagrams past the expected replies (udp_responses) */
+    uint64_t _ucpad[6];
+} flb_listener_t;                /* 512 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -251,7 +277,14 @@ typedef struct {
     uint64_t early_closes;       /* closed or reset by the backend before any byte moved either way */
     uint64_t _cpad[4];
     uint64_t hist_connect[FLB_HIST_BUCKETS]; /* connect times, one bucket per established connection */
-} flb_backend_t;                 /* 384 bytes */
+    /* UDP (issue 13) counters (workers, atomic); a flow counts in active/total/attempts like a
+       connection, its payload bytes in bytes_in/bytes_out */
+    uint64_t udp_datagrams_in;   /* client -> backend */
+    uint64_t udp_datagrams_out;  /* backend -> client */
+    uint64_t udp_unreachable;    /* ICMP errors seen on a flow's socket (also in connect_errors and
+                                    consecutive_failures: passive ejection sees them) */
+    uint64_t _ucpad[5];
+} flb_backend_t;                 /* 448 bytes */
 
 typedef struct {
     int32_t  pid;
@@ -288,7 +321,16 @@ typedef struct {
     uint64_t flushed_resets;     /* resets delivered after forwarding what the dead side held */
     uint64_t early_close_retries; /* connections retried after a backend closed before any byte */
     uint64_t _dpad;
-} flb_worker_t;                  /* 256 bytes */
+    /* UDP (issue 13) */
+    uint64_t udp_flows;          /* flows open in this worker now */
+    uint64_t udp_rx_calls;       /* recvmmsg calls on listening sockets that returned datagrams */
+    uint64_t udp_rx_datagrams;   /* datagrams those calls returned */
+    uint64_t udp_tx_calls;       /* sendmmsg calls towards clients */
+    uint64_t udp_tx_datagrams;   /* datagrams those calls sent */
+    uint64_t udp_flow_capacity;  /* flows this worker's table can hold */
+    uint64_t udp_socket_errors;  /* socket()/connect() for a flow failed (EMFILE, ENETUNREACH...) */
+    uint64_t _upad;
+} flb_worker_t;                  /* 320 bytes */
 
 /* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
  * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
@@ -393,13 +435,13 @@ typedef struct {
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");
-_Static_assert(sizeof(flb_listener_t) == 320, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 512, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 256, "pool size");
 _Static_assert(sizeof(flb_cidr_t) == 64, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
-_Static_assert(sizeof(flb_backend_t) == 384, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 256, "worker size");
+_Static_assert(sizeof(flb_backend_t) == 448, "backend size");
+_Static_assert(sizeof(flb_worker_t) == 320, "worker size");
 
 #endif

@@ -42,6 +42,10 @@ cdef extern from "shm_layout.h" nogil:
         FLB_HASH_SOURCE_IP_PORT
         FLB_HASH_FOUR_TUPLE
 
+    cdef enum flb_protocol:
+        FLB_PROTO_TCP
+        FLB_PROTO_UDP
+
     cdef enum flb_admin:
         FLB_ADMIN_READY
         FLB_ADMIN_DRAIN
@@ -115,6 +119,21 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t sni_policy
         uint64_t no_route
         uint32_t half_close_timeout_ms
+        uint32_t protocol
+        uint32_t udp_idle_timeout_ms
+        uint32_t udp_responses
+        uint32_t max_flows
+        uint32_t udp_pktinfo
+        uint64_t udp_datagrams_in
+        uint64_t udp_datagrams_out
+        uint64_t udp_drop_table_full
+        uint64_t udp_drop_no_backend
+        uint64_t udp_drop_oversized
+        uint64_t udp_drop_unreachable
+        uint64_t udp_drop_send
+        uint64_t udp_expired_idle
+        uint64_t udp_expired_responses
+        uint64_t udp_drop_unexpected
 
     ctypedef struct flb_pool_t:
         char name[64]
@@ -159,6 +178,9 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t connect_time_sum_us
         uint64_t early_closes
         uint64_t hist_connect[FLB_HIST_BUCKETS]
+        uint64_t udp_datagrams_in
+        uint64_t udp_datagrams_out
+        uint64_t udp_unreachable
 
     ctypedef struct flb_worker_t:
         int32_t pid
@@ -188,6 +210,13 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t seqlock_fallbacks
         uint64_t flushed_resets
         uint64_t early_close_retries
+        uint64_t udp_flows
+        uint64_t udp_rx_calls
+        uint64_t udp_rx_datagrams
+        uint64_t udp_tx_calls
+        uint64_t udp_tx_datagrams
+        uint64_t udp_flow_capacity
+        uint64_t udp_socket_errors
 
     cdef enum flb_term:
         FLB_TERM_CLIENT_CLOSE

@@ -65,14 +65,30 @@ def format_status(st: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for li in st["listeners"]:
-        lines.append(
-            f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
-            f"accepted {li['accepted']}, rejected {li['rejected']}"
-        )
+        if li.get("protocol") == "udp":
+            lines.append(_udp_line(li))
+        else:
+            lines.append(
+                f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
+                f"accepted {li['accepted']}, rejected {li['rejected']}"
+            )
         lines.extend(_route_lines(li.get("routes", [])))
     alive = sum(1 for w in st["workers"] if w["state"] == "running")
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
+
+
+def _udp_line(li: dict[str, Any]) -> str:
+    """A UDP listener: flows now and created, datagrams each way, drops by cause (only those > 0)."""
+    u = li["udp"]
+    drops = {k.removeprefix("drop_"): v for k, v in u.items() if k.startswith("drop_") and v}
+    text = (
+        f"listener {li['name']} udp {li['bind']} -> {li['pool']}: flows {li['active']} "
+        f"(created {li['accepted']}), datagrams in {u['datagrams_in']} out {u['datagrams_out']}"
+    )
+    if drops:
+        text += ", dropped " + " ".join(f"{k}={v}" for k, v in drops.items())
+    return text
 
 
 def format_reload(r: dict[str, Any]) -> str:

@@ -25,7 +25,22 @@ log = logging.getLogger("fastlb")
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
-Key = tuple[str, int]  # (listener bind address as written by str(Address), worker index)
+Key = tuple[str, int]  # (bind_key(listener), worker index)
+
+
+def bind_key(lc: ListenerConfig) -> str:
+    """A listening socket's name across instances: the bind address as str(Address) writes it,
+    "udp/" before it for a UDP listener (a TCP and a UDP listener may share an address)."""
+    return f"udp/{lc.bind}" if lc.protocol == "udp" else str(lc.bind)
+
+
+def open_socket(lc: ListenerConfig) -> socket.socket:
+    """lc's listening socket: TCP (listen_socket) or UDP (runtime/udp.py)."""
+    if lc.protocol == "udp":
+        from fastlb.runtime.udp import udp_listen_socket
+
+        return udp_listen_socket(lc.bind.family, lc.bind.sockaddr())
+    return listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog)
 
 
 class BindError(Exception):
@@ -55,7 +70,8 @@ def check_free(lc: ListenerConfig) -> None:
     """Raise BindError if lc's address is bound by any other socket.  The probe does NOT set
     SO_REUSEPORT (that would join another process's group instead of failing); SO_REUSEADDR only
     ignores connections in TIME_WAIT."""
-    s = socket.socket(lc.bind.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    kind = socket.SOCK_DGRAM if lc.protocol == "udp" else socket.SOCK_STREAM
+    s = socket.socket(lc.bind.family, kind | socket.SOCK_CLOEXEC)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if lc.bind.family == socket.AF_INET6:
@@ -75,9 +91,12 @@ def is_listening_on(sock: socket.socket, lc: ListenerConfig) -> bool:
     """True if sock is a TCP socket listening on lc's address (checks a socket received from
     elsewhere before trusting it)."""
     try:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
+        if lc.protocol == "udp":
+            if sock.family != lc.bind.family or sock.type != socket.SOCK_DGRAM:
+                return False
+        elif sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
             return False
-        if sock.family != lc.bind.family or sock.type != socket.SOCK_STREAM:
+        elif sock.family != lc.bind.family or sock.type != socket.SOCK_STREAM:
             return False
         host, port = sock.getsockname()[:2]
     except OSError:
@@ -122,7 +141,7 @@ class ListenerSockets:
 
     @staticmethod
     def key(lc: ListenerConfig, index: int) -> Key:
-        return (str(lc.bind), index)
+        return (bind_key(lc), index)
 
     def open(self, inherited: dict[Key, socket.socket] | None = None) -> None:
         """Take the inherited sockets that match a listener and worker index, open the missing ones,
@@ -137,12 +156,13 @@ class ListenerSockets:
                     if s is not None and is_listening_on(s, lc):
                         s.setblocking(False)
                         if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1:
+                            s.listen(lc.backlog)  # listen() again on a listening socket: new backlog
                             self.socks[k] = s
                             continue
                     if s is not None:
                         s.close()
                     try:
-                        self.socks[k] = listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog)
+                        self.socks[k] = open_socket(lc)
                     except OSError as exc:
                         raise BindError(
                             f"listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}"
@@ -171,7 +191,7 @@ class ListenerSockets:
             for i in range(self.n_workers):
                 s = self.socks.get(self.key(lc, i))
                 if s is not None:
-                    out.append({"name": lc.name, "bind": str(lc.bind), "worker": i, "fd": s.fileno()})
+                    out.append({"name": lc.name, "bind": bind_key(lc), "worker": i, "fd": s.fileno()})
         return out
 
     def close(self) -> None:

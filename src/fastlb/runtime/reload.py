@@ -16,7 +16,6 @@ file was refused, so `systemctl reload` reports the failure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -269,40 +268,32 @@ def _move_runfile(sup: Any, control_socket: str) -> None:
 
 
 def move_control_socket(sup: Any, path: str) -> None:
-    """Listen on `path` now (raises OSError), serve it from the loop, then close the old socket."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+    """Listen on `path` (runtime/control_socket.py's ControlServer) and then close the old socket.
+    Raises OSError when nothing could listen there (checked now: another process answers on it, or
+    the directory does not take a socket); a failure of the start itself is logged."""
     if _answers(path):
         raise OSError(errno.EADDRINUSE, "another process answers on it")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.listen(64)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    old_server, old_path = sup._control_server, getattr(sup, "_control_path", None)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+    probe = f"{path}.{os.getpid()}.probe"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.bind(probe)
+    os.unlink(probe)
+    from fastlb.runtime.control_socket import ControlServer
 
-    old_ino = getattr(sup, "_control_ino", 0)
+    old = sup.control
+    new = ControlServer(path, old.handler) if old is not None else None
 
     async def serve() -> None:
-        sup._control_server = await asyncio.start_unix_server(sup._serve_client, sock=sock)
-        sup._control_path = path
-        with contextlib.suppress(OSError):
-            sup._control_ino = os.stat(path).st_ino
-        if old_server is not None:
-            old_server.close()
-        if old_path and old_path != path:
-            with contextlib.suppress(OSError):
-                if not old_ino or os.stat(old_path).st_ino == old_ino:  # not a successor's
-                    os.unlink(old_path)
+        if new is None:
+            return
+        try:
+            await new.start()
+        except Exception as exc:
+            log.error("reload: control socket %s: %s (still on %s)", path, exc, old.path)
+            return
+        sup.control = new
         _move_runfile(sup, path)
+        # close the old socket a moment later: the reply to this reload is still being written on it
+        asyncio.get_running_loop().call_later(1.0, old.close)
 
     sup.ops.spawn(serve())

@@ -1,0 +1,274 @@
+"""UDP listeners end to end (issue 13): real `fastlb serve`, a real UDP server process, real datagrams.
+
+Byte-exact datagrams of every size class up to 65,507 bytes, 1,000 concurrent flows keeping their
+order, flow expiry by udp_idle_timeout and udp_responses, max_flows, ICMP port unreachable, IPv6
+and wildcard listeners replying from the address the client sent to.
+"""
+
+from __future__ import annotations
+
+import random
+import selectors
+import socket
+
+import pytest
+
+from support.clients import cli
+from support.helpers import wait_until
+from support.protocols import control
+from support.udp import udp_client, udp_server
+
+
+def udp_lb(
+    fastlb, backends, *, workers=1, algorithm="weighted_round_robin", pool=None, host="127.0.0.1", **udp
+):
+    listener = {"protocol": "udp", **udp}
+    return fastlb(
+        backends=backends, workers=workers, algorithm=algorithm, listener=listener, pool=pool, host=host
+    )
+
+
+def listener_status(lb) -> dict:
+    return control(lb).status()["listeners"][0]
+
+
+def backend_status(lb) -> dict[str, dict]:
+    return {b["name"]: b for b in control(lb).status()["pools"][0]["backends"]}
+
+
+def sizes() -> list[int]:
+    """Every size up to 2,048 and the last 1,024 below 65,507, every 61st in between: the edges
+    (MTU, fragmentation, the largest IPv4 UDP payload) densely, the middle sampled."""
+    return sorted(set(range(1, 2049)) | set(range(2049, 64483, 61)) | set(range(64483, 65508)))
+
+
+def test_datagrams_byte_exact_every_size_class(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "echo"))
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)])
+    rng = random.Random(13)
+    c = udp_client(lb.addr, rcvbuf=1 << 20)
+    for n in sizes():
+        payload = rng.randbytes(n)
+        c.send(payload)
+        got = c.recv(65536)
+        assert got == payload, f"size {n}: got {len(got)} bytes back, content equal={got == payload}"
+    st = listener_status(lb)
+    assert st["protocol"] == "udp"
+    assert st["udp"]["datagrams_in"] == len(sizes()) == st["udp"]["datagrams_out"]
+    assert st["udp"]["drop_oversized"] == 0
+    assert st["accepted"] == 1  # one client address:port = one flow
+
+
+def test_thousand_concurrent_flows_keep_order(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "echo"), udp_server("b", "echo"))
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None), ("b", srv.address("b"), None)], workers=2)
+    n_flows, rounds, per_round = 1000, 5, 4
+    socks = [udp_client(lb.addr, timeout=0.0) for _ in range(n_flows)]
+    sel = selectors.DefaultSelector()
+    for i, s in enumerate(socks):
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, i)
+    got: list[list[int]] = [[] for _ in range(n_flows)]
+    try:
+        for r in range(rounds):
+            for i, s in enumerate(socks):
+                for k in range(per_round):
+                    s.send(b"%d:%d:" % (i, r * per_round + k) + b"x" * (i % 200))
+            want = (r + 1) * per_round * n_flows
+            wait_until(
+                lambda want=want: _pump(sel, got) >= want,
+                30,
+                lambda want=want: f"{want} echoes (have {sum(map(len, got))})",
+                interval=0,
+            )
+    finally:
+        for s in socks:
+            s.close()
+    for i in range(n_flows):
+        assert got[i] == list(range(rounds * per_round)), f"flow {i} got {got[i]}"
+    st = listener_status(lb)
+    assert st["accepted"] == n_flows
+    assert st["udp"]["drop_table_full"] == st["udp"]["drop_send"] == 0
+    assert srv.stats()["peers"]["a"] + srv.stats()["peers"]["b"] == n_flows  # one backend socket per flow
+
+
+def _pump(sel: selectors.BaseSelector, got: list[list[int]]) -> int:
+    """Read every echo waiting (each "FLOW:SEQ:PAD") into got[FLOW]; returns the echoes so far."""
+    for key, _ in sel.select(0.2):
+        while True:
+            try:
+                data = key.fileobj.recv(2048)
+            except BlockingIOError:
+                break
+            i, seq, pad = data.split(b":", 2)
+            assert int(i) == key.data and len(pad) == key.data % 200
+            got[key.data].append(int(seq))
+    return sum(map(len, got))
+
+
+def test_idle_timeout_forgets_the_flow(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "echo"))
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)], udp_idle_timeout="300ms")
+    c = udp_client(lb.addr)
+    c.send(b"one")
+    assert c.recv(100) == b"one"
+    assert listener_status(lb)["active"] == 1
+    wait_until(lambda: listener_status(lb)["active"] == 0, 10, "the idle flow to expire")
+    st = listener_status(lb)
+    assert st["udp"]["expired_idle"] == 1 and st["udp"]["expired_responses"] == 0
+    c.send(b"two")  # the same client port: a new flow, with a new backend socket
+    assert c.recv(100) == b"two"
+    assert listener_status(lb)["accepted"] == 2
+    assert srv.stats()["peers"]["a"] == 2
+
+
+@pytest.mark.parametrize("responses", [1, 2])
+def test_udp_responses_closes_flow_after_the_replies(fastlb, udp_servers, responses):
+    srv = udp_servers(udp_server("a", "double"))  # answers every datagram twice
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)], udp_responses=responses, udp_idle_timeout="60s")
+    c = udp_client(lb.addr, timeout=5)
+    c.send(b"q")
+    assert c.recv(100) == b"q"
+    if responses == 2:
+        assert c.recv(100) == b"q"
+    wait_until(lambda: listener_status(lb)["active"] == 0, 10, "the answered flow to close")
+    st = listener_status(lb)
+    assert st["udp"]["expired_responses"] == 1 and st["udp"]["expired_idle"] == 0
+    assert st["udp"]["datagrams_out"] == responses
+    c.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        c.recv(100)  # with udp_responses = 1 the second copy never reaches the client
+
+
+def test_max_flows_drops_new_flows_only(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "echo"))
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)], workers=2, max_flows=5, udp_idle_timeout="60s")
+    clients = [udp_client(lb.addr, timeout=5) for _ in range(5)]
+    for i, c in enumerate(clients):
+        c.send(b"hello %d" % i)
+        assert c.recv(100) == b"hello %d" % i
+    extra = udp_client(lb.addr, timeout=0.3)
+    for _ in range(3):
+        extra.send(b"no room")
+        with pytest.raises(TimeoutError):
+            extra.recv(100)
+    st = listener_status(lb)
+    assert st["active"] == 5 and st["accepted"] == 5
+    assert st["udp"]["drop_table_full"] == 3
+    for i, c in enumerate(clients):  # the existing flows are unaffected
+        c.send(b"again %d" % i)
+        assert c.recv(100) == b"again %d" % i
+    out = cli("status", "--socket", str(lb.dir / "control.sock"))
+    assert out.returncode == 0, out.stderr
+    assert "listener web udp" in out.stdout and "flows 5 (created 5)" in out.stdout
+    assert "dropped table_full=3" in out.stdout, out.stdout
+
+
+def test_ipv6_listener_and_backends(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "tag", host="::1"), udp_server("b", "tag", host="::1"))
+    lb = udp_lb(
+        fastlb,
+        [("a", srv.address("a"), None), ("b", srv.address("b"), None)],
+        host="::1",
+        algorithm="round_robin",
+    )
+    answers = set()
+    for i in range(4):
+        c = udp_client(lb.addr)
+        c.send(b"v6 %d" % i)
+        reply = c.recv(100)
+        name, _, rest = reply.partition(b" ")
+        assert rest == b"v6 %d" % i
+        answers.add(name)
+    assert answers == {b"a", b"b"}
+
+
+def test_wildcard_listener_replies_from_the_address_the_client_used(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "echo"))
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)], host="0.0.0.0")
+    for dst in ("127.0.0.1", "127.0.0.2", "127.3.4.5"):
+        # a connected client socket only takes datagrams from dst: a reply from any other source is lost
+        c = udp_client((dst, lb.port))
+        c.send(dst.encode())
+        assert c.recv(100) == dst.encode()
+
+
+def test_icmp_port_unreachable_counts_and_ejects(fastlb, udp_servers):
+    srv = udp_servers(udp_server("live", "echo"))
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    dead_addr = f"127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()  # nothing listens there: the kernel answers ICMP port unreachable
+    lb = udp_lb(
+        fastlb,
+        [("dead", dead_addr, None), ("live", srv.address("live"), None)],
+        algorithm="round_robin",
+        pool={"outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "60s"}},
+    )
+    answered = 0
+    for i in range(40):
+        c = udp_client(lb.addr, timeout=0.3)
+        c.send(b"%d" % i)
+        try:
+            if c.recv(100) == b"%d" % i:
+                answered += 1
+        except TimeoutError:
+            pass
+        c.close()
+    b = backend_status(lb)
+    st = listener_status(lb)
+    assert st["udp"]["drop_unreachable"] >= 3
+    assert b["dead"]["state"] == "ejected", b["dead"]
+    assert answered >= 40 - 6  # after the ejection every flow goes to the live backend
+
+
+def test_answered_flows_reuse_backend_sockets_and_strays_never_reach_the_next_client(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "double"))  # every datagram answered twice
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)], udp_responses=1, udp_idle_timeout="60s")
+    for i in range(30):
+        c = udp_client(lb.addr, timeout=5)  # a new client port: a new flow each time
+        msg = b"client %d" % i
+        c.send(msg)
+        assert c.recv(100) == msg  # its own reply, never the previous client's second copy
+        c.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            c.recv(100)
+        c.close()
+    st = listener_status(lb)
+    assert st["accepted"] == 30 and st["udp"]["expired_responses"] == 30
+    assert st["udp"]["datagrams_out"] == 30
+    assert st["udp"]["drop_unexpected"] == 30  # every second copy was dropped and counted
+    # the backend saw far fewer source ports than flows: answered flows hand their socket on
+    assert srv.stats()["peers"]["a"] < 10
+
+
+def test_routes_pick_the_pool_of_a_flow_by_source_address(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "tag"), udp_server("b", "tag"))
+    extra = f"""
+[pools.other]
+backends = [{{ name = "b", address = "{srv.address("b")}" }}]
+
+[[listeners.web.routes]]
+name = "lab"
+match = {{ source = ["127.0.0.2/32"] }}
+backends = [{{ pool = "other" }}]
+
+[[listeners.web.routes]]
+name = "default"
+backends = [{{ pool = "web" }}]
+"""
+    lb = fastlb(
+        backends=[("a", srv.address("a"), None)],
+        listener={"protocol": "udp", "pool": None},
+        extra=extra,
+    )
+    for src, want in (("127.0.0.1", b"a"), ("127.0.0.2", b"b"), ("127.0.0.1", b"a"), ("127.0.0.2", b"b")):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.settimeout(5)
+        c.bind((src, 0))
+        c.connect(lb.addr)
+        c.send(b"from " + src.encode())
+        assert c.recv(100) == want + b" from " + src.encode()
+        c.close()
+    routes = {r["name"]: r for r in listener_status(lb)["routes"]}
+    assert routes["lab"]["connections"] == 2 and routes["default"]["connections"] == 2
