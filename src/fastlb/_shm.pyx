@@ -234,9 +234,9 @@ cdef class Region:
 
     def set_listener(self, int i, str name, int pool, uint32_t connect_timeout_ms,
                      uint32_t idle_timeout_ms, uint32_t max_connections, bytes sockaddr,
-                     uint32_t half_close_timeout_ms=0, str protocol="tcp", uint32_t udp_idle_timeout_ms=0,
-                     uint32_t udp_responses=0, uint32_t max_flows=0, bint udp_pktinfo=False,
-                     uint32_t backlog=0) -> None:
+                     uint32_t backlog=0, uint32_t half_close_timeout_ms=0, str protocol="tcp",
+                     uint32_t udp_idle_timeout_ms=0, uint32_t udp_responses=0, uint32_t max_flows=0,
+                     bint udp_pktinfo=False) -> None:
         """Timeouts and max_connections are the record's uint32 fields: the config's limits (30 days
         of milliseconds, 10,000,000 connections) fit them, so whatever check-config accepts is stored."""
         cdef flb_listener_t *l = self._listener(i)
@@ -258,8 +258,9 @@ cdef class Region:
         l.max_flows = max_flows
         l.udp_pktinfo = 1 if udp_pktinfo else 0
 
-    def set_listener_runtime(self, int i, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                             int max_connections, int backlog, uint32_t half_close_timeout_ms=0) -> None:
+    def set_listener_runtime(self, int i, int pool, uint32_t connect_timeout_ms, uint32_t idle_timeout_ms,
+                             uint32_t max_connections, uint32_t backlog,
+                             uint32_t half_close_timeout_ms=0) -> None:
         """A reload's listener settings (single 32-bit stores); publish() afterwards: workers
         re-read them, and call listen() again when the backlog changed."""
         cdef flb_listener_t *l = self._listener(i)

@@ -156,9 +156,10 @@ cdef void retry_starved() noexcept nogil:
         W.starved_head = (W.starved_head + 1) % W.n_conns
         W.n_starved -= 1
         c = &W.conns[slot]
-        if c.state == CS_ESTABLISHED and c.gen == gen:
-            c.flags &= ~F_STARVED
-            conn_run(c)
+        if c.state != CS_FREE and c.gen == gen:
+            c.flags &= ~F_STARVED           # (it may have moved on: retried, or flushing)
+            if c.state == CS_ESTABLISHED or c.state == CS_FLUSHING:
+                conn_run(c)
 
 
 cdef void close_condemned() noexcept nogil:

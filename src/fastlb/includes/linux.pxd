@@ -250,6 +250,7 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     int getpid()
     int getppid()
+    unsigned int geteuid()
 
 
 cdef extern from "<sys/syscall.h>" nogil:
@@ -257,4 +258,3 @@ cdef extern from "<sys/syscall.h>" nogil:
     enum:
         SYS_pidfd_open
     long syscall(long number, ...)
-    unsigned int geteuid()

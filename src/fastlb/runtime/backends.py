@@ -373,7 +373,12 @@ class BackendManager:
                     slot.weight = bc.weight
                 if slot.address != str(bc.address):
                     self.region.set_backend(
-                        slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight, fresh=False
+                        slot.index,
+                        ps.index,
+                        bc.name,
+                        sockaddr_bytes(bc.address),
+                        slot.weight,
+                        fresh=False,
                     )
                     done.append(f"pools.{name}.backends.{bc.name}.address: {slot.address} -> {bc.address}")
                     slot.address = str(bc.address)

@@ -15,7 +15,6 @@ file was refused, so `systemctl reload` reports the failure.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
 import logging
@@ -268,32 +267,25 @@ def _move_runfile(sup: Any, control_socket: str) -> None:
 
 
 def move_control_socket(sup: Any, path: str) -> None:
-    """Listen on `path` (runtime/control_socket.py's ControlServer) and then close the old socket.
-    Raises OSError when nothing could listen there (checked now: another process answers on it, or
-    the directory does not take a socket); a failure of the start itself is logged."""
+    """Listen on `path` (a new ControlServer, runtime/control_socket.py), then close the old socket
+    and move the runtime file beside the new one.  Raises OSError when `path` is taken or its
+    directory cannot be made."""
+    from fastlb.runtime.control_socket import ControlServer, ControlSocketError
+
+    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
     if _answers(path):
         raise OSError(errno.EADDRINUSE, "another process answers on it")
-    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-    probe = f"{path}.{os.getpid()}.probe"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.bind(probe)
-    os.unlink(probe)
-    from fastlb.runtime.control_socket import ControlServer
-
-    old = sup.control
-    new = ControlServer(path, old.handler) if old is not None else None
+    new = ControlServer(path, sup._control_request)
 
     async def serve() -> None:
-        if new is None:
-            return
         try:
             await new.start()
-        except Exception as exc:
-            log.error("reload: control socket %s: %s (still on %s)", path, exc, old.path)
+        except ControlSocketError as exc:
+            log.error("reload: the control socket stays where it was: %s", exc)
             return
-        sup.control = new
+        old, sup.control = sup.control, new
+        if old is not None:
+            old.close()
         _move_runfile(sup, path)
-        # close the old socket a moment later: the reply to this reload is still being written on it
-        asyncio.get_running_loop().call_later(1.0, old.close)
 
     sup.ops.spawn(serve())

@@ -161,9 +161,9 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                lc.backlog,
                 round(lc.half_close_timeout * 1000),
                 **udp_listener_fields(lc),
-                backlog=lc.backlog,
             )
         return region
 
@@ -383,6 +383,15 @@ class Supervisor:
         self.access_log = AccessLog(self.region, self.n_workers, g.access_log, g.access_log_format, names)
         self.access_log.start()
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+
+    def metrics_text(self) -> tuple[bytes, str] | None:
+        """The /metrics page (body, content type) when [global] metrics is on: the admin API serves
+        it on its own port too."""
+        if self.config.global_.metrics is None:
+            return None
+        from fastlb.observe.metrics import CONTENT_TYPE, render
+
+        return render(self), CONTENT_TYPE
 
     def _start_fleet_services(self) -> None:
         """DNS discovery for the pools that have it, and the remote admin API if configured."""
