@@ -13,7 +13,7 @@ admin.example.test, captured from Python's ssl module), read the backend's "ok",
   fastlb accept-proxy   the client puts a PROXY v2 header first; proxy_protocol = "v2"
   haproxy plain / sni (tcp-request inspect-delay + req.ssl_sni) / send-proxy-v2 / accept-proxy
 
-The balancer runs pinned to CPU 1 inside a cgroup with a CPU quota (compare.py's CpuLimit: 50 % of one
+The balancer runs pinned to CPU 1 inside a cgroup with a CPU quota (bench/system.py's CpuLimit: 50 % of one
 CPU by default); client and backend run on CPU 0.  Targets are interleaved in rounds; the result per
 target is the median (min-max) of its rounds.  Writes bench/results/prelude.json and prelude.md.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from compare import CpuLimit, Procs, cpu_seconds  # noqa: E402  (bench/compare.py: cgroup and process helpers)
+from system import CpuLimit, Procs, cpu_seconds  # noqa: E402  (bench/system.py: cgroup and process helpers)
 
 RESULTS = HERE / "results"
 SNI = "admin.example.test"
