@@ -72,13 +72,25 @@ def fastlb(tmp_path, request):
     FastLB that has sent READY=1."""
     started: list[FastLB] = []
 
-    def start(backends, **kw) -> FastLB:
+    def start(backends, prefix: tuple[str, ...] = (), **kw) -> FastLB:
         lb = FastLB(tmp_path / f"lb{len(started)}", backends, **kw)
+        lb.argv_prefix = list(prefix)  # a wrapper process, e.g. tests/support/subreaper.py
         started.append(lb)
         _logs(request.node).append((f"fastlb #{len(started)} stderr", lb.log_text))
         _logs(request.node).append((f"fastlb #{len(started)} config", lambda: lb.config_text))
         return lb.start()
 
+    def again(lb: FastLB, *serve_args: str, prefix: tuple[str, ...] = (), start: bool = True) -> FastLB:
+        """Another `fastlb serve` on lb's config (e.g. again(lb, "--takeover")), stopped at teardown;
+        start=False returns it unstarted."""
+        other = lb.clone(f"{len(started)}")
+        other.serve_args = list(serve_args)
+        other.argv_prefix = list(prefix)
+        started.append(other)
+        _logs(request.node).append((f"fastlb #{len(started)} stderr (same config)", other.log_text))
+        return other.start() if start else other
+
+    start.again = again  # type: ignore[attr-defined]
     yield start
     for lb in started:
         lb.stop()

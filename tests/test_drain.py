@@ -143,10 +143,11 @@ def test_drain_timeout_closes_an_idle_connection(backends, fastlb):
     how, _ = wait_closed(s, 4.0)
     elapsed = time.monotonic() - t0
     s.close()
-    assert how == "eof"
+    assert how == "reset"  # a deadline ends a connection visibly (issue 9): never a FIN
     assert 0.95 <= elapsed <= 1.0 + 1.0, f"closed {elapsed:.2f}s after the drain (drain_timeout 1s)"
     line = wait_log(lb, r"pool web backend a: drain_timeout", 2, since=mark)
     assert "drain_timeout (1.0s) passed; closing its 1 remaining connections" in line
+    assert sum(w["deadline_resets"] for w in control(lb).status()["workers"]) == 1
     wait_log(lb, r"pool web backend a: drain finished", 2, since=mark)
     wait_until(lambda: b.active()["a"] == 0, 2, "the backend side closed too")
     # b was not touched, a takes nothing new

@@ -10,17 +10,20 @@
 #   core/accesslog.pxi  the access log's producer: one record per ended connection into a ring
 #   core/routes.pxi  routes and splits: route_select() picks a connection's route and pool
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
+#   core/orphan.pxi  watching the control process (pidfd); orphan mode and orphan_timeout
+#   core/flush.pxi   a side errors or resets: early-close retry, or forward its last bytes, then reset
+#   core/deadlines.pxi shutdown/drain deadlines reset (counted); half_close_timeout
 #   core/udp.pxi     UDP listeners: flow table, recvmmsg/sendmmsg batches, flow expiry
 #   core/loop.pxi    accept, event dispatch, signals, the loop itself
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
 from libc.errno cimport (
     EAGAIN, ECONNABORTED, ECONNREFUSED, EHOSTDOWN, EHOSTUNREACH, EINPROGRESS, EINTR, EIO, EMFILE,
-    EMSGSIZE, ENETUNREACH, ENFILE, ENOBUFS, ENOMEM, ENONET, EPROTO, ETIMEDOUT, errno,
+    EMSGSIZE, ENETUNREACH, ENFILE, ENOBUFS, ENOMEM, ENONET, ENOSYS, EPROTO, ETIMEDOUT, errno,
 )
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memset, strlen
 
 from flb_atomic cimport *
 from flb_hash cimport FLB_SEED_KEY, FLB_SEED_SPLIT, flb_hash64
@@ -34,6 +37,9 @@ include "core/lb.pxi"
 include "core/accesslog.pxi"
 include "core/routes.pxi"
 include "core/conn.pxi"
+include "core/orphan.pxi"
+include "core/flush.pxi"
+include "core/deadlines.pxi"
 include "core/udp.pxi"
 include "core/loop.pxi"
 
@@ -47,23 +53,29 @@ def map_region(int fd, size_t size):
     return <uintptr_t>base
 
 
-def run_worker(uintptr_t region_addr, int index, list listen_fds, double shutdown_timeout):
+def run_worker(
+    uintptr_t region_addr, int index, list listen_fds, double shutdown_timeout,
+    double orphan_timeout=300.0, int control_pid=0,
+):
     """Run worker `index` on the mapped region at `region_addr` until it is told to stop.
 
     listen_fds[i] is this worker's own (SO_REUSEPORT, non-blocking) listening socket for listener i.
-    Blocks (without the GIL) until SIGTERM/SIGINT and the drain that follows; returns 0, or a
-    negative errno if the loop could not be set up.
+    control_pid: the control process, watched through a pidfd (0: none); when it dies the worker
+    keeps serving and drains `orphan_timeout` seconds later (see core/orphan.pxi).
+    Blocks (without the GIL) until SIGTERM/SIGINT (or orphan_timeout) and the drain that follows;
+    returns 0, or a negative errno if the loop could not be set up.
     """
     cdef int n = len(listen_fds)
     cdef int *fds = <int *>malloc(sizeof(int) * (n if n > 0 else 1))
     cdef int i, rc
     cdef uint32_t shutdown_ms = <uint32_t>(shutdown_timeout * 1000.0)
+    cdef uint64_t orphan_ms = <uint64_t>(orphan_timeout * 1000.0)
     if fds == NULL:
         raise MemoryError()
     for i in range(n):
         fds[i] = listen_fds[i]
     with nogil:
-        rc = worker_main(<char *>region_addr, index, fds, n, shutdown_ms)
+        rc = worker_main(<char *>region_addr, index, fds, n, shutdown_ms, orphan_ms, control_pid)
     free(fds)
     return rc
 

@@ -231,8 +231,9 @@ cdef class Region:
     # --- configuration (before fork, or published afterwards) ------------------------------
 
     def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                     int max_connections, bytes sockaddr, str protocol="tcp", int udp_idle_timeout_ms=0,
-                     int udp_responses=0, int max_flows=0, bint udp_pktinfo=False) -> None:
+                     int max_connections, bytes sockaddr, uint32_t half_close_timeout_ms=0,
+                     str protocol="tcp", int udp_idle_timeout_ms=0, int udp_responses=0, int max_flows=0,
+                     bint udp_pktinfo=False) -> None:
         cdef flb_listener_t *l = self._listener(i)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")
@@ -244,6 +245,7 @@ cdef class Region:
         memset(l.addr, 0, FLB_ADDR_LEN)
         memcpy(l.addr, <char *>sockaddr, len(sockaddr))
         l.addrlen = len(sockaddr)
+        l.half_close_timeout_ms = half_close_timeout_ms
         l.protocol = PROTOCOLS[protocol]
         l.udp_idle_timeout_ms = udp_idle_timeout_ms
         l.udp_responses = udp_responses
@@ -348,13 +350,23 @@ cdef class Region:
         p.scan_len = n_backends          # narrowed by set_scan_len() once the used slots are known
         p.all_down_policy = ALL_DOWN[all_down]
 
-    def set_backend(self, int i, int pool, str name, bytes sockaddr, int weight, bint in_use=True) -> None:
+    def set_backend(self, int i, int pool, str name, bytes sockaddr, int weight, bint in_use=True,
+                    bint fresh=True) -> None:
         """Write a backend slot (seqlock around name and address); weight is both the configured
-        and the effective weight.  Call publish() afterwards if workers are running."""
+        and the effective weight.  Call publish() afterwards if workers are running.
+
+        With `fresh` (a slot taken for a new backend) the slot starts clean: admin ready, health up, no close_conns, no failure streak, no
+        connect-time average (a reused slot must not inherit its previous backend's state).  The
+        cumulative counters (total, bytes, errors, histogram) and `active` keep counting: they are
+        per slot, so sums over a pool stay monotonic, and `active` still covers connections of the
+        slot's previous use that have not ended yet.  A `seq` left odd by a writer that died
+        mid-write is made even first, so the record is repaired."""
         cdef flb_backend_t *b = self._backend(i)
         cdef uint32_t s = flb_load32(&b.seq)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")
+        if s & 1:
+            s += 1
         flb_store32(&b.seq, s + 1)
         flb_fence_rel()
         b.pool = pool
@@ -365,7 +377,25 @@ cdef class Region:
         flb_store32_rel(&b.seq, s + 2)
         flb_store32(&b.weight, weight)
         flb_store32(&b.eff_weight, weight)
+        if fresh:
+            flb_store32(&b.admin, FLB_ADMIN_READY)
+            flb_store32(&b.health, FLB_HEALTH_UP)
+            flb_store32(&b.close_conns, 0)
+            flb_store64(&b.consecutive_failures, 0)
+            flb_store64(&b.connect_time_ewma_us, 0)
         flb_store32_rel(&b.in_use, 1 if in_use else 0)
+
+    def repair_seqlocks(self) -> int:
+        """Make every odd backend `seq` even (a writer died between its two stores); returns how
+        many were repaired.  The record's address may be half-written: rewrite it with
+        set_backend() afterwards."""
+        cdef uint32_t k, n = 0, s
+        for k in range(self.hdr.n_backends):
+            s = flb_load32(&self._backend(k).seq)
+            if s & 1:
+                flb_store32_rel(&self._backend(k).seq, s + 1)
+                n += 1
+        return n
 
     def set_weight(self, int i, int weight, effective=None) -> None:
         """Configured weight, and the effective weight the workers use (default: the same)."""
@@ -444,6 +474,7 @@ cdef class Region:
         return {
             "name": l.name.decode(), "pool": l.pool, "connect_timeout_ms": l.connect_timeout_ms,
             "idle_timeout_ms": l.idle_timeout_ms, "max_connections": l.max_connections,
+            "half_close_timeout_ms": l.half_close_timeout_ms,
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
             "accept_errors": flb_load64(&l.accept_errors),
@@ -529,6 +560,11 @@ cdef class Region:
             "timeouts_idle": w.timeouts_idle, "resets": w.resets, "pipes_pooled": w.pipes_pooled,
             "pipes_in_use": w.pipes_in_use, "splice_errors": w.splice_errors,
             "conn_capacity": w.conn_capacity, "generation_seen": w.generation_seen,
+            "orphaned_since_ms": w.orphaned_since_ms, "control_pid": w.control_pid,
+            "pipe_size": w.pipe_size, "pipe_pool_cap": w.pipe_pool_cap, "pipes_small": w.pipes_small,
+            "deadline_resets": w.deadline_resets, "half_close_timeouts": w.half_close_timeouts,
+            "seqlock_fallbacks": w.seqlock_fallbacks, "flushed_resets": w.flushed_resets,
+            "early_close_retries": w.early_close_retries,
             "udp_flows": w.udp_flows, "udp_rx_calls": w.udp_rx_calls,
             "udp_rx_datagrams": w.udp_rx_datagrams, "udp_tx_calls": w.udp_tx_calls,
             "udp_tx_datagrams": w.udp_tx_datagrams, "udp_flow_capacity": w.udp_flow_capacity,

@@ -77,15 +77,24 @@ def _load_or_exit(config_file: str):  # -> Config
     default=None,
     help="Worker processes (default: config, else CPUs).",
 )
-def serve(config_file: str, workers: int | None) -> None:
-    """Run the load balancer in the foreground until SIGTERM/SIGINT."""
+@click.option(
+    "--takeover",
+    is_flag=True,
+    help="Replace the fastlb running with this control socket: take its listening sockets, "
+    "then let it drain (restart or upgrade without a refused connection).",
+)
+def serve(config_file: str, workers: int | None, takeover: bool) -> None:
+    """Run the load balancer in the foreground until SIGTERM/SIGINT.
+
+    Refuses to start (exit 1) if another fastlb answers on the control socket (unless --takeover)
+    or a listener address is in use; takes over the orphaned workers of a crashed instance."""
     cfg = _load_or_exit(config_file)
     _setup_logging(cfg.global_.log_level)
     if cfg.global_.admin is None or cfg.global_.admin.tls_cert is None:
         _keep_openssl_out()  # an admin API over TLS needs asyncio's TLS support
     from fastlb.runtime.supervisor import serve as run
 
-    sys.exit(run(cfg, workers))
+    sys.exit(run(cfg, workers, takeover))
 
 
 def _keep_openssl_out() -> None:

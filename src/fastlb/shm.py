@@ -21,10 +21,10 @@ ALGORITHM_NAMES = {v: k for k, v in _shm.ALGORITHMS.items()}
 # (and without a layout version bump).
 EXPECTED_RECORD_SIZES = {
     "header": 192,
-    "listener": 448,
+    "listener": 512,
     "pool": 256,
     "backend": 448,
-    "worker": 192,
+    "worker": 320,
     "route": 448,
     "cidr": 64,
     "sni": 320,

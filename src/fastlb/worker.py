@@ -8,7 +8,11 @@ resident per worker); what it holds is the interpreter core, fastlb._core and th
 tables.  The shared region reaches it as its memfd, which it maps itself.
 
 argv (after BOOT's own first argument, the directory that holds the fastlb package):
-    region_fd index shutdown_timeout listen_fd...
+    region_fd index shutdown_timeout orphan_timeout control_pid listen_fd...
+
+The worker watches control_pid through a pidfd (core/orphan.pxi): when the control process dies it
+keeps serving with the last published state and drains orphan_timeout seconds later (or when a new
+fastlb takes over and sends SIGTERM).
 """
 
 from __future__ import annotations
@@ -24,8 +28,16 @@ from fastlb import _core
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from fastlb.worker import main; sys.exit(main(sys.argv[2:]))"
 
 
-def command(index: int, region_fd: int, listen_fds: list[int], shutdown_timeout: float) -> list[str]:
-    """The argv that execs worker `index` (every fd in it must be inheritable)."""
+def command(
+    index: int,
+    region_fd: int,
+    listen_fds: list[int],
+    shutdown_timeout: float,
+    orphan_timeout: float = 300.0,
+    control_pid: int | None = None,
+) -> list[str]:
+    """The argv that execs worker `index` (every fd in it must be inheritable); control_pid defaults
+    to the calling process (the worker's parent after fork)."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return [
         sys.executable,
@@ -37,13 +49,16 @@ def command(index: int, region_fd: int, listen_fds: list[int], shutdown_timeout:
         str(region_fd),
         str(index),
         repr(shutdown_timeout),
+        repr(orphan_timeout),
+        str(os.getpid() if control_pid is None else control_pid),
         *(str(fd) for fd in listen_fds),
     ]
 
 
 def main(argv: list[str]) -> int:
     region_fd, index, shutdown_timeout = int(argv[0]), int(argv[1]), float(argv[2])
-    listen_fds = [int(a) for a in argv[3:]]
+    orphan_timeout, control_pid = float(argv[3]), int(argv[4])
+    listen_fds = [int(a) for a in argv[5:]]
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(f"fastlb-w{index}")
@@ -51,7 +66,14 @@ def main(argv: list[str]) -> int:
         pass
     address = _core.map_region(region_fd, os.fstat(region_fd).st_size)
     os.close(region_fd)
-    rc = _core.run_worker(address, index, listen_fds, shutdown_timeout)
+    rc = _core.run_worker(address, index, listen_fds, shutdown_timeout, orphan_timeout, control_pid)
+    if rc == -3:
+        print(
+            f"fastlb: worker {index}: control process {control_pid} gone before start",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     if rc < 0:
         print(f"fastlb: worker {index}: data plane stopped: {os.strerror(-rc)}", file=sys.stderr, flush=True)
         return 1

@@ -14,6 +14,15 @@ Modes:
   reset              read; on the first bytes, close with a RST (SO_LINGER 0); report
   blackhole          listen(0), queue pre-filled, never accept: further SYNs are dropped, so a connect
                      never completes (checked at start: "blackhole_ok")
+  close_on_accept    accept, then close at once (FIN) without reading or sending
+  answer_reset       read `read_bytes` (16) bytes, send `answer`, close with the rest of the request
+                     unread (so the kernel resets the connection right after the answer); report
+  hold               read and discard everything, never send, never close (not even at EOF); report
+                     when the peer resets
+  paced              send `count` messages of `size` seeded bytes `interval_ms` apart, then
+                     shutdown(SHUT_WR); read to EOF; report
+Options for any mode: `rcvbuf` (SO_RCVBUF of the listening socket, so of its connections),
+`read_delay` (seconds after accept before the first read).
 
 Control: one command a line on stdin, one JSON line answer on stdout.
   stats   -> {"accepted": {name: n}, "active": {name: n}}
@@ -41,8 +50,8 @@ from pathlib import Path
 
 CHUNK = 256 * 1024
 OUT_HIGH = 4 * 1024 * 1024  # echo: stop reading while this much is waiting to go back
-HASHED = {"blast", "half_close_answer", "sink", "reset"}
-MODES = HASHED | {"echo", "id", "blackhole"}
+HASHED = {"blast", "half_close_answer", "sink", "reset", "answer_reset", "hold", "paced"}
+MODES = HASHED | {"echo", "id", "blackhole", "close_on_accept"}
 
 # ================================================================================ server side
 
@@ -65,6 +74,10 @@ class Conn:
         "sent_hash",
         "mask",
         "send_bytes",
+        "srv",
+        "left",
+        "next_at",
+        "read_at",
     )
 
     def __init__(self, sock: socket.socket, srv: dict) -> None:
@@ -85,6 +98,15 @@ class Conn:
         self.recv_hash = hashlib.sha256()
         self.sent_hash = hashlib.sha256()
         self.mask = 0
+        self.srv = srv
+        self.left = int(srv.get("count", 0)) if self.mode == "paced" else 0
+        now = time.monotonic()
+        # the first message one interval after accept: fastlb has the connection set up by then, so
+        # each message arrives on its own (the test wants message-sized reads)
+        self.next_at = now + float(srv.get("interval_ms", 5)) / 1000.0 if self.left else 0.0
+        self.read_at = now + float(srv.get("read_delay", 0))
+        if self.mode == "paced":
+            self.send_active = True
         if self.mode == "id":
             self.out += self.name.encode() + b"\n"
 
@@ -102,6 +124,7 @@ class Server:
         self.keep: list[socket.socket] = []  # blackhole queue fillers
         self.stdin_buf = b""
         self.running = True
+        self.timed: set[Conn] = set()  # paced senders and delayed readers: woken by time
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -113,6 +136,8 @@ class Server:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             ls = socket.socket(family, socket.SOCK_STREAM)
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if "rcvbuf" in srv:
+                ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(srv["rcvbuf"]))
             ls.bind((host, int(srv.get("port", 0))))
             name = srv["name"]
             self.ports[name] = ls.getsockname()[1]
@@ -161,17 +186,48 @@ class Server:
                     print(f"backends: accept: {exc}", file=sys.stderr, flush=True)
                     return
                 raise
-            s.setblocking(False)
             name = srv["name"]
             self.accepted[name] += 1
+            if srv["mode"] == "close_on_accept":
+                s.close()
+                continue
+            s.setblocking(False)
             self.active[name] += 1
             c = Conn(s, srv)
+            if c.left or c.read_at > time.monotonic():
+                self.timed.add(c)
             self.update(c)
+
+    def timers(self) -> float | None:
+        """Feed the paced senders that are due, wake the delayed readers; the next wake-up delay."""
+        now = time.monotonic()
+        nxt = None
+        for c in list(self.timed):
+            if c.mask == 0 and c.sock.fileno() < 0:
+                self.timed.discard(c)
+                continue
+            # one message per send(): a late message waits until the previous one is out
+            if c.left and c.next_at <= now and c.off == len(c.out):
+                chunk = c.rng.randbytes(int(c.srv["size"]))
+                c.sent_hash.update(chunk)
+                c.out = bytearray(chunk)
+                c.off = 0
+                c.left -= 1
+                c.next_at = max(c.next_at + float(c.srv.get("interval_ms", 5)) / 1000.0, now)
+            due = [t for t in (c.next_at if c.left else None, c.read_at if c.read_at > now else None) if t]
+            if not due:
+                self.timed.discard(c)
+            else:
+                nxt = min(due + ([nxt] if nxt is not None else []))
+            self.update(c)
+        return None if nxt is None else max(0.0, nxt - now)
 
     def update(self, c: Conn) -> None:
         """Make progress that needs no I/O readiness, then set the epoll interest (or finish)."""
-        if c.send_active and c.off == len(c.out) and c.gen_left == 0 and not c.shut_out:
-            if c.mode == "blast" or c.eof_in:
+        if c.sock.fileno() < 0:
+            return
+        if c.send_active and c.off == len(c.out) and c.gen_left == 0 and not c.shut_out and c.left == 0:
+            if c.mode in ("blast", "paced") or (c.eof_in and c.mode != "hold"):
                 try:
                     c.sock.shutdown(socket.SHUT_WR)
                 except OSError as exc:
@@ -182,7 +238,7 @@ class Server:
             self.finish(c, "ok")
             return
         want = 0
-        if not c.eof_in and len(c.out) - c.off < OUT_HIGH:
+        if not c.eof_in and len(c.out) - c.off < OUT_HIGH and c.read_at <= time.monotonic():
             want |= selectors.EVENT_READ
         if c.send_active and (c.off < len(c.out) or c.gen_left > 0):
             want |= selectors.EVENT_WRITE
@@ -196,6 +252,7 @@ class Server:
             c.mask = want
 
     def finish(self, c: Conn, end: str, reset: bool = False) -> None:
+        self.timed.discard(c)
         if c.mask:
             self.sel.unregister(c.sock)
             c.mask = 0
@@ -217,8 +274,11 @@ class Server:
             )
 
     def readable(self, c: Conn) -> None:
+        want = CHUNK
+        if c.mode == "answer_reset":
+            want = max(1, int(c.srv.get("read_bytes", 16)) - c.recv_len)
         try:
-            data = c.sock.recv(CHUNK)
+            data = c.sock.recv(want)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -237,6 +297,17 @@ class Server:
         if c.mode == "reset":
             self.finish(c, "ok", reset=True)
             return
+        if c.mode == "answer_reset" and c.recv_len >= int(c.srv.get("read_bytes", 16)):
+            answer = str(c.srv.get("answer", "-ERR Protocol error\r\n")).encode()
+            try:
+                c.sock.send(answer)  # small: the socket buffer takes it whole
+                c.sent_len += len(answer)
+                c.sent_hash.update(answer)
+            except OSError as exc:
+                self.finish(c, f"send: {exc.strerror}")
+                return
+            self.finish(c, "ok")  # the request's rest is unread: the kernel sends a reset
+            return
         if c.mode in ("echo", "id"):
             if c.off and c.off == len(c.out):
                 c.out = bytearray()
@@ -253,7 +324,7 @@ class Server:
             c.off = 0
         try:
             with memoryview(c.out) as mv:
-                n = c.sock.send(mv[c.off : c.off + 4 * CHUNK])
+                n = c.sock.send(mv[c.off : c.off + 4 * CHUNK] if c.mode != "paced" else mv[c.off :])
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -302,7 +373,7 @@ class Server:
         self.sel.register(0, selectors.EVENT_READ, "stdin")
         self.reply({"ports": self.ports, "blackhole_ok": self.blackhole_ok})
         while self.running:
-            for key, ev in self.sel.select():
+            for key, ev in self.sel.select(self.timers() if self.timed else None):
                 if key.data == "listen":
                     ls, srv = self.listeners[key.fd]
                     self.accept(ls, srv)

@@ -56,6 +56,7 @@ class FastLB:
     `bind` becomes this instance's address and a [global] table with the control socket is put
     in front; `backends` and the other table arguments are then ignored.
     nofile: RLIMIT_NOFILE (soft and hard) for the serve process and so its workers.
+    user: run `fastlb serve` as this (unprivileged) user; its work directory is handed to it.
     """
 
     def __init__(
@@ -72,14 +73,17 @@ class FastLB:
         nofile: int | None = None,
         extra: str = "",
         raw: str | None = None,
+        user: str | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        # unix socket paths must fit in 107 bytes: fall back to a short directory if needed
-        if len(str(workdir / "control.sock")) > 100:
+        # unix socket paths must fit in 107 bytes: fall back to a short directory if needed (also
+        # for another user: pytest's tmp tree is private to root)
+        if len(str(workdir / "control.sock")) > 100 or user is not None:
             workdir = Path(tempfile.mkdtemp(prefix="flb-", dir="/tmp"))
         self.dir = workdir
         self.workers = workers
         self.nofile = nofile
+        self.user = user
         self.host = host
         udp = (listener or {}).get("protocol") == "udp"
         self.port = free_udp_port(host) if udp else free_port(host)
@@ -120,6 +124,24 @@ class FastLB:
         self.notifications: list[tuple[float, int, str]] = []  # (monotonic time, sender pid, text)
         self._known: dict[int, psutil.Process] = {}  # every process seen in the tree, for teardown
         self._log = None
+        self.serve_args: list[str] = []  # extra `fastlb serve` arguments (e.g. --takeover)
+        self.argv_prefix: list[str] = []  # a wrapper to run `fastlb serve` under (e.g. a subreaper)
+
+    def clone(self, tag: str) -> FastLB:
+        """Another, not yet started, `fastlb serve` on this one's config file and port (its own log
+        and notify socket): a second instance, a restart or a takeover."""
+        other = object.__new__(FastLB)
+        other.__dict__.update(self.__dict__)
+        other.log_path = self.dir / f"fastlb-{tag}.log"
+        other.notify_path = self.dir / f"notify-{tag}.sock"
+        other.proc = None
+        other.notify_sock = None
+        other.notifications = []
+        other._known = {}
+        other._log = None
+        other.serve_args = []
+        other.argv_prefix = []
+        return other
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -140,6 +162,22 @@ class FastLB:
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.notify_sock = ns
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        python = sys.executable
+        user_kw = {}
+        if self.user is not None:
+            import pwd
+
+            pw = pwd.getpwnam(self.user)
+            for p in (self.dir, self.config_path):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.notify_path, 0o666)  # the unprivileged sender must reach it
+            user_kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            # the test's interpreter may live where that user cannot reach (a root-only pyenv):
+            # the system python3 with fastlb from its source tree (Debian python3-click, -psutil)
+            python = "/usr/bin/python3"
+            import fastlb
+
+            env["PYTHONPATH"] = str(Path(fastlb.__file__).resolve().parent.parent)
         nofile = self.nofile
         prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -154,7 +192,8 @@ class FastLB:
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(
             [
-                sys.executable,
+                *self.argv_prefix,
+                python,
                 "-m",
                 "fastlb",
                 "serve",
@@ -162,6 +201,7 @@ class FastLB:
                 str(self.config_path),
                 "--workers",
                 str(self.workers),
+                *self.serve_args,
             ],
             cwd=self.dir,
             env=env,
@@ -170,6 +210,7 @@ class FastLB:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: teardown can kill the whole tree
             preexec_fn=preexec,
+            **user_kw,
         )
         self.wait_notify("READY=1", timeout)
         self.workers_now()  # remember the worker pids for teardown
@@ -305,3 +346,18 @@ class FastLB:
             self.notify_sock.close()
         if self._log is not None:
             self._log.close()
+
+
+def rewrite_backends(lb: FastLB, backends: list[dict], **pool_changes) -> None:
+    """Rewrite lb's config file with other backends (and pool keys), atomically; the rest stays as
+    started.  SIGHUP makes fastlb load it."""
+    import tomllib
+
+    doc = tomllib.loads(lb.config_path.read_text())
+    doc["pools"]["web"]["backends"] = backends
+    doc["pools"]["web"].update(pool_changes)
+    text = toml_table("global", doc["global"]) + "\n" + toml_table("listeners.web", doc["listeners"]["web"])
+    text += "\n" + toml_table("pools.web", doc["pools"]["web"])
+    tmp = lb.config_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(lb.config_path)

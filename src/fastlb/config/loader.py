@@ -106,7 +106,16 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
 
-_GLOBAL_KEYS = ("workers", "control_socket", "shutdown_timeout", "log_level", *ADMIN_KEYS, *ACCESS_LOG_KEYS)
+_GLOBAL_KEYS = (
+    "workers",
+    "control_socket",
+    "shutdown_timeout",
+    "log_level",
+    "orphan_timeout",
+    "worker_stall_timeout",
+    *ADMIN_KEYS,
+    *ACCESS_LOG_KEYS,
+)
 _LISTENER_KEYS = (
     "bind",
     "pool",
@@ -114,10 +123,12 @@ _LISTENER_KEYS = (
     "idle_timeout",
     "max_connections",
     "backlog",
+    "half_close_timeout",
     *_ROUTE_LISTENER_KEYS,
     "protocol",
     *UDP_LISTENER_KEYS,
 )
+MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
     "algorithm",
     "backends",
@@ -166,7 +177,17 @@ def _global(data: object, file: str) -> GlobalConfig:
         access_log=access_log[0],
         access_log_format=access_log[1],
         access_log_buffer=access_log[2],
+        orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
+        worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
     )
+
+
+def _stall_timeout(t: _Table, default: float) -> float:
+    """worker_stall_timeout: at least 500ms (a worker's loop turns at least every 100 ms)."""
+    seconds = t.get_duration("worker_stall_timeout", default, positive=True)
+    if seconds < 0.5:
+        raise t.error("worker_stall_timeout", "must be at least 500ms (workers beat every 100 ms at most)")
+    return seconds
 
 
 def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:
@@ -206,12 +227,20 @@ def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, Liste
             idle_timeout=t.get_duration("idle_timeout", d.idle_timeout, positive=True),
             max_connections=t.get_int("max_connections", d.max_connections, 0, MAX_MAX_CONNECTIONS),
             backlog=t.get_int("backlog", d.backlog, 1, 65535),
+            half_close_timeout=_half_close_timeout(t, d.half_close_timeout),
             **udp,
             routes=routes,
             **listener_prelude(t, routes or d.routes),
         )
         check_udp_routes(t, udp["protocol"], listeners[name].needs_sni)
     return listeners
+
+
+def _half_close_timeout(t: _Table, default: float) -> float:
+    value = t.get_duration("half_close_timeout", default)
+    if value > MAX_HALF_CLOSE_TIMEOUT:
+        raise t.error("half_close_timeout", "is too long: at most 1000h (0 = no limit)")
+    return value
 
 
 def _pools(root: _Table, file: str) -> dict[str, PoolConfig]:

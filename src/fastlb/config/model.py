@@ -216,6 +216,7 @@ class ListenerConfig:
     idle_timeout: float = 600.0
     max_connections: int = 0  # 0 = unlimited
     backlog: int = 4096
+    half_close_timeout: float = 60.0  # after one side finished, the other's limit; 0 = none
     # UDP (issue 13, config/udp.py); the four keys above apply to TCP only
     protocol: str = "tcp"  # "tcp" | "udp"
     udp_idle_timeout: float = 30.0  # a flow with no datagram either way for this long is forgotten
@@ -247,6 +248,8 @@ class GlobalConfig:
     access_log: str = "off"  # "off" | "stdout" | an absolute path
     access_log_format: str = "json"  # "json" | "text"
     access_log_buffer: int = 16384  # records per worker ring
+    orphan_timeout: float = 300.0  # workers whose control process died drain this long after
+    worker_stall_timeout: float = 3.0  # a worker's heartbeat older than this: killed and replaced
 
 
 @dataclass(frozen=True)

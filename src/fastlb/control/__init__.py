@@ -9,6 +9,9 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "drain" | "enable" | "disable", "pool": P, "backend": B}
   {"cmd": "set-split", "listener": L, "route": R, "weights": {"v1": 0, "v2": 100}}
     -> {"ok": true, "listener": L, "route": R, "weights": {...}, "previous": {...}}
+  {"cmd": "shutdown"}  (like SIGTERM; with "successor": PID, that pid is the new main process)
+  {"cmd": "handover", "pid": PID}  (the listening sockets, as SCM_RIGHTS descriptors: see
+      fastlb.runtime.takeover and docs/failure-behaviour.md; used by `fastlb serve --takeover`)
 Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.  A malformed or unknown request
 changes nothing.
 """

@@ -2,7 +2,9 @@
 #   accepted -> CS_CONNECTING (non-blocking connect; failure or timeout -> next backend, up to
 #   `retries`) -> CS_ESTABLISHED (small messages recv+send, bulk spliced through pooled pipes; EOF becomes
 #   shutdown(SHUT_WR) on the other side once the pipe is drained; an error or reset on either side
-#   resets both) -> closed when both directions are done.
+#   first forwards what that side still held, then resets both: core/flush.pxi) -> closed when both
+#   directions are done.  A backend that closes or resets before any byte moved either way is an
+#   early close: counted as a failure and retried on another backend (core/flush.pxi).
 
 
 cdef inline void backend_failed(flb_backend_t *b, bint timeout) noexcept nogil:
@@ -19,11 +21,14 @@ cdef inline void backend_succeeded(flb_backend_t *b) noexcept nogil:
         flb_store64(&b.consecutive_failures, 0)
 
 
-cdef socklen_t backend_addr(flb_backend_t *b, uint8_t *out) noexcept nogil:
-    """Copy b's address under its seqlock (the control process may be rewriting it)."""
+cdef inline socklen_t addr_read(flb_backend_t *b, uint8_t *out) noexcept nogil:
+    """Copy b's address under its seqlock, SEQLOCK_TRIES reads at most.  Returns its length, or 0
+    when no read saw the same even seq before and after (a writer in progress, or one that died
+    between its two stores and left seq odd)."""
     cdef uint32_t s1, s2
     cdef socklen_t n
-    while True:
+    cdef int k
+    for k in range(SEQLOCK_TRIES):
         s1 = flb_load32_acq(&b.seq)
         if s1 & 1:
             continue
@@ -35,13 +40,41 @@ cdef socklen_t backend_addr(flb_backend_t *b, uint8_t *out) noexcept nogil:
         s2 = flb_load32(&b.seq)
         if s1 == s2:
             return n
+    return 0
+
+
+cdef socklen_t backend_addr(uint32_t idx, uint8_t *out) noexcept nogil:
+    """Backend idx's address into out: read under its seqlock (bounded), else the worker's last
+    good copy (counted: worker.seqlock_fallbacks).  Returns its length, 0 if there is none (the
+    caller skips the backend for this pick).  Never spins without bound on a writer that can die."""
+    cdef socklen_t n = addr_read(&W.backends[idx], out)
+    if n > 0:
+        return n
+    W.me.seqlock_fallbacks += 1
+    n = W.addr_copy_len[idx]
+    if n > 0:
+        memcpy(out, W.addr_copy + <size_t>idx * FLB_ADDR_LEN, n)
+    return n
+
+
+cdef void addr_copies_refresh() noexcept nogil:
+    """Refresh the worker's copy of every in-use backend's address (called on each generation
+    change, from lb_refresh's caller); a record whose seqlock cannot be read keeps its old copy."""
+    cdef uint32_t i
+    cdef socklen_t n
+    for i in range(W.hdr.n_backends):
+        if flb_load32(&W.backends[i].in_use) == 0:
+            continue
+        n = addr_read(&W.backends[i], W.addr_copy + <size_t>i * FLB_ADDR_LEN)
+        if n > 0:
+            W.addr_copy_len[i] = n
 
 
 cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
     cdef linger lg
     cdef Listener *l = &W.listeners[c.listener]
-    if c.state >= CS_UDP_FLOW:
+    if c.state == CS_UDP_FLOW or c.state == CS_UDP_SPARE:
         udp_conn_close(c)               # core/udp.pxi: a flow or a spare socket
         return
     if W.logring != NULL:
@@ -106,7 +139,9 @@ cdef int conn_connect(Conn *c) noexcept nogil:
         if c.attempts > 1:
             W.me.retries += 1
         b = &W.backends[idx]
-        alen = backend_addr(b, addr)
+        alen = backend_addr(idx, addr)
+        if alen == 0:
+            continue                        # no readable address (seqlock stuck): next pick
         fd = socket((<sockaddr *>addr).sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
             e = errno
@@ -192,20 +227,24 @@ cdef void conn_connected(Conn *c) noexcept nogil:
         timer_unlink(c)
 
 
-cdef int pump_small(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint16_t eof,
-                    uint16_t hup, uint16_t bulk) noexcept nogil:
+cdef int pump_small(Conn *c, int src, int dst, Pipe *p, uint32_t rd, uint32_t wr, uint32_t eof,
+                    uint32_t hup, uint32_t bulk, uint32_t sent) noexcept nogil:
     """One recv() into the worker's scratch buffer and one send() on: the cheap way to forward a
     small message (what HAProxy's splice-auto does too).  Only with an empty pipe, so bytes keep
     their order; whatever dst does not take at once goes into the pipe, and the splice path drains
-    it.  A recv() that fills the buffer marks the direction `bulk`: splice from then on.
+    it.  The recv() never takes more than that pipe holds (p.cap; a small pipe is back-pressure,
+    never an error).  A recv() that fills the buffer marks the direction `bulk`: splice from then on.
 
     A short recv() proves the socket queue was empty, so `rd` is cleared without the extra call that
     would return EAGAIN - unless the peer's FIN was already reported (`hup`): then we read on to
-    see the EOF.  Returns bytes moved, or -errno (reset), or -EAGAIN when nothing was there.
+    see the EOF.  Bytes dst took set `sent`; when dst fails, the bytes are kept in the pipe (they may
+    still go to another backend).  Returns bytes moved, or -errno (reset; W.err_fd = the failing
+    descriptor), or -EAGAIN when nothing was there.
     """
-    cdef ssize_t n, m
+    cdef ssize_t n, m, w
+    cdef size_t limit = SCRATCH_SIZE if p.cap >= SCRATCH_SIZE else p.cap
     cdef int e
-    n = recv(src, W.scratch, SCRATCH_SIZE, MSG_DONTWAIT)
+    n = recv(src, W.scratch, limit, MSG_DONTWAIT)
     if n <= 0:
         if n == 0:
             c.flags |= eof
@@ -214,8 +253,11 @@ cdef int pump_small(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr
         if e == EAGAIN:
             c.flags &= ~rd
             return -EAGAIN
-        return -EAGAIN if e == EINTR else -e
-    if n == SCRATCH_SIZE:
+        if e == EINTR:
+            return -EAGAIN
+        W.err_fd = src
+        return -e
+    if <size_t>n == limit:
         c.flags |= bulk
     elif not (c.flags & hup):
         c.flags &= ~rd
@@ -225,22 +267,34 @@ cdef int pump_small(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr
         if m < 0:
             e = errno
             if e != EAGAIN and e != EINTR:
+                if write(p.wfd, W.scratch, <size_t>n) == n:
+                    p.bytes += <uint32_t>n
+                W.err_fd = dst
                 return -e
             if e == EAGAIN:
                 c.flags &= ~wr
             m = 0
+        elif m > 0:
+            c.flags |= sent
     if m < n:
-        # the pipe (taken before the recv, so this cannot fail for want of one) keeps the rest
-        if write(p.wfd, W.scratch + m, <size_t>(n - m)) != n - m:
+        # the pipe (taken before the recv, empty, and at least n bytes big) keeps the rest
+        w = write(p.wfd, W.scratch + m, <size_t>(n - m))
+        if w != n - m:
+            if w > 0:
+                p.bytes += <uint32_t>w
+            W.err_fd = p.wfd
             return -EIO
         p.bytes += <uint32_t>(n - m)
     return <int>n
 
 
-cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint16_t eof,
-              uint16_t shut, uint16_t hup, uint16_t bulk, uint64_t *counter) noexcept nogil:
+cdef int pump(Conn *c, int src, int dst, Pipe *p, uint32_t rd, uint32_t wr, uint32_t eof,
+              uint32_t shut, uint32_t hup, uint32_t bulk, uint32_t got, uint32_t sent,
+              uint64_t *counter) noexcept nogil:
     """Move what src has to dst.  Returns bytes moved (>= 0) or -errno when the connection must
-    be reset.
+    be reset (W.err_fd then names the descriptor that failed).  Bytes read from src set `got`,
+    bytes (or the EOF) passed to dst set `sent`.  The backend's EOF is not passed to the client
+    while no byte has moved either way: that is an early close, which conn_run retries.
 
     Small messages take pump_small() (recv + send); a direction that once filled the scratch
     buffer is bulk and goes zero-copy: splice(src -> pipe) and splice(pipe -> dst).  EAGAIN is a
@@ -251,10 +305,9 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
     cdef ssize_t n
     cdef int64_t moved = 0
     cdef int progress = 1, rc, e
-    cdef uint32_t cap = <uint32_t>W.pipe_size
     while progress:
         progress = 0
-        if (c.flags & rd) and not (c.flags & eof) and p.bytes < cap:
+        if (c.flags & rd) and not (c.flags & eof) and (p.rfd < 0 or p.bytes < p.cap):
             if p.rfd < 0:
                 rc = pipe_get(p)
                 if rc == -EMFILE or rc == -ENFILE or rc == -ENOMEM:
@@ -264,7 +317,7 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
                 if rc < 0:
                     return rc
             if p.bytes == 0 and not (c.flags & bulk):
-                rc = pump_small(c, src, dst, p, rd, wr, eof, hup, bulk)
+                rc = pump_small(c, src, dst, p, rd, wr, eof, hup, bulk, sent)
                 if rc > 0:
                     moved += rc
                     progress = 1
@@ -273,7 +326,7 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
                 elif rc != -EAGAIN:
                     return rc
                 continue
-            n = splice(src, NULL, p.wfd, NULL, cap - p.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice(src, NULL, p.wfd, NULL, p.cap - p.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n > 0:
                 p.bytes += <uint32_t>n
                 moved += n
@@ -289,11 +342,13 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
                 elif e == EINTR:
                     progress = 1
                 else:
+                    W.err_fd = src
                     return -e
         if p.bytes > 0 and (c.flags & wr):
             n = splice(p.rfd, NULL, dst, NULL, p.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n > 0:
                 p.bytes -= <uint32_t>n
+                c.flags |= sent
                 progress = 1
             else:
                 e = errno
@@ -303,18 +358,21 @@ cdef int pump(Conn *c, int src, int dst, Pipe *p, uint16_t rd, uint16_t wr, uint
                     progress = 1
                 else:
                     W.me.splice_errors += 1
+                    W.err_fd = dst
                     return -e
     if moved > 0:
         flb_add64(counter, <uint64_t>moved)
         c.active_ms = W.now_ms
+        c.flags |= got
     if p.bytes == 0 and p.rfd >= 0:
         pipe_put(p)
-    if (c.flags & eof) and p.bytes == 0 and not (c.flags & shut):
+    if (c.flags & eof) and p.bytes == 0 and not (c.flags & shut) \
+            and (shut != F_C_SHUT or (c.flags & (F_B_DATA | F_C2B_SENT))):
         # the last direction to finish needs no shutdown: close() right after sends the FIN
         if (c.flags & (F_C_SHUT | F_B_SHUT)) == 0 or c.c2b.bytes + c.b2c.bytes > 0 \
                 or (c.flags & (F_C_EOF | F_B_EOF)) != (F_C_EOF | F_B_EOF):
             shutdown(dst, SHUT_WR)  # ENOTCONN if the peer is gone: the next splice says so
-        c.flags |= shut
+        c.flags |= shut | sent
     return <int>(moved if moved < 0x7FFFFFFF else 0x7FFFFFFF)
 
 
@@ -322,6 +380,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
     """Advance c as far as its sockets allow (called after an event on either of them)."""
     cdef flb_backend_t *b
     cdef int rc
+    if c.state == CS_FLUSHING:
+        flush_run(c)
+        return
     if c.state == CS_CONNECTING:
         if c.flags & F_C_ERR:
             c.term = FLB_TERM_CLIENT_GONE + 1
@@ -335,39 +396,53 @@ cdef void conn_run(Conn *c) noexcept nogil:
             return
         conn_connected(c)
     b = &W.backends[c.backend]
-    if c.flags & (F_C_ERR | F_B_ERR):
-        if (c.flags & F_B_ERR) and not (c.flags & F_B_DATA):
-            flb_add64(&b.resets, 1)
-            flb_add64(&b.consecutive_failures, 1)
-        conn_close(c, True)
+    if c.flags & F_B_ERR:
+        conn_abort(c, SIDE_BACKEND)
         return
-    rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, F_C_HUP, F_C2B_BULK, &b.bytes_in)
+    if c.flags & F_C_ERR:
+        conn_abort(c, SIDE_CLIENT)
+        return
+    rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, F_C_HUP, F_C2B_BULK,
+              0, F_C2B_SENT, &b.bytes_in)
     if rc < 0:
-        conn_close(c, True)
+        conn_abort(c, conn_side(c, W.err_fd))
         return
     c.bytes_c2b += <uint64_t>rc
-    rc = pump(c, c.bfd, c.cfd, &c.b2c, F_B_RD, F_C_WR, F_B_EOF, F_C_SHUT, F_B_HUP, F_B2C_BULK, &b.bytes_out)
+    rc = pump(c, c.bfd, c.cfd, &c.b2c, F_B_RD, F_C_WR, F_B_EOF, F_C_SHUT, F_B_HUP, F_B2C_BULK,
+              F_B_DATA, 0, &b.bytes_out)
     if rc < 0:
-        if not (c.flags & F_B_DATA):
-            flb_add64(&b.resets, 1)
-            flb_add64(&b.consecutive_failures, 1)
-        conn_close(c, True)
+        conn_abort(c, conn_side(c, W.err_fd))
         return
     c.bytes_b2c += <uint64_t>rc
     if c.closer == 0 and c.flags & (F_C_EOF | F_B_EOF):
         c.closer = 1 if c.flags & F_C_EOF else 2
-    if (rc > 0 or (c.flags & F_B_EOF)) and not (c.flags & F_B_DATA):
-        c.flags |= F_B_DATA             # first byte (or a clean close): the backend works
-        backend_succeeded(b)
+    if not (c.flags & F_B_OK):
+        if c.flags & (F_B_DATA | F_C2B_SENT):
+            c.flags |= F_B_OK           # a byte moved either way: the backend works
+            backend_succeeded(b)
+        elif c.flags & F_B_EOF:
+            conn_early_close(c)         # closed before any byte: a failure, and retried
+            return
     if (c.flags & (F_B_SHUT | F_C_SHUT)) == (F_B_SHUT | F_C_SHUT) and c.c2b.bytes == 0 and c.b2c.bytes == 0:
         conn_close(c, False)            # both directions finished
+        return
+    if c.half_ms == 0 and (c.flags & (F_B_SHUT | F_C_SHUT)):
+        half_close_begin(c)
 
 
 cdef void conn_timeout(Conn *c) noexcept nogil:
+    """c's wheel deadline passed: connect timeout (next backend), flush tick, half-close or idle
+    timeout (a UDP flow: its udp_idle_timeout)."""
     if c.state == CS_UDP_FLOW:
         udp_flow_timeout(c)             # core/udp.pxi
     elif c.state == CS_CONNECTING:
         conn_connect_failed(c, True)
+    elif c.state == CS_FLUSHING:
+        flush_tick(c)
+    elif half_close_expired(c):
+        W.me.half_close_timeouts += 1
+        c.term = FLB_TERM_HALF_CLOSE_TIMEOUT + 1
+        conn_close(c, True)
     else:
         W.me.timeouts_idle += 1
         c.term = FLB_TERM_IDLE_TIMEOUT + 1

@@ -48,13 +48,16 @@ cdef inline uint32_t scan_len(flb_pool_t *p) noexcept nogil:
 
 
 cdef int lb_setup() noexcept nogil:
-    """Allocate the per-pool views and the eligibility map.  Returns 0 or -ENOMEM."""
+    """Allocate the per-pool views, the eligibility map and the backend address copies.  Returns 0
+    or -ENOMEM."""
     cdef uint32_t pi, cap
     cdef PoolView *v
     W.views = <PoolView *>calloc(W.hdr.n_pools + 1, sizeof(PoolView))
     W.ok = <uint8_t *>calloc(W.hdr.n_backends + 1, 1)
     W.rr = <uint32_t *>calloc(W.hdr.n_pools + 1, sizeof(uint32_t))
-    if W.views == NULL or W.ok == NULL or W.rr == NULL:
+    W.addr_copy = <uint8_t *>calloc(W.hdr.n_backends + 1, FLB_ADDR_LEN)
+    W.addr_copy_len = <uint32_t *>calloc(W.hdr.n_backends + 1, sizeof(uint32_t))
+    if W.views == NULL or W.ok == NULL or W.rr == NULL or W.addr_copy == NULL or W.addr_copy_len == NULL:
         return -ENOMEM
     for pi in range(W.hdr.n_pools):
         v = &W.views[pi]

@@ -109,6 +109,8 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
         idx = <uint32_t>(u & 0xFFFFFFFFULL)
         if idx == SPECIAL_SIGNAL:
             read_signals(shutdown_ms)
+        elif idx == SPECIAL_PARENT:
+            orphan_begin()
         elif idx < <uint32_t>W.n_listeners and W.listeners[idx].fd >= 0:
             W.listeners[idx].pending = 1
         return
@@ -119,7 +121,7 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
     c = &W.conns[slot]
     if c.state == CS_FREE or c.gen != gen:
         return                          # stale: the slot was freed (and maybe reused) meanwhile
-    if c.state >= CS_UDP_FLOW:
+    if c.state == CS_UDP_FLOW or c.state == CS_UDP_SPARE:
         udp_event(c, e)                 # core/udp.pxi: a flow's or a spare's backend socket
         return
     if (u & 1) == SIDE_CLIENT:
@@ -160,7 +162,7 @@ cdef void retry_starved() noexcept nogil:
 
 
 cdef void close_condemned() noexcept nogil:
-    """Close the connections of backends whose drain deadline passed (backend.close_conns)."""
+    """Reset (and count) the connections of backends whose drain deadline passed (backend.close_conns)."""
     cdef uint32_t i
     cdef int32_t k
     cdef int any_ = 0
@@ -174,7 +176,7 @@ cdef void close_condemned() noexcept nogil:
         if W.conns[k].state != CS_FREE and W.conns[k].backend != FLB_NONE \
                 and flb_load32(&W.backends[W.conns[k].backend].close_conns):
             W.conns[k].term = FLB_TERM_DRAIN_DEADLINE + 1
-            conn_close(&W.conns[k], False)
+            conn_deadline_reset(&W.conns[k])
 
 
 cdef inline void sync_generation() noexcept nogil:
@@ -186,6 +188,7 @@ cdef inline void sync_generation() noexcept nogil:
         W.generation = g
         lb_refresh()
         routes_refresh()
+        addr_copies_refresh()
         close_condemned()
         W.me.generation_seen = g
 
@@ -238,8 +241,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     W.index = index
     W.rng = (<uint64_t>getpid() << 32) ^ clock_us() ^ 0x9E3779B97F4A7C15ULL
     clock_update()
-    # the control process going away must not leave workers behind: drain and exit
-    prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
+    # the control process going away does not stop the data plane: see core/orphan.pxi
     # a peer that is gone must show up as EPIPE from splice/send, never as a fatal SIGPIPE
     if signal(SIGPIPE, SIG_IGN) == SIG_ERR:
         return -errno
@@ -248,10 +250,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     sigaddset(&mask, SIGINT)
     sigaddset(&mask, SIGHUP)
     sigaddset(&mask, SIGUSR1)           # reopen-the-log is the control process's business
+    sigaddset(&mask, SIGUSR2)           # the control process's upgrade signal: ignored here
     if sigprocmask(SIG_BLOCK, &mask, NULL) < 0:
         return -errno
-    if getppid() == 1:
-        return -3                       # ESRCH: the parent died before PDEATHSIG was armed
     W.sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)
     if W.sfd < 0:
         return -errno
@@ -310,6 +311,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         W.listeners[i].connect_timeout_ms = sl.connect_timeout_ms
         W.listeners[i].idle_timeout_ms = sl.idle_timeout_ms
         W.listeners[i].max_connections = sl.max_connections
+        W.listeners[i].half_close_timeout_ms = sl.half_close_timeout_ms
         W.listeners[i].protocol = sl.protocol
         W.listeners[i].udp_idle_timeout_ms = sl.udp_idle_timeout_ms
         W.listeners[i].udp_responses = sl.udp_responses
@@ -333,23 +335,31 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     W.generation = flb_load64_acq(&W.hdr.generation)
     lb_refresh()
     routes_refresh()
+    addr_copies_refresh()
     W.me.generation_seen = W.generation
+    W.me.heartbeat_ms = W.now_ms        # before state 1: the watchdog reads both
     W.me.pid = getpid()
     W.me.state = 1
     return 0
 
 
 cdef void worker_teardown() noexcept nogil:
+    """Reset (counted: the shutdown deadline ended them) what is still open, close the rest, mark
+    the worker exited."""
     cdef int32_t i
     for i in range(W.n_used):
         if W.conns[i].state != CS_FREE:
             W.conns[i].term = FLB_TERM_SHUTDOWN_DEADLINE + 1
-            conn_close(&W.conns[i], False)
+            if W.conns[i].state == CS_UDP_FLOW or W.conns[i].state == CS_UDP_SPARE:
+                udp_conn_close(&W.conns[i])     # core/udp.pxi: a flow is forgotten, not reset
+            else:
+                conn_deadline_reset(&W.conns[i])
     udp_flush()
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)
     udp_teardown()
     pipes_release_pool()
+    orphan_close()
     close_fd(W.ep)
     close_fd(W.sfd)
     W.me.active = 0
@@ -358,13 +368,19 @@ cdef void worker_teardown() noexcept nogil:
     W.me.state = 3
 
 
-cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdown_ms) noexcept nogil:
-    """The worker: set up, then loop until drained after SIGTERM/SIGINT.  Returns 0 or -errno."""
+cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdown_ms,
+                     uint64_t orphan_ms, int control_pid) noexcept nogil:
+    """The worker: set up, watch the control process, then loop until drained after SIGTERM/SIGINT
+    (or orphan_timeout after the control process died).  Returns 0 or -errno."""
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i, timeout, work
     cdef uint32_t li
     cdef int rc = worker_setup(base, index, fds, nfds)
     if rc < 0:
+        return rc
+    rc = orphan_watch(control_pid, orphan_ms)
+    if rc < 0:
+        W.me.state = 3
         return rc
     work = 1
     while True:
@@ -396,6 +412,7 @@ cdef int worker_main(char *base, int index, int *fds, int nfds, uint32_t shutdow
             retry_starved()
         timers_run()
         work = housekeeping()
+        orphan_check(shutdown_ms)
         if W.stopping and (W.active == 0 or W.now_ms >= W.stop_deadline_ms):
             break
     worker_teardown()

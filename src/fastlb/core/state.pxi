@@ -5,8 +5,11 @@ cdef enum:
     CS_FREE = 0          # slot on the free list
     CS_CONNECTING = 1    # client accepted, non-blocking connect to a backend in flight
     CS_ESTABLISHED = 2   # both sockets open, forwarding both ways
-    CS_UDP_FLOW = 3      # a UDP flow (core/udp.pxi): bfd is its connected backend socket, no cfd
-    CS_UDP_SPARE = 4     # a spare connected UDP socket to `backend`, kept for the next flow (core/udp.pxi)
+    CS_FLUSHING = 3      # one side errored or reset: forwarding what it still held to the other
+                         # side, then waiting (bounded) for that side's send queue to drain, then
+                         # resetting both (core/flush.pxi)
+    CS_UDP_FLOW = 4      # a UDP flow (core/udp.pxi): bfd is its connected backend socket, no cfd
+    CS_UDP_SPARE = 5     # a spare connected UDP socket to `backend`, kept for the next flow (core/udp.pxi)
 
 # Connection flags.  *_RD / *_WR: the socket is known readable / writable (edge-triggered epoll:
 # set by an event, cleared only by EAGAIN).  *_EOF: we read EOF from that side.  *_SHUT: we sent
@@ -28,6 +31,11 @@ cdef enum:
     F_B_HUP = 0x2000
     F_C2B_BULK = 0x4000  # this direction once filled the scratch buffer: splice from now on
     F_B2C_BULK = 0x8000
+    F_C2B_SENT = 0x10000 # a client byte (or the client's EOF) reached the backend: it has worked
+    F_B_OK = 0x20000     # the backend was credited with a success (consecutive_failures reset)
+    F_FLUSH_B = 0x40000  # CS_FLUSHING: the backend is the dead side (its bytes go to the client)
+    F_FLUSH_C = 0x80000  # CS_FLUSHING: the client is the dead side
+    F_FLUSH_END = 0x100000 # CS_FLUSHING: the dead side is read to its end
 
 cdef enum:
     MAX_TRIES = 11       # 1 + the largest `retries` the config accepts
@@ -37,12 +45,15 @@ cdef enum:
     FD_RESERVE = 16      # descriptors kept free for pipes of established connections
     SCRATCH_SIZE = 16384 # recv/send buffer for small messages (per worker, not per connection)
     IDLE_POLL_MS = 100   # epoll_wait timeout when nothing is scheduled sooner
+    FLUSH_TIMEOUT_MS = 1000 # CS_FLUSHING: at most this long (from the last byte moved) before the reset
+    SEQLOCK_TRIES = 4096 # backend_addr(): reads of an odd/moving seq before the last good copy is used
 
 # epoll_event.data.u64: a connection is (gen << 32) | (slot << 1) | side; a listener or the
 # signalfd has the top bit set.  The generation drops stale events for a slot reused in one batch.
 cdef enum:
     SIDE_CLIENT = 0
     SIDE_BACKEND = 1
+    SIDE_NONE = 2        # core/flush.pxi conn_side(): neither socket (a pipe failed)
 cdef uint64_t TAG_SPECIAL = 1ULL << 63
 cdef uint64_t SPECIAL_SIGNAL = 0xFFFFFFFFULL
 
@@ -51,6 +62,7 @@ ctypedef struct Pipe:
     int rfd                 # -1: no pipe held
     int wfd
     uint32_t bytes          # bytes in the pipe, not yet spliced out
+    uint32_t cap            # its capacity (F_GETPIPE_SZ when created): it never holds more
 
 
 ctypedef struct Conn:
@@ -58,7 +70,7 @@ ctypedef struct Conn:
     int bfd
     uint32_t gen
     uint16_t state
-    uint16_t flags
+    uint32_t flags
     uint32_t listener
     uint32_t backend        # global backend index, FLB_NONE while unassigned
     uint64_t key_hash       # hash of the client key, for the hashing algorithms
@@ -67,6 +79,7 @@ ctypedef struct Conn:
     uint8_t peer[FLB_ADDR_LEN]  # the client's sockaddr_in/in6 (accepted, or from a PROXY header)
     uint32_t route          # global route index, FLB_NONE before route_select()
     uint32_t pool           # the pool route_select() chose, FLB_NONE before
+    uint64_t half_ms        # when the first direction finished (half_close_timeout), 0 = not yet
     uint8_t attempts        # connect attempts so far
     uint32_t tried[MAX_TRIES]
     Pipe c2b                # client -> backend
@@ -118,6 +131,7 @@ ctypedef struct Listener:
     uint32_t connect_timeout_ms
     uint32_t idle_timeout_ms
     uint32_t max_connections
+    uint32_t half_close_timeout_ms
     int pending             # may have connections waiting in the accept queue
     int paused_full         # stopped at max_connections
     uint64_t paused_until   # ms: EMFILE back-off
@@ -158,6 +172,7 @@ ctypedef struct Worker:
     uint64_t generation
     # pipe pool
     int *pool_fds           # pairs (rfd, wfd)
+    uint32_t *pool_caps     # capacity of each pooled pipe
     int n_pooled
     int pool_cap
     int pipe_size
@@ -176,6 +191,9 @@ ctypedef struct Worker:
     flb_sni_t *snis
     uint64_t *route_pools   # [n_routes][n_pools] connections per route and pool
     RouteView *rviews       # per route: the local copy of its split
+    uint8_t *addr_copy      # per backend: last address read under an even seq (FLB_ADDR_LEN each)
+    uint32_t *addr_copy_len # its length; 0 = never read
+    int err_fd              # the descriptor whose call failed when pump() returned -errno
     uint64_t rng
     # lifecycle
     int stopping

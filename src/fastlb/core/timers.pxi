@@ -1,4 +1,4 @@
-# core/timers.pxi - a hashed timer wheel for the connect and idle timeouts.
+# core/timers.pxi - a hashed timer wheel for the connect, idle and half-close timeouts.
 #
 # Lazy deadlines: a connection sits in the wheel at a tick no later than its real deadline; traffic
 # only stores `active_ms` (no wheel work per event).  When its tick comes, the real deadline is
@@ -59,15 +59,23 @@ cdef void timer_schedule(Conn *c, uint64_t deadline_ms) noexcept nogil:
 
 
 cdef uint64_t conn_deadline(Conn *c) noexcept nogil:
-    """The moment c times out, in ms (0xFFFF... = never)."""
+    """The moment c times out, in ms (0xFFFF... = never): the connect deadline, every tick while
+    flushing (core/flush.pxi), else the sooner of the idle and the half-close deadlines."""
     cdef Listener *l = &W.listeners[c.listener]
+    cdef uint64_t d = 0xFFFFFFFFFFFFFFFFULL, h
     if c.state == CS_CONNECTING:
         return c.start_us // 1000ULL + l.connect_timeout_ms
     if c.state == CS_UDP_FLOW:
         return c.active_ms + l.udp_idle_timeout_ms
-    if l.idle_timeout_ms == 0:
-        return 0xFFFFFFFFFFFFFFFFULL
-    return c.active_ms + l.idle_timeout_ms
+    if c.state == CS_FLUSHING:
+        return 0
+    if l.idle_timeout_ms != 0:
+        d = c.active_ms + l.idle_timeout_ms
+    if c.half_ms != 0 and l.half_close_timeout_ms != 0:
+        h = c.half_ms + l.half_close_timeout_ms
+        if h < d:
+            d = h
+    return d
 
 
 cdef void timers_run() noexcept nogil:

@@ -359,7 +359,9 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
             flb_add64(&b.total, 1)
             rc[0] = 0
             return s
-        alen = backend_addr(b, addr)
+        alen = backend_addr(idx, addr)
+        if alen == 0:
+            continue                    # no address to use right now (conn.pxi): the next pick
         fd = socket((<sockaddr *>addr).sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
             e = errno

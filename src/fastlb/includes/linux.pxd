@@ -40,7 +40,18 @@ cdef extern from "<fcntl.h>" nogil:
         F_GETPIPE_SZ
         O_NONBLOCK
         O_CLOEXEC
+        O_RDONLY
     int fcntl(int fd, int cmd, ...)
+    int open(const char *path, int flags)
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ            # bytes in a TCP socket's send queue (unsent + unacknowledged)
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -81,6 +92,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_RDWR
         MSG_DONTWAIT
         MSG_NOSIGNAL
+        MSG_PEEK
         SOCK_DGRAM
         MSG_TRUNC
         MSG_CTRUNC
@@ -179,6 +191,7 @@ cdef extern from "<signal.h>" nogil:
         SIGHUP
         SIGPIPE
         SIGUSR1
+        SIGUSR2
 
 
 cdef extern from "<sys/signalfd.h>" nogil:
@@ -236,3 +249,11 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     int getpid()
     int getppid()
+
+
+cdef extern from "<sys/syscall.h>" nogil:
+    # pidfd_open(2) (Linux 5.3): glibc before 2.36 has no wrapper, so it is called through syscall()
+    enum:
+        SYS_pidfd_open
+    long syscall(long number, ...)
+    unsigned int geteuid()

@@ -187,7 +187,11 @@ typedef struct {
     uint32_t sni_policy;         /* enum flb_sni_policy */
     uint64_t no_route;           /* connections no route took (or sni_policy = reject) */
     uint64_t _rpad[3];
-    /* UDP (issue 13): configuration (control writes before fork) - own cache line (offset 256) */
+    /* dprel (issue 9, data-plane reliability): configuration, control writes before fork */
+    uint32_t half_close_timeout_ms; /* after one side finished (EOF forwarded), the other side gets
+                                    this long; then the connection is reset.  0 = no limit */
+    uint32_t _dpad[15];
+    /* UDP (issue 13): configuration (control writes before fork) - own cache line (offset 320) */
     uint32_t protocol;           /* enum flb_protocol */
     uint32_t udp_idle_timeout_ms; /* a flow with no datagram either way for this long is closed */
     uint32_t udp_responses;      /* replies expected per client datagram; 0 = unknown (idle timeout only) */
@@ -207,7 +211,7 @@ typedef struct {
     uint64_t udp_expired_responses; /* flows closed after udp_responses replies per datagram */
     uint64_t udp_drop_unexpected; /* backend datagrams past the expected replies (udp_responses) */
     uint64_t _ucpad[6];
-} flb_listener_t;                /* 448 bytes */
+} flb_listener_t;                /* 512 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -294,6 +298,23 @@ typedef struct {
     uint64_t splice_errors;
     uint64_t conn_capacity;      /* slab slots */
     uint64_t generation_seen;
+    /* process lifecycle (procrel) */
+    uint64_t orphaned_since_ms;  /* CLOCK_MONOTONIC ms when this worker saw its control process
+                                    die (0: it has a control process); it then drains and exits
+                                    orphan_timeout later, or when a new fastlb takes over */
+    uint32_t control_pid;        /* the control process this worker watches (a pidfd) */
+    uint32_t _lpad;
+    uint64_t _lcpad[6];
+    /* dprel (issue 9, data-plane reliability) */
+    uint32_t pipe_size;          /* smallest pipe capacity (bytes) this worker has got so far */
+    uint32_t pipe_pool_cap;      /* idle pipes it keeps at most (sized from pipe-user-pages-soft) */
+    uint64_t pipes_small;        /* pipes that came out smaller than the default 64 KiB */
+    uint64_t deadline_resets;    /* connections reset by shutdown_timeout or drain_timeout */
+    uint64_t half_close_timeouts; /* connections reset by half_close_timeout */
+    uint64_t seqlock_fallbacks;  /* backend address read from the worker's last good copy */
+    uint64_t flushed_resets;     /* resets delivered after forwarding what the dead side held */
+    uint64_t early_close_retries; /* connections retried after a backend closed before any byte */
+    uint64_t _dpad;
     /* UDP (issue 13) */
     uint64_t udp_flows;          /* flows open in this worker now */
     uint64_t udp_rx_calls;       /* recvmmsg calls on listening sockets that returned datagrams */
@@ -303,7 +324,7 @@ typedef struct {
     uint64_t udp_flow_capacity;  /* flows this worker's table can hold */
     uint64_t udp_socket_errors;  /* socket()/connect() for a flow failed (EMFILE, ENETUNREACH...) */
     uint64_t _upad;
-} flb_worker_t;                  /* 192 bytes */
+} flb_worker_t;                  /* 320 bytes */
 
 /* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
  * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
@@ -408,13 +429,13 @@ typedef struct {
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");
-_Static_assert(sizeof(flb_listener_t) == 448, "listener size");
+_Static_assert(sizeof(flb_listener_t) == 512, "listener size");
 _Static_assert(sizeof(flb_pool_t) == 256, "pool size");
 _Static_assert(sizeof(flb_cidr_t) == 64, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
 _Static_assert(sizeof(flb_backend_t) == 448, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 192, "worker size");
+_Static_assert(sizeof(flb_worker_t) == 320, "worker size");
 
 #endif

@@ -117,6 +117,7 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t sni_timeout_ms
         uint32_t sni_policy
         uint64_t no_route
+        uint32_t half_close_timeout_ms
         uint32_t protocol
         uint32_t udp_idle_timeout_ms
         uint32_t udp_responses
@@ -198,6 +199,16 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t splice_errors
         uint64_t conn_capacity
         uint64_t generation_seen
+        uint64_t orphaned_since_ms
+        uint32_t control_pid
+        uint32_t pipe_size
+        uint32_t pipe_pool_cap
+        uint64_t pipes_small
+        uint64_t deadline_resets
+        uint64_t half_close_timeouts
+        uint64_t seqlock_fallbacks
+        uint64_t flushed_resets
+        uint64_t early_close_retries
         uint64_t udp_flows
         uint64_t udp_rx_calls
         uint64_t udp_rx_datagrams

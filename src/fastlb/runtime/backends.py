@@ -353,7 +353,7 @@ class BackendManager:
                     slot.weight = bc.weight
                 if slot.address != str(bc.address):
                     self.region.set_backend(
-                        slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight
+                        slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight, fresh=False
                     )
                     slot.address = str(bc.address)
                     log.info("pool %s backend %s: address now %s (reload)", name, bc.name, bc.address)

@@ -1,9 +1,11 @@
 """The control process of `fastlb serve`: shared memory, workers, the control socket, publishing.
 
-It creates the shared region from the config, starts one worker per CPU (a bare interpreter that
-runs the nogil loop of fastlb._core, see fastlb.worker), restarts a worker that dies, answers the
-control socket (status, weights, drain), and on SIGTERM/SIGINT stops accepting, lets connections
-finish up to shutdown_timeout and exits 0.  Everything per connection happens in the workers; this process only writes
+It creates the shared region from the config, opens the listening sockets and keeps them
+(runtime/listeners.py), starts one worker per CPU (a bare interpreter that runs the nogil loop of
+fastlb._core, see fastlb.worker), restarts a worker that dies or stalls (on the same sockets: its
+accept queue survives), answers the control socket (status, weights, drain, takeover: see
+runtime/takeover.py), and on SIGTERM/SIGINT stops accepting, lets connections finish up to
+shutdown_timeout and exits 0.  Everything per connection happens in the workers; this process only writes
 configuration and states into shared memory and reads counters back.
 """
 
@@ -24,12 +26,17 @@ from typing import TYPE_CHECKING
 from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
+from fastlb.config.model import MAX_SUN_PATH
 from fastlb.control.server import handle_request
+from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
+from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
+from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
 from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.tables import table_capacity
-from fastlb.runtime.udp import udp_listen_socket, udp_listener_fields, udp_listener_status
+from fastlb.runtime.udp import udp_listener_fields, udp_listener_status
+from fastlb.runtime.watchdog import Watchdog
 from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
 if TYPE_CHECKING:
@@ -66,32 +73,17 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify %s failed: %s", message, exc)
 
 
-def _listen_socket(family: int, sockaddr: tuple, backlog: int, protocol: str = "tcp") -> socket.socket:
-    if protocol == "udp":
-        return udp_listen_socket(family, sockaddr)
-    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind(sockaddr)
-        s.listen(backlog)
-        s.setblocking(False)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
 class Supervisor:
     """Owns the region and the workers; one instance per `fastlb serve`."""
 
-    def __init__(self, config: Config, workers: int | None = None) -> None:
+    def __init__(
+        self, config: Config, workers: int | None = None, predecessor: takeover.Predecessor | None = None
+    ) -> None:
         check_layout()
         self.config = config
         self.n_workers = workers or config.global_.workers
+        self.workers_override = workers
+        self.successor_pid = 0  # an upgrade (SIGUSR2) in progress: the new instance's pid
         self.shutdown_timeout = config.global_.shutdown_timeout
         self.pools: dict[str, PoolState] = {}
         self.pids: dict[int, int] = {}  # pid -> worker index
@@ -104,9 +96,17 @@ class Supervisor:
         self._control_server: asyncio.AbstractServer | None = None
         self._all_exited: asyncio.Event | None = None  # set once stopping and no worker is left
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
+        self._control_path = ""
+        self.control_pid = os.getpid()  # what a worker watches (it must not read it after fork)
+        self._control_ino = 0
+        self.predecessor = predecessor or takeover.Predecessor()
+        self.listeners = ListenerSockets(config, self.n_workers)
+        self.runfile_path = runfile.path_for(config.global_.control_socket)
+        self.watchdog = Watchdog(self, config.global_.worker_stall_timeout)
         self.region = self._build_region()
         self.backends = BackendManager(self.region, self.pools)
         self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
+        self.dataplane = DataPlaneWatch(self.region, self.n_workers)
         self.checker: HealthChecker | None = None
         self.discovery: Discovery | None = None
         self.access_log: AccessLog | None = None
@@ -156,19 +156,41 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                round(lc.half_close_timeout * 1000),
                 **udp_listener_fields(lc),
             )
         return region
 
     # --- workers -----------------------------------------------------------------------------
 
-    def check_binds(self) -> None:
-        """Fail early, with the listener's name, if an address cannot be bound."""
-        for lc in self.config.listeners.values():
-            try:
-                _listen_socket(lc.bind.family, lc.bind.sockaddr(), 1, lc.protocol).close()
-            except OSError as exc:
-                raise StartupError(f"listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}") from None
+    def open_listeners(self) -> None:
+        """Open (or inherit from a predecessor) every listening socket; fail early, with the
+        listener's name, if an address cannot be bound."""
+        log_migrate_req()
+        try:
+            self.listeners.open(self.predecessor.sockets)
+        except BindError as exc:
+            raise StartupError(str(exc)) from None
+        finally:
+            self.predecessor.sockets = {}
+
+    def write_runfile(self) -> None:
+        """Record this control process and its workers (pid, start time, listening fds).  Not once
+        stopping: after a takeover the file is the successor's."""
+        if self.stopping:
+            return
+        entries = []
+        fds_of = {}
+        for t in self.listeners.table():
+            fds_of.setdefault(t["worker"], []).append({"name": t["name"], "bind": t["bind"], "fd": t["fd"]})
+        for pid, index in self.pids.items():
+            started = runfile.start_time(pid)
+            if started is not None:
+                entries.append(runfile.WorkerEntry(index, pid, started, fds_of.get(index, [])))
+        try:
+            runfile.write(self.runfile_path, self.config.file, entries)
+        except OSError as exc:
+            log.warning("runtime file %s: %s", self.runfile_path, exc.strerror)
 
     def spawn(self, index: int) -> int:
         self.region.reset_worker(index)
@@ -186,33 +208,30 @@ class Supervisor:
         self.pids[pid] = index
         self.started_at[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, pid)
+        self.write_runfile()
         return pid
 
     def _worker_child(self, index: int) -> int:
-        """In the forked child: open this worker's listening sockets, then exec a bare interpreter
-        running fastlb.worker (see there why), which maps the region from its memfd."""
+        """In the forked child: keep the region's memfd and this worker's listening sockets (the
+        control process's own, so a replacement gets the same ones back), then exec a bare
+        interpreter running fastlb.worker (see there why), which maps the region from its memfd."""
         # signals stay blocked from before fork() and across exec: the loop takes them through a
-        # signalfd.  Drop every descriptor inherited from the control process (its event loop, the
-        # control socket, health-check connections in flight) except the region's memfd.
+        # signalfd.  Drop every other descriptor inherited from the control process (its event
+        # loop, the control socket, other workers' listening sockets, health checks in flight).
         signal.set_wakeup_fd(-1)
         region_fd = self.region.fd
-        os.closerange(3, region_fd)
-        os.closerange(region_fd + 1, os.sysconf("SC_OPEN_MAX"))
-        socks = []
-        for lc in self.config.listeners.values():
-            try:
-                socks.append(_listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog, lc.protocol))
-            except OSError as exc:
-                print(
-                    f"fastlb: worker {index}: listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 3
-        fds = [s.detach() for s in socks]
+        fds = self.listeners.fds(index)
+        low = 3
+        for fd in sorted({region_fd, *fds}):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, os.sysconf("SC_OPEN_MAX"))
         for fd in (region_fd, *fds):
             os.set_inheritable(fd, True)
-        argv = worker.command(index, region_fd, fds, self.shutdown_timeout)
+        g = self.config.global_
+        argv = worker.command(
+            index, region_fd, fds, self.shutdown_timeout, g.orphan_timeout, self.control_pid
+        )
         os.execv(argv[0], argv)
         return 70  # not reached: execv raises on failure
 
@@ -234,7 +253,14 @@ class Supervisor:
                 return
             index = self.pids.pop(pid, None)
             if index is None:
+                if pid == self.successor_pid and not self.stopping:
+                    self.successor_pid = 0
+                    log.error(
+                        "upgrade failed: the new instance exited (%s)",
+                        _describe_exit(os.waitstatus_to_exitcode(status)),
+                    )
                 continue
+            self.write_runfile()
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 log.info("worker %d (pid %d) exited (%s)", index, pid, _describe_exit(code))
@@ -246,7 +272,9 @@ class Supervisor:
                 self.startup_failure = f"worker {index} failed to start ({_describe_exit(code)})"
                 continue
             log.error("worker %d (pid %d) died (%s); restarting it", index, pid, _describe_exit(code))
-            quick = time.monotonic() - self.started_at.get(index, 0.0) < 5.0
+            # killed from outside (kill -9, the OOM killer, our watchdog): back at once, on the same
+            # sockets.  Back-off is only for a worker that keeps dying by itself.
+            quick = code != -signal.SIGKILL and time.monotonic() - self.started_at.get(index, 0.0) < 5.0
             self.restarts[index] = self.restarts.get(index, 0) + 1 if quick else 0
             delay = min(RESTART_BACKOFF_MAX, 0.1 * (2 ** self.restarts[index])) if quick else 0.0
             asyncio.get_running_loop().call_later(delay, self._restart, index)
@@ -265,10 +293,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._all_exited = asyncio.Event()
         self._tick_wake = asyncio.Event()
-        self.check_binds()
+        self.open_listeners()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR2, self.upgrade)
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for i in range(self.n_workers):
             self.spawn(i)
@@ -283,6 +312,8 @@ class Supervisor:
         self.ready = True
         self._start_access_log()
         await self._start_control_socket()
+        self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
+        self.write_runfile()
         tasks = [asyncio.create_task(self._tick_loop())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
@@ -319,8 +350,10 @@ class Supervisor:
             self._tick_wake.clear()
             try:
                 self.backends.tick()
+                self.dataplane.check()
             except Exception:
                 log.exception("periodic backend update failed")
+            self.watchdog.check()
 
     def _start_access_log(self) -> None:
         g = self.config.global_
@@ -408,7 +441,24 @@ class Supervisor:
             log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
         log.info("reloaded %s", path)
 
-    def begin_shutdown(self, sig: signal.Signals | None) -> None:
+    def upgrade(self) -> None:
+        """SIGUSR2: restart in place without refusing a connection (runtime/takeover.py)."""
+        if self.stopping or self.successor_pid:
+            log.warning(
+                "upgrade: %s; SIGUSR2 ignored", "stopping" if self.stopping else "already in progress"
+            )
+            return
+        try:
+            self.successor_pid = takeover.spawn_successor(self.config.file, self.workers_override)
+        except OSError as exc:
+            log.error("upgrade failed: cannot start a new instance: %s", exc)
+            return
+        log.info("upgrade: started pid %d with --takeover", self.successor_pid)
+
+    def begin_shutdown(self, sig: signal.Signals | None, successor: int | None = None) -> None:
+        """Stop accepting (close the listening sockets: new connections are refused, unless a
+        successor holds them too), tell the workers to drain, exit when they are gone.
+        successor: the pid of the fastlb that took over; systemd is told it is the main process."""
         if self.stopping:
             return
         self.stopping = True
@@ -416,8 +466,12 @@ class Supervisor:
         if not self.pids and self._all_exited is not None:
             self._all_exited.set()
         name = sig.name if sig is not None else "startup failure"
+        if successor is not None:
+            name = f"taken over by pid {successor}"
         log.info("%s: stop accepting, letting connections finish (up to %.1fs)", name, self.shutdown_timeout)
-        sd_notify("STOPPING=1")
+        if successor is None:
+            sd_notify("STOPPING=1")
+        self.listeners.close()
         self.region.set_stopping()
         for pid in list(self.pids):
             with contextlib.suppress(ProcessLookupError):
@@ -426,26 +480,37 @@ class Supervisor:
     # --- control socket ------------------------------------------------------------------------
 
     async def _start_control_socket(self) -> None:
+        """Bind the control socket under a temporary name and rename(2) it over the configured path:
+        whoever connects to the path reaches either the previous instance (during a takeover) or
+        this one, never nothing."""
         path = self.config.global_.control_socket
+        tmp = _temp_socket_path(path)
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(tmp)
             old_umask = os.umask(0o177)
             try:
-                self._control_server = await asyncio.start_unix_server(self._serve_client, path)
+                self._control_server = await asyncio.start_unix_server(self._serve_client, tmp)
             finally:
                 os.umask(old_umask)
-            os.chmod(path, 0o600)
+            os.chmod(tmp, 0o600)
+            if tmp != path:
+                os.rename(tmp, path)
             self._control_path = path
+            self._control_ino = os.stat(path).st_ino
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             log.error("control socket %s: %s (runtime control disabled)", path, exc)
 
     async def _stop_control_socket(self) -> None:
         if self._control_server is not None:
             self._control_server.close()
             with contextlib.suppress(OSError):
-                os.unlink(self._control_path)
+                if os.stat(self._control_path).st_ino == self._control_ino:  # not a successor's
+                    os.unlink(self._control_path)
+        runfile.remove_if_mine(self.runfile_path)
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -457,10 +522,21 @@ class Supervisor:
                     break
                 if not line:
                     break
-                reply = handle_request(self, line)
+                req = _takeover_request(line)
+                if req is not None:
+                    reply = takeover.answer(self, req, writer)
+                    if reply is None:
+                        continue  # the handover reply went out with its descriptors
+                else:
+                    reply = handle_request(self, line)
+                if req is not None and req.get("cmd") == "shutdown" and reply.get("successor"):
+                    # before the reply: the successor's READY=1 must find it the main pid already
+                    sd_notify(f"MAINPID={reply['successor']}")
                 self.poke()
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
+                if req is not None and req.get("cmd") == "shutdown":
+                    self.begin_shutdown(None, successor=reply.get("successor"))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -490,6 +566,7 @@ class Supervisor:
                         "connect_errors": b["connect_errors"],
                         "connect_timeouts": b["connect_timeouts"],
                         "resets": b["resets"],
+                        "early_closes": b["early_closes"],
                         "consecutive_failures": b["consecutive_failures"],
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
@@ -561,20 +638,50 @@ def _state_name(b: dict) -> str:
     return "up"
 
 
+def _temp_socket_path(path: str) -> str:
+    """A name next to `path` to bind the control socket under before renaming it over `path`; `path`
+    itself when no such name fits the unix socket limit (then the replacement is not atomic)."""
+    for tmp in (f"{path}.{os.getpid()}.new", os.path.join(os.path.dirname(path), f".{os.getpid()}")):
+        if len(tmp.encode("utf-8", "surrogatepass")) <= MAX_SUN_PATH:
+            return tmp
+    return path
+
+
+def _takeover_request(line: bytes) -> dict | None:
+    """The request if it is one runtime/takeover.py answers ("handover", "shutdown"), else None."""
+    if b"handover" not in line and b"shutdown" not in line:
+        return None
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(req, dict) and req.get("cmd") in ("handover", "shutdown"):
+        return req
+    return None
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"exit code {code}"
 
 
-def serve(config: Config, workers: int | None = None) -> int:
-    """Run `fastlb serve` until stopped; returns the process exit code."""
-    sup = Supervisor(config, workers)
+def serve(config: Config, workers: int | None = None, takeover_: bool = False) -> int:
+    """Run `fastlb serve` until stopped; returns the process exit code.  takeover_: replace a
+    running instance with the same control socket (`fastlb serve --takeover`)."""
+    try:
+        predecessor = takeover.prepare(config, takeover_)
+    except takeover.TakeoverError as exc:
+        print(f"fastlb: {exc}", file=sys.stderr, flush=True)
+        return 1
+    sup = Supervisor(config, workers, predecessor)
     try:
         return asyncio.run(sup.run())
     except StartupError as exc:
         log.error("%s", exc)
+        predecessor.abandon()
         for pid in list(sup.pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        runfile.remove_if_mine(sup.runfile_path)
         return 1

@@ -1,0 +1,132 @@
+"""Restarts without dropping anything: `fastlb serve --takeover` receives the running instance's
+listening sockets over the control socket (SCM_RIGHTS), starts its workers on them, then the old
+instance stops accepting and drains.  Under load (short connections in a loop and long byte-exact
+echo transfers): 0 failed client connections, every long transfer completes byte-exact."""
+
+from __future__ import annotations
+
+import signal
+
+import psutil
+import pytest
+
+from fastlb.control import ControlClient
+from fastlb.runtime import runfile
+from support.backends import server
+from support.helpers import wait_until
+from support.load import Load
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _restarts(fastlb, backends, n: int) -> None:
+    b = backends(server("a", "id"), server("b", "id"))
+    lb = fastlb([("a", b.address("a"), None), ("b", b.address("b"), None)], workers=2)
+    first = lb
+    instances = [lb]
+    load = Load(lb.addr, short_threads=3, long_transfers=2).start()
+    try:
+        load.wait_short(50)
+        for _ in range(n):
+            old = instances[-1]
+            new = fastlb.again(old, "--takeover")
+            instances.append(new)
+            assert new.pid != old.pid
+            wait_until(lambda o=old: "taken over by pid" in o.log_text(), 15, "the old instance to hand over")
+            st = ControlClient(str(lb.dir / "control.sock")).status()
+            assert st["pid"] == new.pid, "the control socket does not lead to the new instance"
+            load.wait_short(30)
+    finally:
+        res = load.stop()
+    assert res.failures == [], res.describe()
+    assert res.long_failures == [] and res.long_ok == 2, res.describe()
+    assert res.long_bytes > 0
+    # every replaced instance drains (its long transfers ended with the load) and exits 0
+    for old in instances[:-1]:
+        assert old.wait_exit(40) == 0, old.log_text()
+    wait_until(lambda: all(_gone(p) for p in first._known), 20, "the first instance's workers to exit")
+    assert instances[-1].proc.poll() is None
+    # the runtime file (for a crash takeover later) names the newest instance and its workers
+    rf = runfile.read(str(lb.dir / "control.sock.run.json"))
+    assert rf is not None and rf.control_pid == instances[-1].pid
+    assert {w.pid for w in rf.workers} == instances[-1].worker_pids()
+
+
+def test_takeover_restarts_under_load_drop_nothing(backends, fastlb):
+    _restarts(fastlb, backends, 5)
+
+
+@pytest.mark.slow
+def test_twenty_takeover_restarts_under_load(backends, fastlb):
+    _restarts(fastlb, backends, 20)
+
+
+def test_sigusr2_restarts_in_place_and_hands_systemd_the_new_main_pid(backends, fastlb):
+    """The upgrade signal: the control process starts `fastlb serve --takeover` itself (in the same
+    cgroup under systemd); the old one tells NOTIFY_SOCKET `MAINPID=new`, the new one sends READY=1."""
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=2)
+    load = Load(lb.addr, short_threads=3, long_transfers=1).start()
+    try:
+        load.wait_short(50)
+        lb.signal(signal.SIGUSR2)
+
+        def notes() -> list[tuple[float, int, str]]:
+            lb.notified("READY=1")  # receives whatever has arrived
+            return lb.notifications
+
+        def main_pid() -> int | None:
+            for _, sender, text in notes():
+                for line in text.split("\n"):
+                    if line.startswith("MAINPID=") and sender == lb.pid:
+                        return int(line[len("MAINPID=") :])
+            return None
+
+        new_pid = wait_until(main_pid, 20, "MAINPID= from the old main pid")
+        new = psutil.Process(new_pid)
+        lb._known[new_pid] = new  # teardown: the new instance lives in the old one's process group
+        assert new.ppid() == lb.pid and "--takeover" in new.cmdline()
+        wait_until(
+            lambda: (
+                any(s == new_pid and "READY=1" in t.split("\n") for _, s, t in lb.notifications)
+                or lb.notified("READY=1") is None
+            ),
+            20,
+            "READY=1 from the new main pid",
+        )
+        for w in new.children():
+            lb._known[w.pid] = w
+        load.wait_short(50)
+    finally:
+        res = load.stop()
+    assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
+    assert lb.wait_exit(40) == 0
+    assert ControlClient(str(lb.dir / "control.sock")).status()["pid"] == new_pid
+
+
+def test_takeover_applies_a_changed_config_and_more_workers(backends, fastlb):
+    """The new instance re-reads the config: here one more worker (a new socket joins the handed-over
+    one's SO_REUSEPORT group) and another idle_timeout."""
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=1)
+    load = Load(lb.addr, short_threads=3).start()
+    try:
+        load.wait_short(50)
+        new = fastlb.again(lb, "--takeover", start=False)
+        new.workers = 2
+        new.config_path.write_text(lb.config_text.replace('idle_timeout = "5m"', 'idle_timeout = "7m"'))
+        new.start()
+        assert "received 1 listening sockets" in new.log_text()
+        assert len(new.wait_workers(2)) == 2
+        load.wait_short(100)
+    finally:
+        res = load.stop()
+    assert res.failures == [], res.describe()
+    assert lb.wait_exit(40) == 0
+    st = ControlClient(str(lb.dir / "control.sock")).status()
+    assert st["pid"] == new.pid and len(st["workers"]) == 2
