@@ -6,9 +6,6 @@ types; everything UDP-specific about the configuration lives here.
 
 from __future__ import annotations
 
-import dns.exception
-import dns.name
-
 from fastlb.config.values import _fmt_seconds, _quote, _Table
 
 PROTOCOLS = ("tcp", "udp")
@@ -94,6 +91,9 @@ def health_udp_fields(kind: str, t: _Table) -> dict:
             "query", 'missing required key for type = "dns" (a name to ask for, e.g. "example.com")'
         )
     query = t.get_str("query", "")
+    import dns.exception  # only for a dns check: fastlb without one runs without dnspython
+    import dns.name
+
     try:
         name = dns.name.from_text(query)
     except dns.exception.DNSException as exc:

@@ -78,8 +78,8 @@ cdef void begin_drain(uint32_t shutdown_ms) noexcept nogil:
     W.stop_deadline_ms = W.now_ms + shutdown_ms
     W.me.state = 2
     for i in range(W.n_listeners):
-        # a UDP listener's socket also carries the replies: it stays open (no new flows) until
-        # the worker's flows are gone (core/udp.pxi)
+        # a UDP listener's socket also carries the replies: it stays open (but is not read any
+        # more) until the worker's flows are gone (core/udp.pxi)
         if W.listeners[i].fd >= 0 and W.listeners[i].protocol != FLB_PROTO_UDP:
             close_fd(W.listeners[i].fd)
             W.listeners[i].fd = -1
