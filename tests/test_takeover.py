@@ -5,7 +5,12 @@ echo transfers): 0 failed client connections, every long transfer completes byte
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,6 +18,7 @@ import pytest
 from fastlb.control import ControlClient
 from fastlb.runtime import runfile
 from support.backends import server
+from support.clients import assert_one_line_error, cli
 from support.helpers import wait_until
 from support.load import Load
 
@@ -130,3 +136,63 @@ def test_takeover_applies_a_changed_config_and_more_workers(backends, fastlb):
     assert lb.wait_exit(40) == 0
     st = ControlClient(str(lb.dir / "control.sock")).status()
     assert st["pid"] == new.pid and len(st["workers"]) == 2
+
+
+def test_takeover_by_a_different_build(backends, fastlb, tmp_path):
+    """A binary upgrade: the new instance runs another copy of fastlb (its own compiled data plane,
+    another version string) and takes the sockets over all the same."""
+    import fastlb as pkg
+
+    build = tmp_path / "build2"
+    shutil.copytree(Path(pkg.__file__).parent, build / "fastlb", ignore=shutil.ignore_patterns("__pycache__"))
+    (build / "fastlb" / "_version.py").write_text('__version__ = "99.0.0+other-build"\n')
+    env = {"PYTHONPATH": str(build)}
+    version = subprocess.run(
+        [sys.executable, "-m", "fastlb", "--version"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert "99.0.0+other-build" in version.stdout, version
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=2)
+    load = Load(lb.addr, short_threads=3, long_transfers=1).start()
+    try:
+        load.wait_short(50)
+        new = fastlb.again(lb, "--takeover", start=False)
+        new.env = env
+        new.start()
+        for pid in new.wait_workers(2):
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert str(build / "fastlb" / "_core") in maps, "the new workers run the other build"
+        load.wait_short(100)
+    finally:
+        res = load.stop()
+    assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
+    assert lb.wait_exit(40) == 0
+
+
+def test_upgrade_command_restarts_in_place(backends, fastlb):
+    """`fastlb upgrade -c FILE`: the running control process starts its successor itself (so under
+    systemd it stays in the service), the command waits until the successor answers."""
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=2)
+    load = Load(lb.addr, short_threads=3, long_transfers=1).start()
+    try:
+        load.wait_short(50)
+        r = cli("upgrade", "-c", str(lb.config_path), timeout=90)
+        assert r.returncode == 0, r
+        old, new = (int(x) for x in r.stdout.split("pid ")[1].split(" -> "))
+        assert old == lb.pid
+        proc = psutil.Process(new)
+        lb._known[new] = proc  # teardown: it lives in the old instance's process group
+        for w in proc.children():
+            lb._known[w.pid] = w
+        load.wait_short(50)
+    finally:
+        res = load.stop()
+    assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
+    assert lb.wait_exit(40) == 0
+    assert ControlClient(str(lb.dir / "control.sock")).status()["pid"] == new
+    again = cli("upgrade", "--socket", str(lb.dir / "nowhere.sock"))
+    assert_one_line_error(again, "cannot reach fastlb")

@@ -122,7 +122,9 @@ cdef class Region:
             raise OSError("mmap of the shared region failed")
         self.size = size
         self.hdr = <flb_header_t *>self.base
-        memset(self.base, 0, size)
+        # No memset: a new memfd reads as zeros, and its pages are only allocated when first
+        # written.  Zeroing all of it would allocate every table buffer up front (two per pool,
+        # 4 bytes x maglev_table_size each: ~40 MB per pool at 5000011) before any is used.
         self.hdr.layout_version = FLB_LAYOUT_VERSION
         self.hdr.header_size = sizeof(flb_header_t)
         self.hdr.total_size = size
@@ -230,10 +232,12 @@ cdef class Region:
 
     # --- configuration (before fork, or published afterwards) ------------------------------
 
-    def set_listener(self, int i, str name, int pool, int connect_timeout_ms, int idle_timeout_ms,
-                     int max_connections, bytes sockaddr, uint32_t half_close_timeout_ms=0,
-                     str protocol="tcp", int udp_idle_timeout_ms=0, int udp_responses=0, int max_flows=0,
-                     bint udp_pktinfo=False) -> None:
+    def set_listener(self, int i, str name, int pool, uint32_t connect_timeout_ms,
+                     uint32_t idle_timeout_ms, uint32_t max_connections, bytes sockaddr,
+                     uint32_t half_close_timeout_ms=0, str protocol="tcp", uint32_t udp_idle_timeout_ms=0,
+                     uint32_t udp_responses=0, uint32_t max_flows=0, bint udp_pktinfo=False) -> None:
+        """Timeouts and max_connections are the record's uint32 fields: the config's limits (30 days
+        of milliseconds, 10,000,000 connections) fit them, so whatever check-config accepts is stored."""
         cdef flb_listener_t *l = self._listener(i)
         if len(sockaddr) > FLB_ADDR_LEN:
             raise ValueError("sockaddr too long")

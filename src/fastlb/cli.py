@@ -57,6 +57,9 @@ def _setup_logging(level: str) -> None:
         format=f"%(asctime)s fastlb[{__import__('os').getpid()}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    from fastlb.runtime.log_limit import install
+
+    install()  # repeated identical lines: at most 5 per 10 s, then one with a count
 
 
 def _load_or_exit(config_file: str):  # -> Config
@@ -229,6 +232,35 @@ def set_split(
         return " ".join(f"{p}={w}" for p, w in s.items())
 
     click.echo(f"{listener}/{route}: {fmt(r['previous'])} -> {fmt(r['weights'])}")
+
+
+@main.command()
+@_control_options
+@click.option(
+    "--timeout", type=click.FloatRange(1, 600), default=60.0, help="Seconds to wait for the new one."
+)
+def upgrade(config_file: str | None, socket_path: str | None, timeout: float) -> None:
+    """Restart the running fastlb in place, dropping no connection: it starts `fastlb serve --takeover`
+    (from the fastlb installed now) in its own service, which takes the listening sockets over; the
+    old one drains.  Waits until the new instance answers on the control socket."""
+    import time
+
+    from fastlb.control import ControlError
+
+    client = _client(config_file, socket_path)
+    r = _run_control(client.upgrade)
+    old, new = r["pid"], r["successor"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.status().get("pid") == new:
+                click.echo(f"upgraded: pid {old} -> {new}")
+                return
+        except ControlError:  # the socket is being replaced: ask again
+            pass
+        time.sleep(0.1)
+    click.echo(f"fastlb: pid {new} did not take over within {timeout:.0f}s (see the log)", err=True)
+    sys.exit(1)
 
 
 @main.command()

@@ -126,6 +126,7 @@ class FastLB:
         self._log = None
         self.serve_args: list[str] = []  # extra `fastlb serve` arguments (e.g. --takeover)
         self.argv_prefix: list[str] = []  # a wrapper to run `fastlb serve` under (e.g. a subreaper)
+        self.env: dict[str, str] = {}  # extra environment (e.g. PYTHONPATH of another fastlb build)
 
     def clone(self, tag: str) -> FastLB:
         """Another, not yet started, `fastlb serve` on this one's config file and port (its own log
@@ -141,6 +142,7 @@ class FastLB:
         other._log = None
         other.serve_args = []
         other.argv_prefix = []
+        other.env = {}
         return other
 
     @property
@@ -161,7 +163,7 @@ class FastLB:
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.notify_sock = ns
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1", **self.env)
         python = sys.executable
         user_kw = {}
         if self.user is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tomllib
 
 from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
@@ -92,10 +94,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(text: str, file: str = "<string>") -> Config:
     """Parse and validate TOML text; `file` only names the source in errors. Raises ConfigError."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "(syntax)", f"invalid TOML: {exc}") from None
+    doc = _parse_toml(text, file)
     root = _Table(doc, "", file)
     root.only(("global", "listeners", "pools"))
     global_ = _global(root.data.get("global", {}), file)
@@ -105,6 +104,35 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     check_route_pools(listeners, pools, file, short_form)
     return Config(file=file, global_=global_, listeners=listeners, pools=pools)
 
+
+def _parse_toml(text: str, file: str) -> dict[str, object]:
+    """tomllib.loads, with its ways to fail (bad syntax, an integer too long for int(), nesting
+    deeper than the interpreter's stack, a lone surrogate that no file can hold but a str can) turned
+    into one ConfigError each."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            file, "(syntax)", f"not valid Unicode text (a lone surrogate at character {exc.start})"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", f"invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            file, "(syntax)", "invalid TOML: arrays or inline tables are nested too deeply"
+        ) from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        m = _LONG_NUMBER_RE.search(text)
+        where = f" (line {text.count(chr(10), 0, m.start()) + 1})" if m else ""
+        raise ConfigError(
+            file, "(syntax)", f"invalid TOML: a number{where} has more than {_MAX_DIGITS} digits"
+        ) from None
+
+
+_MAX_DIGITS = sys.get_int_max_str_digits()  # 4300 by default; tomllib's int() obeys it (decimal only)
+_LONG_NUMBER_RE = re.compile(rf"[0-9_]{{{_MAX_DIGITS + 1},}}")
 
 _GLOBAL_KEYS = (
     "workers",

@@ -9,6 +9,7 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "drain" | "enable" | "disable", "pool": P, "backend": B}
   {"cmd": "set-split", "listener": L, "route": R, "weights": {"v1": 0, "v2": 100}}
     -> {"ok": true, "listener": L, "route": R, "weights": {...}, "previous": {...}}
+  {"cmd": "upgrade"}  (like SIGUSR2: start `fastlb serve --takeover`; -> {"successor": PID})
   {"cmd": "shutdown"}  (like SIGTERM; with "successor": PID, that pid is the new main process)
   {"cmd": "handover", "pid": PID}  (the listening sockets, as SCM_RIGHTS descriptors: see
       fastlb.runtime.takeover and docs/failure-behaviour.md; used by `fastlb serve --takeover`)
@@ -80,3 +81,7 @@ class ControlClient:
         """Replace the whole split of ROUTE on LISTENER (pools not named get weight 0) in one
         publish; connections accepted after the reply go by it.  Reply: weights, previous."""
         return self.request({"cmd": "set-split", "listener": listener, "route": route, "weights": weights})
+
+    def upgrade(self) -> dict[str, Any]:
+        """Ask the running fastlb to start its successor (`fastlb serve --takeover`)."""
+        return self.request({"cmd": "upgrade"})

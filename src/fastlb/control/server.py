@@ -39,6 +39,7 @@ class ControlTarget(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+MAX_NAME = 63  # config names are 1..63 bytes (FLB_NAME_LEN with its NUL)
 ADMIN_FOR = {"drain": "drain", "enable": "ready", "disable": "maint"}
 
 
@@ -46,10 +47,22 @@ def _find(sup: ControlTarget, req: dict[str, Any]) -> Any:
     pool, backend = req.get("pool"), req.get("backend")
     if not isinstance(pool, str) or not isinstance(backend, str):
         raise ControlError("'pool' and 'backend' must be strings")
+    if len(pool) > MAX_NAME or len(backend) > MAX_NAME:
+        raise ControlError(f"no such backend: pool and backend names are at most {MAX_NAME} characters")
     try:
         return sup.backends.find(pool, backend)
     except KeyError as exc:
         raise ControlError(exc.args[0]) from None
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A request value for an error message: its repr, cut to `limit` characters (a request may be
+    64 KiB of one string, or nested to the edge of what the parser takes)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _set_split(sup: ControlTarget, req: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +94,9 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             raise ControlError("request too long")
         try:
             req = json.loads(line)
-        except ValueError:
+        except RecursionError:
+            raise ControlError("request is nested too deeply") from None
+        except ValueError:  # also bad UTF-8, and integers longer than int() takes
             raise ControlError("request is not JSON (one JSON object per line)") from None
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             raise ControlError("request must be a JSON object with a string 'cmd'")
@@ -92,7 +107,7 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             slot = _find(sup, req)
             w = req.get("weight")
             if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= MAX_WEIGHT:
-                raise ControlError(f"weight must be an integer 0..{MAX_WEIGHT}, got {w!r}")
+                raise ControlError(f"weight must be an integer 0..{MAX_WEIGHT}, got {_show(w)}")
             old = slot.weight
             sup.backends.set_weight(slot, w)
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "weight": w, "previous": old}
@@ -103,6 +118,8 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
         if cmd == "set-split":
             return _set_split(sup, req)
-        raise ControlError(f"unknown command {cmd!r} (status, set-weight, drain, enable, disable, set-split)")
+        raise ControlError(
+            f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split)"
+        )
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}

@@ -361,7 +361,7 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
             return s
         alen = backend_addr(idx, addr)
         if alen == 0:
-            continue                    # no address to use right now (conn.pxi): the next pick
+            continue                    # no address to be had (core/conn.pxi): try another backend
         fd = socket((<sockaddr *>addr).sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
             e = errno

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from fastlb._shm import Region
 from fastlb.config import BackendConfig, Config, PoolConfig
 from fastlb.runtime.health import CheckTarget, OutlierTracker
-from fastlb.runtime.tables import publish_table
+from fastlb.runtime.tables import TablePublisher
 from fastlb.shm import sockaddr_bytes
 
 log = logging.getLogger("fastlb")
@@ -72,6 +72,7 @@ class BackendManager:
         self.region = region
         self.pools = pools
         self.discovered: dict[str, list[BackendConfig]] = {}  # pool -> backends from DNS
+        self.tables = TablePublisher(region)
         for ps in pools.values():
             ps.outlier = OutlierTracker(ps.config.outlier_detection, len(ps.config.backends))
             for slot in ps.slots.values():
@@ -93,8 +94,10 @@ class BackendManager:
             return slot.weight
         return max(1, round(slot.weight * max(SLOW_START_FLOOR, frac)))
 
-    def _write_pool(self, ps: PoolState, now: float) -> None:
-        """Weights, states, panic and the hash table of one pool (without the generation bump)."""
+    def _write_pool(self, ps: PoolState, now: float, ramp_tick: bool = False) -> None:
+        """Weights, states, panic and the hash table of one pool (without the generation bump).
+        ramp_tick: called by tick(), so a hash-table change that only advances slow-start ramps may
+        wait for the table's rebuild budget (runtime/tables.py)."""
         r = self.region
         r.set_scan_len(ps.index, max((s.index - ps.first + 1 for s in ps.slots.values()), default=0))
         for slot in ps.slots.values():
@@ -117,25 +120,28 @@ class BackendManager:
                 log.info("pool %s: a backend is up again; panic/reject over", ps.config.name)
         r.set_panic(ps.index, all_down and ps.config.all_down == "panic")
         if ps.config.algorithm in ("maglev", "ring_hash"):
-            names, weights = [], []
+            names, weights, ramping = [], [], []
+            by_index = {s.index: s for s in ps.slots.values()}
             for i in range(ps.first, ps.first + ps.n_slots):
-                slot = next((s for s in ps.slots.values() if s.index == i), None)
+                slot = by_index.get(i)
                 if slot is None:
                     names.append(f"\x00free-{i}")
                     weights.append(0)
+                    ramping.append(False)
                     continue
                 names.append(slot.name)
                 ok = slot.admin == "ready" and (
                     slot.health == "up" or (all_down and ps.config.all_down == "panic")
                 )
                 weights.append(slot.eff_weight if ok else 0)
-            publish_table(
-                r,
+                ramping.append(ramp_tick and ok and slot.slow_start_from is not None)
+            self.tables.publish(
                 ps.index,
                 ps.config.algorithm,
                 ps.first,
                 names,
                 weights,
+                ramping,
                 ps.config.maglev_table_size,
                 ps.config.ring_vnodes,
             )
@@ -275,7 +281,7 @@ class BackendManager:
                 if slot.admin == "drain" and slot.drain_since is not None:
                     changed |= self._drain_progress(ps, slot, now)
             if changed:
-                self._write_pool(ps, now)
+                self._write_pool(ps, now, ramp_tick=True)
                 self.region.publish()
 
     def _drain_progress(self, ps: PoolState, slot: BackendSlot, now: float) -> bool:

@@ -53,6 +53,9 @@ _REASON_BYTES = 64
 # thousands of TIME_WAIT sockets on the balancer; HAProxy's checks do the same.
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _CHECK_TYPES = frozenset({"tcp", "http", "send_expect", *UDP_CHECK_TYPES})
+# A check that fails for one of these reasons failed here, not at the backend: the control process is
+# out of descriptors or memory.  It is counted as local and changes no backend state.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STATUS_LINE = re.compile(rb"HTTP/\d\.\d (\d{3})(?:[ \t][^\r\n]*)?(?:\r?\n|\Z)")
 
 
@@ -124,6 +127,7 @@ class CheckTarget:
     last_check: float | None = None  # wall clock (time.time()) when the last check finished
     last_duration: float = 0.0
     checks: int = 0
+    local_errors: int = 0  # checks that could not run for a local reason (LOCAL_ERRNOS)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -140,6 +144,7 @@ class CheckResult:
     ok: bool
     reason: str  # "ok", "timeout", "connection refused", "bad status 503", ...
     duration: float  # seconds, monotonic
+    local: bool = False  # failed for a local reason (LOCAL_ERRNOS): says nothing about the backend
 
 
 Transition = Callable[[CheckTarget, bool, str], None]
@@ -268,6 +273,7 @@ async def check_once(target: CheckTarget) -> CheckResult:
         return CheckResult(False, f"unknown check type {cfg.type!r}", 0.0)
     sock: socket.socket | None = None
     reason: str
+    local = False
     try:
         async with asyncio.timeout(cfg.timeout):
             addr = target.check_address()
@@ -294,13 +300,18 @@ async def check_once(target: CheckTarget) -> CheckResult:
     except socket.gaierror as exc:
         reason = f"cannot resolve: {exc.strerror or exc}"
     except OSError as exc:
+        local = exc.errno in LOCAL_ERRNOS
         reason = "timeout" if exc.errno == errno.ETIMEDOUT else _os_reason(exc)
+        if local:
+            reason = f"local error: {reason}"
+    except MemoryError:
+        local, reason = True, "local error: out of memory"
     except Exception as exc:  # a check must never take the checker down
         reason = f"error: {exc!r}"
     finally:
         if sock is not None:
             sock.close()
-    return CheckResult(reason == "ok", reason, loop.time() - start)
+    return CheckResult(reason == "ok", reason, loop.time() - start, local)
 
 
 # --------------------------------------------------------------------------- rise / fall
@@ -311,11 +322,15 @@ def update_state(target: CheckTarget, result: CheckResult) -> bool:
 
     Down after ``fall`` consecutive failures, up after ``rise`` consecutive successes; a
     result of the other kind resets the run. A success while up (or a failure while down)
-    changes nothing but the counters.
+    changes nothing but the counters.  A local failure (``result.local``) changes nothing but
+    ``local_errors`` and ``last_reason``: it is not a result about the backend at all.
     """
     cfg = target.config
-    target.checks += 1
     target.last_reason = result.reason
+    if result.local:
+        target.local_errors += 1
+        return False
+    target.checks += 1
     target.last_duration = result.duration
     target.last_check = time.time()
     if result.ok:
@@ -374,6 +389,7 @@ class HealthChecker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._sem: asyncio.Semaphore | None = None
+        self.local_errors = 0  # checks that failed for a local reason, all targets
 
     @staticmethod
     def _index(targets: Iterable[CheckTarget]) -> dict[Key, CheckTarget]:
@@ -430,6 +446,7 @@ class HealthChecker:
                 t.last_check = old.last_check
                 t.last_duration = old.last_duration
                 t.checks = old.checks
+                t.local_errors = old.local_errors
         removed = self._targets.keys() - new.keys()
         self._targets = new
         if self._loop is None:
@@ -464,6 +481,7 @@ class HealthChecker:
                     "last_check": t.last_check,
                     "last_duration": t.last_duration,
                     "checks": t.checks,
+                    "local_errors": t.local_errors,
                 }
             )
         return out
@@ -538,6 +556,16 @@ class HealthChecker:
             self._schedule_next(key)
 
     def _apply(self, target: CheckTarget, result: CheckResult) -> None:
+        if result.local:
+            update_state(target, result)
+            self.local_errors += 1
+            self._log.warning(
+                "pool %s backend %s: check could not run (%s); a local problem, not counted against the backend",
+                target.pool,
+                target.backend,
+                result.reason,
+            )
+            return
         if not update_state(target, result):
             if not result.ok:
                 self._log.debug(

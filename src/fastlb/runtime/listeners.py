@@ -20,13 +20,27 @@ import logging
 import socket
 
 from fastlb.config import Config, ListenerConfig
-from fastlb.runtime.udp import udp_listen_socket
 
 log = logging.getLogger("fastlb")
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
-Key = tuple[str, int]  # (listener bind address as written by str(Address), + "/udp" for UDP; worker index)
+Key = tuple[str, int]  # (bind_key(listener), worker index)
+
+
+def bind_key(lc: ListenerConfig) -> str:
+    """A listening socket's name across instances: the bind address as str(Address) writes it,
+    "udp/" before it for a UDP listener (a TCP and a UDP listener may share an address)."""
+    return f"udp/{lc.bind}" if lc.protocol == "udp" else str(lc.bind)
+
+
+def open_socket(lc: ListenerConfig) -> socket.socket:
+    """lc's listening socket: TCP (listen_socket) or UDP (runtime/udp.py)."""
+    if lc.protocol == "udp":
+        from fastlb.runtime.udp import udp_listen_socket
+
+        return udp_listen_socket(lc.bind.family, lc.bind.sockaddr())
+    return listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog)
 
 
 class BindError(Exception):
@@ -77,7 +91,7 @@ def is_listening_on(sock: socket.socket, lc: ListenerConfig) -> bool:
     """True if sock is a TCP socket listening on lc's address (checks a socket received from
     elsewhere before trusting it)."""
     try:
-        if lc.protocol == "udp":  # a UDP socket (issue 13) is bound, never listening
+        if lc.protocol == "udp":
             if sock.family != lc.bind.family or sock.type != socket.SOCK_DGRAM:
                 return False
         elif sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
@@ -127,8 +141,7 @@ class ListenerSockets:
 
     @staticmethod
     def key(lc: ListenerConfig, index: int) -> Key:
-        # a TCP and a UDP listener may share an address (DNS over both)
-        return (str(lc.bind) + ("/udp" if lc.protocol == "udp" else ""), index)
+        return (bind_key(lc), index)
 
     def open(self, inherited: dict[Key, socket.socket] | None = None) -> None:
         """Take the inherited sockets that match a listener and worker index, open the missing ones,
@@ -143,15 +156,13 @@ class ListenerSockets:
                     if s is not None and is_listening_on(s, lc):
                         s.setblocking(False)
                         if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1:
+                            s.listen(lc.backlog)  # listen() again on a listening socket: new backlog
                             self.socks[k] = s
                             continue
                     if s is not None:
                         s.close()
                     try:
-                        if lc.protocol == "udp":
-                            self.socks[k] = udp_listen_socket(lc.bind.family, lc.bind.sockaddr())
-                        else:
-                            self.socks[k] = listen_socket(lc.bind.family, lc.bind.sockaddr(), lc.backlog)
+                        self.socks[k] = open_socket(lc)
                     except OSError as exc:
                         raise BindError(
                             f"listener {lc.name}: cannot bind {lc.bind}: {exc.strerror}"
@@ -178,10 +189,9 @@ class ListenerSockets:
         out = []
         for lc in self.config.listeners.values():
             for i in range(self.n_workers):
-                k = self.key(lc, i)
-                s = self.socks.get(k)
+                s = self.socks.get(self.key(lc, i))
                 if s is not None:
-                    out.append({"name": lc.name, "bind": k[0], "worker": i, "fd": s.fileno()})
+                    out.append({"name": lc.name, "bind": bind_key(lc), "worker": i, "fd": s.fileno()})
         return out
 
     def close(self) -> None:

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config, ConfigError, load_config
-from fastlb.config.model import MAX_SUN_PATH
 from fastlb.control.server import handle_request
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
+from fastlb.runtime.control_socket import ControlServer, ControlSocketError
 from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
@@ -88,12 +88,13 @@ class Supervisor:
         self.pools: dict[str, PoolState] = {}
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.restarts: dict[int, int] = {}  # worker index -> consecutive quick deaths
+        self.restart_count: dict[int, int] = {}  # worker index -> restarts since start
         self.started_at: dict[int, float] = {}
         self.stopping = False
         self.ready = False
         self.startup_failure: str | None = None
         self.exit_code = 0
-        self._control_server: asyncio.AbstractServer | None = None
+        self.control: ControlServer | None = None
         self._all_exited: asyncio.Event | None = None  # set once stopping and no worker is left
         self._tick_wake: asyncio.Event | None = None  # set when backend state may need tick()
         self._control_path = ""
@@ -272,6 +273,7 @@ class Supervisor:
                 self.startup_failure = f"worker {index} failed to start ({_describe_exit(code)})"
                 continue
             log.error("worker %d (pid %d) died (%s); restarting it", index, pid, _describe_exit(code))
+            self.restart_count[index] = self.restart_count.get(index, 0) + 1
             # killed from outside (kill -9, the OOM killer, our watchdog): back at once, on the same
             # sockets.  Back-off is only for a worker that keeps dying by itself.
             quick = code != -signal.SIGKILL and time.monotonic() - self.started_at.get(index, 0.0) < 5.0
@@ -294,6 +296,7 @@ class Supervisor:
         self._all_exited = asyncio.Event()
         self._tick_wake = asyncio.Event()
         self.open_listeners()
+        await self._start_control_socket()  # before any worker: without it, serve does not start
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -307,11 +310,12 @@ class Supervisor:
                 break
             if self.startup_failure or time.monotonic() > deadline:
                 self.begin_shutdown(None)
+                if self.control is not None:
+                    self.control.close()
                 raise StartupError(self.startup_failure or "workers did not open their listeners in time")
             await asyncio.sleep(0.01)
         self.ready = True
         self._start_access_log()
-        await self._start_control_socket()
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
         self.write_runfile()
         tasks = [asyncio.create_task(self._tick_loop())]
@@ -332,7 +336,9 @@ class Supervisor:
         await self._stop_fleet_services()
         if self.access_log is not None:
             await self.access_log.stop()  # after the workers: their last connections are logged too
-        await self._stop_control_socket()
+        if self.control is not None:
+            self.control.close()
+        runfile.remove_if_mine(self.runfile_path)
         log.info("stopped")
         return self.exit_code
 
@@ -441,19 +447,20 @@ class Supervisor:
             log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
         log.info("reloaded %s", path)
 
-    def upgrade(self) -> None:
-        """SIGUSR2: restart in place without refusing a connection (runtime/takeover.py)."""
+    def upgrade(self) -> str | None:
+        """SIGUSR2 or `fastlb upgrade`: restart in place without refusing a connection
+        (runtime/takeover.py).  Returns None, or why it did not start one."""
         if self.stopping or self.successor_pid:
-            log.warning(
-                "upgrade: %s; SIGUSR2 ignored", "stopping" if self.stopping else "already in progress"
-            )
-            return
+            why = "stopping" if self.stopping else f"an upgrade to pid {self.successor_pid} is in progress"
+            log.warning("upgrade not started: %s", why)
+            return why
         try:
             self.successor_pid = takeover.spawn_successor(self.config.file, self.workers_override)
         except OSError as exc:
             log.error("upgrade failed: cannot start a new instance: %s", exc)
-            return
+            return f"cannot start a new instance: {exc}"
         log.info("upgrade: started pid %d with --takeover", self.successor_pid)
+        return None
 
     def begin_shutdown(self, sig: signal.Signals | None, successor: int | None = None) -> None:
         """Stop accepting (close the listening sockets: new connections are refused, unless a
@@ -480,67 +487,31 @@ class Supervisor:
     # --- control socket ------------------------------------------------------------------------
 
     async def _start_control_socket(self) -> None:
-        """Bind the control socket under a temporary name and rename(2) it over the configured path:
-        whoever connects to the path reaches either the previous instance (during a takeover) or
-        this one, never nothing."""
-        path = self.config.global_.control_socket
-        tmp = _temp_socket_path(path)
+        """Listen on the control socket (runtime/control_socket.py); StartupError if it cannot be made."""
+        self.control = ControlServer(self.config.global_.control_socket, self._control_request)
         try:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            old_umask = os.umask(0o177)
-            try:
-                self._control_server = await asyncio.start_unix_server(self._serve_client, tmp)
-            finally:
-                os.umask(old_umask)
-            os.chmod(tmp, 0o600)
-            if tmp != path:
-                os.rename(tmp, path)
-            self._control_path = path
-            self._control_ino = os.stat(path).st_ino
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            log.error("control socket %s: %s (runtime control disabled)", path, exc)
+            await self.control.start()
+        except ControlSocketError as exc:
+            self.control = None
+            raise StartupError(str(exc)) from None
 
-    async def _stop_control_socket(self) -> None:
-        if self._control_server is not None:
-            self._control_server.close()
-            with contextlib.suppress(OSError):
-                if os.stat(self._control_path).st_ino == self._control_ino:  # not a successor's
-                    os.unlink(self._control_path)
-        runfile.remove_if_mine(self.runfile_path)
-
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    writer.write(b'{"ok": false, "error": "request too long"}\n')
-                    break
-                if not line:
-                    break
-                req = _takeover_request(line)
-                if req is not None:
-                    reply = takeover.answer(self, req, writer)
-                    if reply is None:
-                        continue  # the handover reply went out with its descriptors
-                else:
-                    reply = handle_request(self, line)
-                if req is not None and req.get("cmd") == "shutdown" and reply.get("successor"):
-                    # before the reply: the successor's READY=1 must find it the main pid already
-                    sd_notify(f"MAINPID={reply['successor']}")
-                self.poke()
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-                if req is not None and req.get("cmd") == "shutdown":
-                    self.begin_shutdown(None, successor=reply.get("successor"))
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+    def _control_request(self, line: bytes, writer: asyncio.StreamWriter) -> dict | None:
+        """One request line from the control socket: its reply (written by the ControlServer)."""
+        req = _takeover_request(line)
+        if req is None:
+            reply = handle_request(self, line)
+            self.poke()
+            return reply
+        reply = takeover.answer(self, req, writer)
+        if reply is None:
+            return None  # the handover reply went out with its descriptors
+        if req.get("cmd") == "shutdown" and reply.get("successor"):
+            # before the reply: the successor's READY=1 must find it the main pid already
+            sd_notify(f"MAINPID={reply['successor']}")
+        if req.get("cmd") == "shutdown":
+            # after this reply is written (the next loop turn): stop accepting and drain
+            asyncio.get_running_loop().call_soon(self.begin_shutdown, None, reply.get("successor"))
+        return reply
 
     # --- status --------------------------------------------------------------------------------
 
@@ -608,7 +579,15 @@ class Supervisor:
                     **udp_listener_status(lc, li),
                 }
             )
-        workers = [dict(r.worker(i), index=i) for i in range(self.n_workers)]
+        workers = [
+            dict(
+                r.worker(i),
+                index=i,
+                restarts=self.restart_count.get(i, 0),
+                stalls=self.watchdog.stalls_of.get(i, 0),
+            )
+            for i in range(self.n_workers)
+        ]
         extra = {}
         if self.access_log is not None:
             dropped = self.access_log.dropped()
@@ -620,7 +599,14 @@ class Supervisor:
                 "written": self.access_log.written,
                 "dropped": sum(dropped),
             }
+        ctl = self.control
         return {
+            "control_socket": {
+                "clients": ctl.clients if ctl else 0,
+                "evicted": ctl.evicted if ctl else 0,
+                "timed_out": ctl.timed_out if ctl else 0,
+            },
+            "health_check_local_errors": self.checker.local_errors if self.checker else 0,
             **extra,
             "pid": os.getpid(),
             "generation": r.generation,
@@ -638,24 +624,15 @@ def _state_name(b: dict) -> str:
     return "up"
 
 
-def _temp_socket_path(path: str) -> str:
-    """A name next to `path` to bind the control socket under before renaming it over `path`; `path`
-    itself when no such name fits the unix socket limit (then the replacement is not atomic)."""
-    for tmp in (f"{path}.{os.getpid()}.new", os.path.join(os.path.dirname(path), f".{os.getpid()}")):
-        if len(tmp.encode("utf-8", "surrogatepass")) <= MAX_SUN_PATH:
-            return tmp
-    return path
-
-
 def _takeover_request(line: bytes) -> dict | None:
-    """The request if it is one runtime/takeover.py answers ("handover", "shutdown"), else None."""
-    if b"handover" not in line and b"shutdown" not in line:
+    """The request if it is one runtime/takeover.py answers (TAKEOVER_COMMANDS), else None."""
+    if not any(c.encode() in line for c in takeover.TAKEOVER_COMMANDS):
         return None
     try:
         req = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(req, dict) and req.get("cmd") in ("handover", "shutdown"):
+    except (ValueError, RecursionError):
+        return None  # handle_request answers it (with the one-line error)
+    if isinstance(req, dict) and req.get("cmd") in takeover.TAKEOVER_COMMANDS:
         return req
     return None
 

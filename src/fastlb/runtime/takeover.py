@@ -36,13 +36,14 @@ from typing import Any
 
 from fastlb.config import Config
 from fastlb.runtime import runfile
-from fastlb.runtime.listeners import BindError, Key, check_free, is_listening_on
+from fastlb.runtime.listeners import BindError, Key, bind_key, check_free, is_listening_on
 
 log = logging.getLogger("fastlb")
 
 SCM_MAX = 250  # descriptors per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253)
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (Linux 5.6)
 HANDOVER_TIMEOUT = 10.0
+TAKEOVER_COMMANDS = ("handover", "shutdown", "upgrade")  # answered by answer() below
 
 
 class TakeoverError(Exception):
@@ -127,7 +128,7 @@ def prepare(config: Config, takeover: bool) -> Predecessor:
                 pred = _crash_takeover(rf, orphans)
     try:
         for lc in config.listeners.values():
-            if str(lc.bind) not in pred.shared:
+            if bind_key(lc) not in pred.shared:
                 check_free(lc)
     except BindError as exc:
         pred.abandon()
@@ -241,6 +242,8 @@ def spawn_successor(config_file: str, workers: int | None) -> int:
 def answer(sup: Any, req: dict[str, Any], writer: Any) -> dict[str, Any] | None:
     """Handle a takeover request on the control socket of the running instance.
 
+    "upgrade": start `fastlb serve --takeover` from this process (as SIGUSR2 does); the reply names
+    the new pid ("successor"), which is not ready yet.
     "handover": send the reply line with every listening socket attached (SCM_RIGHTS) straight on
     the connection's socket and return None (already answered).  "shutdown": begin a graceful
     shutdown (like SIGTERM) after the reply; with "successor": PID, systemd is told that PID is the
@@ -258,6 +261,11 @@ def answer(sup: Any, req: dict[str, Any], writer: Any) -> dict[str, Any] | None:
             raw.close()
         log.info("handover: sent %d listening sockets to pid %s", len(fds), req.get("pid"))
         return None
+    if cmd == "upgrade":
+        why = sup.upgrade()
+        if why is not None:
+            return {"ok": False, "error": f"upgrade not started: {why}"}
+        return {"ok": True, "pid": os.getpid(), "successor": sup.successor_pid}
     if cmd == "shutdown":
         successor = req.get("successor")
         if not isinstance(successor, int) or isinstance(successor, bool):

@@ -22,18 +22,20 @@ from typing import Any
 log = logging.getLogger("fastlb")
 
 RUNNING_STATES = (1, 2)  # running, draining: both turn the loop
+START_TIMEOUT = 15.0  # seconds a restarted worker may take to set up (the supervisor's READY_TIMEOUT)
 
 
 class Watchdog:
     """Checks the heartbeats of a supervisor's workers; call check() a few times a second."""
 
-    __slots__ = ("sup", "timeout_ms", "killed", "stalls")
+    __slots__ = ("sup", "timeout_ms", "killed", "stalls", "stalls_of")
 
     def __init__(self, sup: Any, timeout: float) -> None:
         self.sup = sup
         self.timeout_ms = int(timeout * 1000)
         self.killed: set[int] = set()  # pids already sent SIGKILL (until reaped)
         self.stalls = 0  # workers killed for a stale heartbeat, since start
+        self.stalls_of: dict[int, int] = {}  # worker index -> such kills (status: workers[].stalls)
 
     def check(self) -> None:
         now_ms = time.monotonic_ns() // 1_000_000
@@ -41,24 +43,30 @@ class Watchdog:
         self.killed &= set(self.sup.pids)
         for pid, index in list(self.sup.pids.items()):
             w = region.worker(index)
-            if w["pid"] != pid or w["state"] not in RUNNING_STATES or pid in self.killed:
-                continue  # still starting (the ready wait covers that), or already handled
+            if pid in self.killed:
+                continue
+            if w["pid"] != pid or w["state"] not in RUNNING_STATES:
+                # not set up yet: a replacement that hangs in its start is killed too (at startup the
+                # supervisor's ready wait reports it instead)
+                started = self.sup.started_at.get(index, 0.0)
+                if self.sup.ready and w["state"] == 0 and time.monotonic() - started > START_TIMEOUT:
+                    self._kill(pid, index, f"did not start within {START_TIMEOUT:.0f}s", 0)
+                continue
             beat = w["heartbeat_ms"]
             if beat == 0:  # an older build's worker between setup and its first turn
                 beat = int(self.sup.started_at.get(index, 0.0) * 1000)
             age = now_ms - beat
             if age <= self.timeout_ms:
                 continue
-            self.stalls += 1
-            self.killed.add(pid)
-            log.error(
-                "worker %d (pid %d) stalled: no heartbeat for %.1fs (limit %.1fs, %d connections on it); "
-                "killing and replacing it",
-                index,
-                pid,
-                age / 1000,
-                self.timeout_ms / 1000,
-                w["active"],
-            )
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            why = f"stalled: no heartbeat for {age / 1000:.1f}s (limit {self.timeout_ms / 1000:.1f}s)"
+            self._kill(pid, index, why, w["active"])
+
+    def _kill(self, pid: int, index: int, why: str, active: int) -> None:
+        self.stalls += 1
+        self.stalls_of[index] = self.stalls_of.get(index, 0) + 1
+        self.killed.add(pid)
+        log.error(
+            "worker %d (pid %d) %s, %d connections on it; killing and replacing it", index, pid, why, active
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
