@@ -121,3 +121,26 @@ def dnsmasq(tmp_path, request):
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def debian_wheel(tmp_path_factory):
+    """fastlb compiled once per session into a wheel by Debian's own /usr/bin/python3."""
+    from support.install import build_wheel, have_debian_python
+
+    if not have_debian_python():
+        pytest.skip("no Debian /usr/bin/python3 with venv (apt-get install python3-venv)")
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def installed_root(tmp_path_factory, debian_wheel):
+    """A root directory holding what `scripts/install` installs (DESTDIR), plus the host's units."""
+    from support.install import add_system_units, run_install
+
+    root = tmp_path_factory.mktemp("install") / "root"
+    root.mkdir()
+    r = run_install(root, debian_wheel)
+    assert r.returncode == 0, r.stdout + r.stderr
+    add_system_units(root)
+    return root

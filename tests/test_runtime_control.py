@@ -316,7 +316,7 @@ def test_malformed_requests_on_the_socket_change_nothing(backends, fastlb):
 
 # --- status ------------------------------------------------------------------------------------------
 
-HEADER = ["POOL", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "ERRORS"]
+HEADER = ["POOL", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "ERRORS", "CHECK"]
 
 
 def test_status_table_and_json(backends, fastlb):
@@ -339,6 +339,7 @@ def test_status_table_and_json(backends, fastlb):
     assert [int(row[5]) for row in rows] == [got["a"], got["b"], 0]  # TOTAL
     assert all(row[6].endswith("B") and row[7].endswith("B") for row in rows)  # BYTES_IN, BYTES_OUT
     assert [row[8] for row in rows] == ["0", "0", "0"]  # ERRORS
+    assert [row[9] for row in rows] == ["-", "-", "-"]  # CHECK: the pool has no health_check
     assert all(len(row) == len(HEADER) for row in rows)
     assert not any(line.startswith("web ") for line in lines[4:]), "more backend rows than backends"
     # the same through the config file instead of the socket path
@@ -359,7 +360,7 @@ def test_status_table_and_json(backends, fastlb):
         "c": ("drain", 2, 0),
     }
     assert [li["name"] for li in st["listeners"]] == ["web"] and st["listeners"][0]["accepted"] == 20
-    assert len(st["workers"]) == 2 and all(w["state"] == 1 for w in st["workers"])
+    assert len(st["workers"]) == 2 and all(w["state"] == "running" for w in st["workers"])
     assert isinstance(st["generation"], int)
 
 

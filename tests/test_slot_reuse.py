@@ -43,6 +43,7 @@ def test_backend_readded_at_its_drain_deadline_keeps_new_connections(backends, f
         [("a", entry["a"]["address"], 1), ("b", entry["b"]["address"], 1)],
         workers=2,
         pool={"drain_timeout": "1s"},
+        global_={"worker_stall_timeout": "30s"},  # the frozen workers are not stalled for the watchdog
     )
     held = connect_to(lb, "b")
     workers = lb.worker_pids()

@@ -32,7 +32,13 @@ def _gone(pid: int) -> bool:
 
 def _restarts(fastlb, backends, n: int) -> None:
     b = backends(server("a", "id"), server("b", "id"))
-    lb = fastlb([("a", b.address("a"), None), ("b", b.address("b"), None)], workers=2)
+    # the long transfers live on the first instance through every restart: its drain deadline
+    # (shutdown_timeout, a reset when it passes) must outlast n restarts on a busy machine
+    lb = fastlb(
+        [("a", b.address("a"), None), ("b", b.address("b"), None)],
+        workers=2,
+        global_={"shutdown_timeout": "300s"},
+    )
     first = lb
     instances = [lb]
     load = Load(lb.addr, short_threads=3, long_transfers=2).start()

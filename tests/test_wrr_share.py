@@ -1,13 +1,16 @@
 """Shares of (weighted) round robin, end to end: every connection reads which backend it reached.
 
 Smooth weighted round robin (nginx's) with weights 5:3:2 repeats a period of 10 picks holding
-exactly 5 a, 3 b and 2 c, spread out (a a b a c b a a b c ...): never three of one in a row.
+exactly 5 a, 3 b and 2 c, spread out (a b c a a b a c b a, the README's example, checked
+against fastlb's real picks below): never three of one in a row.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +82,16 @@ def test_round_robin_equal_shares(backends, fastlb):
     counts = Counter(seq) + parallel_counts(lb.addr, 6000 - len(seq))
     assert_shares(counts, dict.fromkeys(names, 1), 6000)
     assert Counter(b.accepted()) == counts
+
+
+def test_readme_smooth_wrr_example_is_fastlbs_real_sequence(backends, fastlb):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"^\| `weighted_round_robin` \| smooth WRR, as nginx \(5:3:2 -> ([a-c ]+)\)", readme, re.M)
+    assert m, "README's algorithm table has no 5:3:2 example"
+    documented = m.group(1).split()
+    assert documented == "a b c a a b a c b a".split()  # nginx's ngx_http_upstream_get_peer for 5:3:2
+    b = backends(*(server(name, "id") for name in WEIGHTS))
+    lb = fastlb([(name, b.address(name), w) for name, w in WEIGHTS.items()], workers=1)
+    # one client at a time, from a fresh start: the worker's first picks, in order, twice round
+    seq = [served_by(lb.addr) for _ in range(20)]
+    assert seq == documented * 2, "".join(seq)

@@ -234,8 +234,9 @@ cdef class Region:
 
     def set_listener(self, int i, str name, int pool, uint32_t connect_timeout_ms,
                      uint32_t idle_timeout_ms, uint32_t max_connections, bytes sockaddr,
-                     uint32_t half_close_timeout_ms=0, str protocol="tcp", uint32_t udp_idle_timeout_ms=0,
-                     uint32_t udp_responses=0, uint32_t max_flows=0, bint udp_pktinfo=False) -> None:
+                     uint32_t backlog=0, uint32_t half_close_timeout_ms=0, str protocol="tcp",
+                     uint32_t udp_idle_timeout_ms=0, uint32_t udp_responses=0, uint32_t max_flows=0,
+                     bint udp_pktinfo=False) -> None:
         """Timeouts and max_connections are the record's uint32 fields: the config's limits (30 days
         of milliseconds, 10,000,000 connections) fit them, so whatever check-config accepts is stored."""
         cdef flb_listener_t *l = self._listener(i)
@@ -249,12 +250,26 @@ cdef class Region:
         memset(l.addr, 0, FLB_ADDR_LEN)
         memcpy(l.addr, <char *>sockaddr, len(sockaddr))
         l.addrlen = len(sockaddr)
+        l.backlog = backlog
         l.half_close_timeout_ms = half_close_timeout_ms
         l.protocol = PROTOCOLS[protocol]
         l.udp_idle_timeout_ms = udp_idle_timeout_ms
         l.udp_responses = udp_responses
         l.max_flows = max_flows
         l.udp_pktinfo = 1 if udp_pktinfo else 0
+
+    def set_listener_runtime(self, int i, int pool, uint32_t connect_timeout_ms, uint32_t idle_timeout_ms,
+                             uint32_t max_connections, uint32_t backlog,
+                             uint32_t half_close_timeout_ms=0) -> None:
+        """A reload's listener settings (single 32-bit stores); publish() afterwards: workers
+        re-read them, and call listen() again when the backlog changed."""
+        cdef flb_listener_t *l = self._listener(i)
+        flb_store32(&l.pool, pool)
+        flb_store32(&l.connect_timeout_ms, connect_timeout_ms)
+        flb_store32(&l.idle_timeout_ms, idle_timeout_ms)
+        flb_store32(&l.max_connections, max_connections)
+        flb_store32(&l.backlog, backlog)
+        flb_store32(&l.half_close_timeout_ms, half_close_timeout_ms)
 
     def set_listener_routes(self, int i, int first_route, int n_routes, bint needs_sni,
                             str proxy_protocol="off", int proxy_from_first=0, int proxy_from_n=0,
@@ -353,6 +368,15 @@ cdef class Region:
         p.n_backends = n_backends
         p.scan_len = n_backends          # narrowed by set_scan_len() once the used slots are known
         p.all_down_policy = ALL_DOWN[all_down]
+
+    def set_pool_runtime(self, int i, str algorithm, str hash_key, int retries, str all_down) -> None:
+        """A reload's pool settings (single 32-bit stores; publish() afterwards).  A hashing
+        algorithm needs its table built into the buffers first (capacity checked by the caller)."""
+        cdef flb_pool_t *p = self._pool(i)
+        flb_store32(&p.hash_key, HASH_KEYS[hash_key])
+        flb_store32(&p.retries, retries)
+        flb_store32(&p.all_down_policy, ALL_DOWN[all_down])
+        flb_store32(&p.algorithm, ALGORITHMS[algorithm])
 
     def set_backend(self, int i, int pool, str name, bytes sockaddr, int weight, bint in_use=True,
                     bint fresh=True) -> None:
@@ -481,7 +505,7 @@ cdef class Region:
             "half_close_timeout_ms": l.half_close_timeout_ms,
             "active": flb_sload64(&l.active), "accepted": flb_load64(&l.accepted),
             "rejected": flb_load64(&l.rejected), "paused_full": flb_load64(&l.paused_full),
-            "accept_errors": flb_load64(&l.accept_errors),
+            "accept_errors": flb_load64(&l.accept_errors), "backlog": flb_load32(&l.backlog),
             "protocol": l.protocol, "udp_idle_timeout_ms": l.udp_idle_timeout_ms,
             "udp_responses": l.udp_responses, "max_flows": l.max_flows, "udp_pktinfo": l.udp_pktinfo,
             "udp_datagrams_in": flb_load64(&l.udp_datagrams_in),

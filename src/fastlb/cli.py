@@ -125,15 +125,21 @@ def _client(config_file: str | None, socket_path: str | None):  # -> ControlClie
         return ControlClient(socket_path)
     if config_file:
         return ControlClient(_load_or_exit(config_file).global_.control_socket)
-    click.echo("fastlb: give -c CONFIG or --socket PATH to find the running fastlb", err=True)
-    sys.exit(2)
+    from fastlb.config import GlobalConfig
+
+    return ControlClient(GlobalConfig.control_socket)  # the default, /run/fastlb/control.sock
 
 
 def _control_options(f):
     f = click.option(
         "-c", "--config", "config_file", type=click.Path(), help="Config of the running fastlb."
     )(f)
-    f = click.option("--socket", "socket_path", type=click.Path(), help="Its control socket.")(f)
+    f = click.option(
+        "--socket",
+        "socket_path",
+        type=click.Path(),
+        help="Its control socket (default /run/fastlb/control.sock).",
+    )(f)
     return f
 
 
@@ -261,6 +267,31 @@ def upgrade(config_file: str | None, socket_path: str | None, timeout: float) ->
         time.sleep(0.1)
     click.echo(f"fastlb: pid {new} did not take over within {timeout:.0f}s (see the log)", err=True)
     sys.exit(1)
+
+
+@main.command()
+@_control_options
+def reload(config_file: str | None, socket_path: str | None) -> None:
+    """Re-read the running fastlb's config file; print what changed and what needs a restart.
+
+    Exit 0 when the new config was applied, 1 when it was refused (nothing changed) or fastlb
+    cannot be reached, 3 when it was applied except for changes that need a restart."""
+    from fastlb.observe.status import format_reload
+
+    r = _run_control(lambda: _client(config_file, socket_path).reload())
+    click.echo(format_reload(r))
+    sys.exit(3 if r.get("needs_restart") else 0)
+
+
+@main.command()
+@_control_options
+@click.option("--interval", type=click.FloatRange(0.2, 60), default=1.0, help="Seconds between refreshes.")
+def top(config_file: str | None, socket_path: str | None, interval: float) -> None:
+    """Live view of a running fastlb: listeners, routes, pools, backends and their rates (q quits)."""
+    from fastlb.observe.top import run_top
+
+    client = _client(config_file, socket_path)
+    sys.exit(_run_control(lambda: run_top(client.status, client.path, interval)))
 
 
 @main.command()

@@ -19,6 +19,26 @@ ALGORITHM_NAMES = {v: k for k, v in _shm.ALGORITHMS.items()}
 
 # The sizes docs/shared-memory.md documents; a mismatch means the header changed without the docs
 # (and without a layout version bump).
+# FLB_HIST_BOUNDS_US of shm_layout.h without the last (+Inf) bucket: upper bounds, microseconds
+HIST_BOUNDS_US = (
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    25000,
+    50000,
+    100000,
+    250000,
+    500000,
+    1000000,
+    2500000,
+    5000000,
+)
+WORKER_STATE_NAMES = {0: "starting", 1: "running", 2: "draining", 3: "exited"}  # flb_worker_t.state
+
 EXPECTED_RECORD_SIZES = {
     "header": 192,
     "listener": 512,

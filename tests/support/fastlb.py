@@ -363,3 +363,22 @@ def rewrite_backends(lb: FastLB, backends: list[dict], **pool_changes) -> None:
     tmp = lb.config_path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(lb.config_path)
+
+
+def read_config(lb: FastLB) -> dict:
+    """The running FastLB's config file as a dict (to edit and write back with write_config)."""
+    import tomllib
+
+    return tomllib.loads(lb.config_path.read_text())
+
+
+def write_config(lb: FastLB, doc: dict) -> None:
+    """Replace lb's config file atomically with doc ({"global": {...}, "listeners": {name: {...}},
+    "pools": {name: {...}}}; nested tables such as health_check are written inline)."""
+    text = toml_table("global", doc.get("global", {}))
+    for section in ("listeners", "pools"):
+        for name, table in doc.get(section, {}).items():
+            text += "\n" + toml_table(f"{section}.{name}", table)
+    tmp = lb.config_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(lb.config_path)

@@ -143,6 +143,7 @@ _GLOBAL_KEYS = (
     "worker_stall_timeout",
     *ADMIN_KEYS,
     *ACCESS_LOG_KEYS,
+    "metrics",
 )
 _LISTENER_KEYS = (
     "bind",
@@ -207,6 +208,7 @@ def _global(data: object, file: str) -> GlobalConfig:
         access_log_buffer=access_log[2],
         orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
         worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
+        metrics=_metrics_address(t, file),
     )
 
 
@@ -216,6 +218,14 @@ def _stall_timeout(t: _Table, default: float) -> float:
     if seconds < 0.5:
         raise t.error("worker_stall_timeout", "must be at least 500ms (workers beat every 100 ms at most)")
     return seconds
+
+
+def _metrics_address(t: _Table, file: str) -> Address | None:
+    """[global] metrics: an address to serve Prometheus /metrics on, or "off" (the default)."""
+    value = t.data.get("metrics", "off")
+    if value == "off":
+        return None
+    return parse_address(value, t.key("metrics"), file)
 
 
 def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:

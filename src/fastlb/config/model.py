@@ -250,6 +250,7 @@ class GlobalConfig:
     access_log_buffer: int = 16384  # records per worker ring
     orphan_timeout: float = 300.0  # workers whose control process died drain this long after
     worker_stall_timeout: float = 3.0  # a worker's heartbeat older than this: killed and replaced
+    metrics: Address | None = None  # Prometheus /metrics listen address; None = off
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def health_udp_fields(kind: str, t: _Table) -> dict:
             "query", 'missing required key for type = "dns" (a name to ask for, e.g. "example.com")'
         )
     query = t.get_str("query", "")
-    import dns.exception  # only for a dns check: fastlb without one runs without dnspython
+    # dnspython only here: the config package is read by the CLI and by check-config, stdlib otherwise
+    import dns.exception
     import dns.name
 
     try:

@@ -13,6 +13,8 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "shutdown"}  (like SIGTERM; with "successor": PID, that pid is the new main process)
   {"cmd": "handover", "pid": PID}  (the listening sockets, as SCM_RIGHTS descriptors: see
       fastlb.runtime.takeover and docs/failure-behaviour.md; used by `fastlb serve --takeover`)
+  {"cmd": "reload"} -> {"ok": true, "file": F, "applied": [...], "needs_restart": [...]}
+                       or {"ok": false, "error": "reload refused, nothing changed: ..."}
 Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.  A malformed or unknown request
 changes nothing.
 """
@@ -85,3 +87,7 @@ class ControlClient:
     def upgrade(self) -> dict[str, Any]:
         """Ask the running fastlb to start its successor (`fastlb serve --takeover`)."""
         return self.request({"cmd": "upgrade"})
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file; raises ControlError (nothing changed) if it is refused."""
+        return self.request({"cmd": "reload"})

@@ -37,6 +37,7 @@ class ControlTarget(Protocol):
     routes: _Routes
 
     def status(self) -> dict[str, Any]: ...
+    def reload(self) -> dict[str, Any]: ...
 
 
 MAX_NAME = 63  # config names are 1..63 bytes (FLB_NAME_LEN with its NUL)
@@ -118,8 +119,10 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             return {"ok": True, "pool": slot.pool, "backend": slot.name, "admin": slot.admin, "previous": old}
         if cmd == "set-split":
             return _set_split(sup, req)
+        if cmd == "reload":
+            return sup.reload()
         raise ControlError(
-            f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split)"
+            f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split, reload)"
         )
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}

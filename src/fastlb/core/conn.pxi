@@ -414,8 +414,6 @@ cdef void conn_run(Conn *c) noexcept nogil:
         conn_abort(c, conn_side(c, W.err_fd))
         return
     c.bytes_b2c += <uint64_t>rc
-    if c.closer == 0 and c.flags & (F_C_EOF | F_B_EOF):
-        c.closer = 1 if c.flags & F_C_EOF else 2
     if not (c.flags & F_B_OK):
         if c.flags & (F_B_DATA | F_C2B_SENT):
             c.flags |= F_B_OK           # a byte moved either way: the backend works
@@ -423,6 +421,8 @@ cdef void conn_run(Conn *c) noexcept nogil:
         elif c.flags & F_B_EOF:
             conn_early_close(c)         # closed before any byte: a failure, and retried
             return
+    if c.closer == 0 and c.flags & (F_C_EOF | F_B_EOF):
+        c.closer = 1 if c.flags & F_C_EOF else 2
     if (c.flags & (F_B_SHUT | F_C_SHUT)) == (F_B_SHUT | F_C_SHUT) and c.c2b.bytes == 0 and c.b2c.bytes == 0:
         conn_close(c, False)            # both directions finished
         return

@@ -44,6 +44,7 @@ cdef void conn_early_close(Conn *c) noexcept nogil:
     pipe_put(&c.b2c)
     c.flags &= ~(F_B_RD | F_B_WR | F_B_EOF | F_B_ERR | F_B_HUP | F_B_SHUT | F_B2C_BULK | F_B_DATA | F_B_OK)
     if c.flags & F_C_ERR:
+        c.term = FLB_TERM_CLIENT_RESET + 1
         conn_close(c, True)                 # the client is gone too: nothing to retry for
         return
     W.me.early_close_retries += 1
@@ -62,7 +63,6 @@ cdef void conn_abort(Conn *c, int dead) noexcept nogil:
         c.term = FLB_TERM_LOCAL_ERROR + 1
         conn_close(c, True)
         return
-    c.term = (FLB_TERM_BACKEND_RESET if dead == SIDE_BACKEND else FLB_TERM_CLIENT_RESET) + 1
     if dead == SIDE_BACKEND and not (c.flags & F_B_DATA) and not backend_holds_bytes(c):
         flb_add64(&b.resets, 1)
         if not (c.flags & F_C2B_SENT):
@@ -72,8 +72,10 @@ cdef void conn_abort(Conn *c, int dead) noexcept nogil:
     # the live side must see a reset after the bytes, as it would directly: never a FIN
     if dead == SIDE_BACKEND:
         c.flags |= F_FLUSH_B | F_C_SHUT
+        c.term = FLB_TERM_BACKEND_RESET + 1
     else:
         c.flags |= F_FLUSH_C | F_B_SHUT
+        c.term = FLB_TERM_CLIENT_RESET + 1
     c.active_ms = W.now_ms
     timer_schedule(c, W.now_ms + TICK_MS)
     flush_run(c)
@@ -132,6 +134,10 @@ cdef void flush_run(Conn *c) noexcept nogil:
         if rc < 0:
             conn_close(c, True)
             return
+    if c.flags & F_FLUSH_B:
+        c.bytes_b2c += <uint64_t>rc         # the access log's per-connection byte counts
+    else:
+        c.bytes_c2b += <uint64_t>rc
     if not (c.flags & eof) or p.bytes > 0:
         return
     outq = 0

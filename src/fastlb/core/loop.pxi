@@ -156,9 +156,10 @@ cdef void retry_starved() noexcept nogil:
         W.starved_head = (W.starved_head + 1) % W.n_conns
         W.n_starved -= 1
         c = &W.conns[slot]
-        if c.state == CS_ESTABLISHED and c.gen == gen:
-            c.flags &= ~F_STARVED
-            conn_run(c)
+        if c.state != CS_FREE and c.gen == gen:
+            c.flags &= ~F_STARVED           # (it may have moved on: retried, or flushing)
+            if c.state == CS_ESTABLISHED or c.state == CS_FLUSHING:
+                conn_run(c)
 
 
 cdef void close_condemned() noexcept nogil:
@@ -186,6 +187,7 @@ cdef inline void sync_generation() noexcept nogil:
     cdef uint64_t g = flb_load64_acq(&W.hdr.generation)
     if g != W.generation:
         W.generation = g
+        listeners_refresh()
         lb_refresh()
         routes_refresh()
         addr_copies_refresh()
@@ -317,6 +319,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         W.listeners[i].udp_responses = sl.udp_responses
         W.listeners[i].max_flows = sl.max_flows
         W.listeners[i].udp_pktinfo = sl.udp_pktinfo
+        W.listeners[i].backlog = sl.backlog  # the control process listened with it
         W.listeners[i].pending = 1
         ev.events = EPOLLIN | EPOLLET
         ev.data.u64 = TAG_SPECIAL | <uint64_t>i

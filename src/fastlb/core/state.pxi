@@ -132,6 +132,7 @@ ctypedef struct Listener:
     uint32_t idle_timeout_ms
     uint32_t max_connections
     uint32_t half_close_timeout_ms
+    uint32_t backlog        # the listen(2) backlog applied to fd (core/reload.pxi)
     int pending             # may have connections waiting in the accept queue
     int paused_full         # stopped at max_connections
     uint64_t paused_until   # ms: EMFILE back-off

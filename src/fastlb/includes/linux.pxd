@@ -70,6 +70,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
     int socket(int domain, int type, int protocol)
     int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int listen(int sockfd, int backlog)
     int connect(int sockfd, const sockaddr *addr, socklen_t addrlen)
     int shutdown(int sockfd, int how)
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
@@ -249,6 +250,7 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     int getpid()
     int getppid()
+    unsigned int geteuid()
 
 
 cdef extern from "<sys/syscall.h>" nogil:
@@ -256,4 +258,3 @@ cdef extern from "<sys/syscall.h>" nogil:
     enum:
         SYS_pidfd_open
     long syscall(long number, ...)
-    unsigned int geteuid()

@@ -19,7 +19,8 @@
  *   header.route_pools_off   uint64_t[n_routes][n_pools] (connections each route sent to each pool)
  *
  * Publishing rules (writer = control process only):
- *   - weight, eff_weight, admin, health: single aligned 32-bit stores (never torn).
+ *   - weight, eff_weight, admin, health, listener timeouts/max_connections/pool/backlog: single
+ *     aligned 32-bit stores (never torn).
  *   - address/name of a backend: seqlock `seq` (odd while writing; readers retry).
  *   - hash tables: write the inactive buffer, then release-store pool.table_active,
  *     then bump header.generation (release).  A backend slot is written before any
@@ -160,7 +161,8 @@ typedef struct {
 } flb_header_t;                  /* 192 bytes */
 
 typedef struct {
-    /* configuration (control writes before fork; read-only afterwards) */
+    /* configuration (control writes before fork; a reload may rewrite pool, timeouts,
+       max_connections and backlog) */
     char     name[FLB_NAME_LEN];
     uint32_t pool;               /* index into pools[] */
     uint32_t connect_timeout_ms;
@@ -168,7 +170,11 @@ typedef struct {
     uint32_t max_connections;    /* across all workers; 0 = unlimited */
     uint8_t  addr[FLB_ADDR_LEN]; /* struct sockaddr_in / sockaddr_in6 */
     uint32_t addrlen;
-    uint32_t _pad1[4];
+    uint32_t backlog;            /* ops (issue 12): listen(2) backlog; a worker calls listen() again
+                                    on its socket when this differs from what it applied.  A reload
+                                    rewrites pool, the timeouts, max_connections and backlog (single
+                                    32-bit stores); workers re-read them when the generation moves. */
+    uint32_t _pad1[3];
     /* counters (workers, atomic) - own cache line */
     int64_t  active;             /* connections open now, all workers */
     uint64_t accepted;

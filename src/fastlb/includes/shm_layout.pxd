@@ -102,6 +102,7 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t max_connections
         uint8_t addr[28]
         uint32_t addrlen
+        uint32_t backlog
         int64_t active
         uint64_t accepted
         uint64_t rejected

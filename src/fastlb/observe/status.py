@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -13,8 +14,31 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _check(c: dict[str, Any] | None) -> str:
+    """The last health check in a few words: "ok (1s ago)", "failed: connection refused (0s ago)", "-"."""
+    if not c:
+        return "-"
+    if c["result"] == "pending":
+        return "pending"
+    text = "ok" if c["result"] == "ok" else f"failed: {c['reason']}"
+    if c.get("time"):
+        text += f" ({max(0.0, time.time() - c['time']):.0f}s ago)"
+    return text
+
+
 def format_status(st: dict[str, Any]) -> str:
-    head = ("POOL", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "ERRORS")
+    head = (
+        "POOL",
+        "BACKEND",
+        "STATE",
+        "WEIGHT",
+        "ACTIVE",
+        "TOTAL",
+        "BYTES_IN",
+        "BYTES_OUT",
+        "ERRORS",
+        "CHECK",
+    )
     rows = [head]
     for p in st["pools"]:
         for b in p["backends"]:
@@ -35,6 +59,7 @@ def format_status(st: dict[str, Any]) -> str:
                     _size(b["bytes_in"]),
                     _size(b["bytes_out"]),
                     str(errors),
+                    _check(b.get("check")),
                 )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -48,7 +73,7 @@ def format_status(st: dict[str, Any]) -> str:
                 f"accepted {li['accepted']}, rejected {li['rejected']}"
             )
         lines.extend(_route_lines(li.get("routes", [])))
-    alive = sum(1 for w in st["workers"] if w["state"] == 1)
+    alive = sum(1 for w in st["workers"] if w["state"] == "running")
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
 
@@ -64,6 +89,18 @@ def _udp_line(li: dict[str, Any]) -> str:
     if drops:
         text += ", dropped " + " ".join(f"{k}={v}" for k, v in drops.items())
     return text
+
+
+def format_reload(r: dict[str, Any]) -> str:
+    """`fastlb reload`'s output: what was applied, and what needs a restart."""
+    lines = [f"reloaded {r['file']}: {len(r['applied'])} changes applied"]
+    lines += [f"  applied: {a}" for a in r["applied"]]
+    if r["needs_restart"]:
+        lines.append(
+            f"NOT applied, {len(r['needs_restart'])} changes need a restart (fastlb serve --takeover):"
+        )
+        lines += [f"  restart: {x}" for x in r["needs_restart"]]
+    return "\n".join(lines)
 
 
 def _route_lines(routes: list[dict[str, Any]]) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from fastlb._shm import Region
 from fastlb.config import BackendConfig, Config, PoolConfig
 from fastlb.runtime.health import CheckTarget, OutlierTracker
-from fastlb.runtime.tables import TablePublisher
+from fastlb.runtime.tables import TablePublisher, table_capacity
 from fastlb.shm import sockaddr_bytes
 
 log = logging.getLogger("fastlb")
@@ -39,6 +39,8 @@ class BackendSlot:
     drain_since: float | None = None
     drain_closed: bool = False  # drain_timeout passed: workers told to close
     eff_weight: int = 0
+    ejections: int = 0  # times passive ejection took it out (metrics, status)
+    drains: int = 0  # times a drain began (operator, or removed from the config)
 
     @property
     def health(self) -> str:
@@ -181,6 +183,7 @@ class BackendManager:
         now = time.monotonic()
         if admin == "drain":
             slot.drain_since = now
+            slot.drains += 1
         else:
             slot.drain_since = None
             if slot.drain_closed:
@@ -267,6 +270,7 @@ class BackendManager:
                     failures = self.region.consecutive_failures(slot.index)
                     if tracker.observe(slot.name, failures, now):
                         slot.ejected = True
+                        slot.ejections += 1
                         changed = True
                         log.warning(
                             "pool %s backend %s: EJECTED after %d consecutive failures, for %.1fs",
@@ -332,11 +336,18 @@ class BackendManager:
         self.publish_pool(ps)
 
     def _sync_backends(
-        self, ps: PoolState, backends: list[BackendConfig], now: float, needs_restart: list[str]
+        self,
+        ps: PoolState,
+        backends: list[BackendConfig],
+        now: float,
+        needs_restart: list[str],
+        applied: list[str] | None = None,
     ) -> None:
         """Make ps's members exactly `backends`: drain the vanished, add the new (slow start),
-        apply changed weights and addresses."""
+        apply changed weights and addresses.  Each change is appended to `applied` (when given),
+        each backend that finds no free slot to `needs_restart`."""
         name = ps.config.name
+        done = applied if applied is not None else []
         wanted = {b.name: b for b in backends}
         for bname, slot in list(ps.slots.items()):
             if bname not in wanted and not slot.removed:
@@ -344,7 +355,9 @@ class BackendManager:
                 if slot.admin != "drain":
                     slot.admin = "drain"
                     slot.drain_since = now
+                    slot.drains += 1
                 log.info("pool %s backend %s: removed from the config; draining", name, bname)
+                done.append(f"pools.{name}.backends.{bname}: removed (draining)")
         for bc in backends:
             slot = ps.slots.get(bc.name)
             if slot is not None and not slot.removed:
@@ -356,11 +369,18 @@ class BackendManager:
                         slot.weight,
                         bc.weight,
                     )
+                    done.append(f"pools.{name}.backends.{bc.name}.weight: {slot.weight} -> {bc.weight}")
                     slot.weight = bc.weight
                 if slot.address != str(bc.address):
                     self.region.set_backend(
-                        slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), slot.weight, fresh=False
+                        slot.index,
+                        ps.index,
+                        bc.name,
+                        sockaddr_bytes(bc.address),
+                        slot.weight,
+                        fresh=False,
                     )
+                    done.append(f"pools.{name}.backends.{bc.name}.address: {slot.address} -> {bc.address}")
                     slot.address = str(bc.address)
                     log.info("pool %s backend %s: address now %s (reload)", name, bc.name, bc.address)
                 continue
@@ -369,48 +389,102 @@ class BackendManager:
                 self.region.set_in_use(slot.index, False)
             index = ps.free_slot()
             if index is None:
-                needs_restart.append(f"pools.{name}.backends: no free slot for {bc.name}")
+                needs_restart.append(
+                    f"pools.{name}.backends.{bc.name}: no free slot (a pool has max(8, its configured "
+                    f"backends at start) spare slots; all {ps.n_slots} are in use or draining)"
+                )
                 continue
             self.region.set_backend(index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
             ps.slots[bc.name] = BackendSlot(
                 index, name, bc.name, str(bc.address), bc.weight, slow_start_from=now
             )
             log.info("pool %s backend %s: added (%s, weight %d)", name, bc.name, bc.address, bc.weight)
+            done.append(f"pools.{name}.backends.{bc.name}: added ({bc.address}, weight {bc.weight})")
 
     # --- reload ----------------------------------------------------------------------------------
 
-    def reload(self, new: Config) -> list[str]:
-        """Apply the backend changes of a new config (weights, added, removed, address); returns the
-        changes that need a restart instead (listeners, pool settings), which are not applied."""
-        needs_restart = []
+    def reload(self, new: Config) -> tuple[list[str], list[str]]:
+        """Apply the pool and backend changes of a new config: weights, backends added, removed
+        (drained) or moved, pool settings (algorithm, hash key, retries, all_down, table sizes,
+        slow start, drain timeout, health check, outlier detection).  Returns (applied, needs_restart):
+        what changed, and what could not be applied without a restart (named, not applied)."""
+        applied: list[str] = []
+        needs_restart = [
+            f"pools.{name}: new pool (pools are laid out in shared memory at start)"
+            for name in new.pools
+            if name not in self.pools
+        ]
+        needs_restart += [
+            f"pools.{name}: removed from the config, still running"
+            for name in self.pools
+            if name not in new.pools
+        ]
         now = time.monotonic()
         for name, pc in new.pools.items():
             ps = self.pools.get(name)
             if ps is None:
-                needs_restart.append(f"new pool {name}")
                 continue
             old = ps.config
-            for key in ("algorithm", "hash_key", "retries", "maglev_table_size", "ring_vnodes", "all_down"):
-                if getattr(old, key) != getattr(pc, key):
-                    needs_restart.append(f"pools.{name}.{key}")
-            self._sync_backends(ps, list(pc.backends) + self.extra_backends(name), now, needs_restart)
-            ps.config = _merge_pool(old, pc)
+            merged, pool_applied, pool_restart = _pool_settings(self.region, ps, pc)
+            applied += pool_applied
+            needs_restart += pool_restart
+            if old.health_check is not None and pc.health_check is None:
+                for slot in ps.slots.values():
+                    slot.check_up = True  # no checks any more: nobody would ever bring it back up
+            self._sync_backends(
+                ps, list(pc.backends) + self.extra_backends(name), now, needs_restart, applied
+            )
+            ps.config = merged
             if ps.outlier is not None:
                 ps.outlier.config = ps.config.outlier_detection
                 members = list(pc.backends) + self.extra_backends(name)
                 ps.outlier.set_pool_size(len(members), [b.name for b in members])
         self.publish_all()
-        return needs_restart
+        return applied, needs_restart
 
 
-def _merge_pool(old: PoolConfig, new: PoolConfig) -> PoolConfig:
-    """The pool as it now runs: settings that need a restart from old, the rest from new."""
-    return replace(
-        new,
-        algorithm=old.algorithm,
-        hash_key=old.hash_key,
-        retries=old.retries,
-        maglev_table_size=old.maglev_table_size,
-        ring_vnodes=old.ring_vnodes,
-        all_down=old.all_down,
-    )
+_TABLE_KEYS = ("algorithm", "maglev_table_size", "ring_vnodes")
+_POOL_KEYS = (
+    "algorithm",
+    "hash_key",
+    "retries",
+    "all_down",
+    "maglev_table_size",
+    "ring_vnodes",
+    "slow_start",
+    "drain_timeout",
+    "health_check",
+    "outlier_detection",
+)
+
+
+def _pool_settings(region: Region, ps: PoolState, new: PoolConfig) -> tuple[PoolConfig, list[str], list[str]]:
+    """The pool's settings from `new`, applied in place: (config now running, applied, needs_restart).
+
+    Everything applies at once except a hashing algorithm or table size whose table does not fit
+    the buffers allocated at start (they are sized for the algorithm the pool started with)."""
+    old = ps.config
+    applied, restart = [], []
+    changed = [k for k in _POOL_KEYS if getattr(old, k) != getattr(new, k)]
+    merged = replace(new, backends=new.backends)
+    if any(k in changed for k in _TABLE_KEYS):
+        need = table_capacity(new.algorithm, ps.n_slots, new.maglev_table_size, new.ring_vnodes)
+        if need > region.pool(ps.index)["table_capacity"]:
+            keys = [k for k in _TABLE_KEYS if k in changed]
+            restart += [
+                f"pools.{old.name}.{k}: {getattr(old, k)} -> {getattr(new, k)} (its table does not fit the "
+                f"buffers allocated at start)"
+                for k in keys
+            ]
+            merged = replace(merged, **{k: getattr(old, k) for k in _TABLE_KEYS})
+            changed = [k for k in changed if k not in keys]
+    for k in changed:
+        shown = (lambda v: "on" if v else "off") if k == "health_check" else (lambda v: v)
+        if k == "outlier_detection" or (k == "health_check" and old.health_check and new.health_check):
+            applied.append(f"pools.{old.name}.{k}: changed")
+        else:
+            applied.append(f"pools.{old.name}.{k}: {shown(getattr(old, k))} -> {shown(getattr(new, k))}")
+    if changed:
+        log.info("pool %s: reload applied %s", old.name, ", ".join(changed))
+    region.set_pool_runtime(ps.index, merged.algorithm, merged.hash_key, merged.retries, merged.all_down)
+    return merged, applied, restart

@@ -53,7 +53,7 @@ async def udp_check(
 
 
 async def _dns(loop: asyncio.AbstractEventLoop, sock: socket.socket, name: str) -> str:
-    # imported here: a fastlb without dns checks runs without dnspython
+    # dnspython is imported by the first dns check: a control process without one never loads it
     import dns.exception
     import dns.message
     import dns.rcode

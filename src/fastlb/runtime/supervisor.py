@@ -25,14 +25,17 @@ from typing import TYPE_CHECKING
 
 from fastlb import worker
 from fastlb._shm import Region
-from fastlb.config import Config, ConfigError, load_config
+from fastlb.config import Config
 from fastlb.control.server import handle_request
+from fastlb.observe.document import backend_extras, listener_settings, worker_status
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.control_socket import ControlServer, ControlSocketError
 from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
+from fastlb.runtime.ops import OpsServices
+from fastlb.runtime.reload import reload_config
 from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.tables import table_capacity
 from fastlb.runtime.udp import udp_listener_fields, udp_listener_status
@@ -112,6 +115,7 @@ class Supervisor:
         self.discovery: Discovery | None = None
         self.access_log: AccessLog | None = None
         self.admin: AdminServer | None = None
+        self.ops = OpsServices(config)
 
     # --- shared memory -----------------------------------------------------------------------
 
@@ -157,6 +161,7 @@ class Supervisor:
                 int(lc.idle_timeout * 1000),
                 lc.max_connections,
                 sockaddr_bytes(lc.bind),
+                lc.backlog,
                 round(lc.half_close_timeout * 1000),
                 **udp_listener_fields(lc),
             )
@@ -318,6 +323,7 @@ class Supervisor:
         self._start_access_log()
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
         self.write_runfile()
+        await self.ops.start(self)
         tasks = [asyncio.create_task(self._tick_loop())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
@@ -339,6 +345,7 @@ class Supervisor:
         if self.control is not None:
             self.control.close()
         runfile.remove_if_mine(self.runfile_path)
+        await self.ops.stop()
         log.info("stopped")
         return self.exit_code
 
@@ -376,6 +383,15 @@ class Supervisor:
         self.access_log = AccessLog(self.region, self.n_workers, g.access_log, g.access_log_format, names)
         self.access_log.start()
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+
+    def metrics_text(self) -> tuple[bytes, str] | None:
+        """The /metrics page (body, content type) when [global] metrics is on: the admin API serves
+        it on its own port too."""
+        if self.config.global_.metrics is None:
+            return None
+        from fastlb.observe.metrics import CONTENT_TYPE, render
+
+        return render(self), CONTENT_TYPE
 
     def _start_fleet_services(self) -> None:
         """DNS discovery for the pools that have it, and the remote admin API if configured."""
@@ -419,33 +435,10 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config; a bad one changes nothing and says why."""
-        path = self.config.file
-        try:
-            new = load_config(path)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        listeners_old = [(lc.name, str(lc.bind), lc.protocol) for lc in self.config.listeners.values()]
-        listeners_new = [(lc.name, str(lc.bind), lc.protocol) for lc in new.listeners.values()]
-        restart = [] if listeners_old == listeners_new else ["listeners"]
-        if not restart and any(
-            RouteManager.prelude_changed(old, new.listeners[old.name])
-            for old in self.config.listeners.values()
-        ):
-            restart.append("listeners (proxy_protocol, sni settings)")
-        restart += self.backends.reload(new)
-        if self.discovery is not None:
-            self.discovery.update({n: p.discover for n, p in new.pools.items() if p.discover is not None})
-        if restart[:1] != ["listeners"]:
-            restart += self.routes.reload(new)  # the file's splits replace the published ones
-        self.poke()
-        if self.checker is not None:
-            self.checker.set_targets(self.backends.check_targets())
-        if restart:
-            log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
-        log.info("reloaded %s", path)
+    def reload(self) -> dict:
+        """SIGHUP / `fastlb reload`: re-read the config, apply what can be applied, name the rest
+        (fastlb.runtime.reload); a bad file changes nothing and says why."""
+        return reload_config(self, sd_notify)
 
     def upgrade(self) -> str | None:
         """SIGUSR2 or `fastlb upgrade`: restart in place without refusing a connection
@@ -517,6 +510,7 @@ class Supervisor:
 
     def status(self) -> dict:
         r = self.region
+        checks = {(c["pool"], c["backend"]): c for c in self.checker.snapshot()} if self.checker else {}
         pools = []
         for ps in self.pools.values():
             backends = []
@@ -542,6 +536,7 @@ class Supervisor:
                         "connect_time_us": b["connect_time_ewma_us"],
                         "draining": slot.admin == "drain",
                         "removed": slot.removed,
+                        **backend_extras(b, slot, checks.get((ps.config.name, slot.name))),
                     }
                 )
             p = r.pool(ps.index)
@@ -574,6 +569,7 @@ class Supervisor:
                     "rejected": li["rejected"],
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
+                    **listener_settings(li),
                     "no_route": li["no_route"],
                     "routes": self.routes.routes_status(lc.name),
                     **udp_listener_status(lc, li),
@@ -581,8 +577,7 @@ class Supervisor:
             )
         workers = [
             dict(
-                r.worker(i),
-                index=i,
+                worker_status(r.worker(i), i),
                 restarts=self.restart_count.get(i, 0),
                 stalls=self.watchdog.stalls_of.get(i, 0),
             )
@@ -610,10 +605,18 @@ class Supervisor:
             **extra,
             "pid": os.getpid(),
             "generation": r.generation,
+            "config_file": self.config.file,
             "listeners": listeners,
             "pools": pools,
             "workers": workers,
+            **self.ops.status(),
         }
+
+    def connect_histogram(self, pool: str, backend: str) -> list[int] | None:
+        """The backend's connect-time histogram buckets (shm_layout.h hist_connect), for metrics."""
+        ps = self.pools.get(pool)
+        slot = ps.slots.get(backend) if ps else None
+        return None if slot is None else self.region.backend(slot.index)["hist_connect"]
 
 
 def _state_name(b: dict) -> str:

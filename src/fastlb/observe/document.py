@@ -1,0 +1,62 @@
+"""Pieces of the status document (`fastlb status --json`, the control socket's `status` reply) that
+turn shared-memory numbers into names: worker states, per-backend outcome counters, check runs.
+
+Every field and state name is documented in docs/status.md; tests/test_status_doc.py holds the two
+together.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastlb.shm import WORKER_STATE_NAMES
+
+
+def worker_status(w: dict[str, Any], index: int) -> dict[str, Any]:
+    """One worker record with its state as a name and the age of its heartbeat."""
+    out = dict(w, index=index)
+    out["state"] = WORKER_STATE_NAMES.get(w["state"], f"unknown-{w['state']}")
+    beat = w["heartbeat_ms"]
+    out["heartbeat_age_ms"] = max(0, int(time.monotonic() * 1000) - beat) if beat else None
+    return out
+
+
+def listener_settings(li: dict[str, Any]) -> dict[str, Any]:
+    """The settings the workers run a listener with now (a reload changes them in place)."""
+    return {
+        "connect_timeout_ms": li["connect_timeout_ms"],
+        "idle_timeout_ms": li["idle_timeout_ms"],
+        "max_connections": li["max_connections"],
+        "backlog": li["backlog"],
+    }
+
+
+def check_status(check: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The last active health check of a backend, or None when its pool has no health_check."""
+    if check is None:
+        return None
+    done = check["last_check"] is not None
+    return {
+        "type": check["type"],
+        "address": check["address"],
+        "result": ("ok" if check["last_reason"] == "ok" else "failed") if done else "pending",
+        "reason": check["last_reason"] or None,
+        "time": check["last_check"],
+        "duration_ms": round(check["last_duration"] * 1000, 3) if done else None,
+        "checks": check["checks"],
+        "consecutive_ok": check["consecutive_ok"],
+        "consecutive_failures": check["consecutive_fail"],
+    }
+
+
+def backend_extras(b: dict[str, Any], slot: Any, check: dict[str, Any] | None) -> dict[str, Any]:
+    """Backend fields beyond the original status: outcome counters, ejections, drains, last check."""
+    return {
+        "attempts": b["attempts"],
+        "early_closes": b["early_closes"],
+        "connect_time_sum_us": b["connect_time_sum_us"],
+        "ejections": slot.ejections,
+        "drains": slot.drains,
+        "check": check_status(check),
+    }

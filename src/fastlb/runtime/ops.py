@@ -1,0 +1,109 @@
+"""Operations services of the control process: the Prometheus /metrics server and the record of
+reloads, started and stopped with `fastlb serve` (fastlb.runtime.supervisor).
+
+prometheus_client is imported only when metrics are on: it imports ssl, and the control process
+otherwise keeps OpenSSL (about 4 MiB resident) out (see fastlb.cli._keep_openssl_out)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from fastlb.config import Address, Config
+
+if TYPE_CHECKING:
+    from fastlb.observe.metrics import MetricsSource
+
+log = logging.getLogger("fastlb")
+
+
+def _bind(addr: Address) -> socket.socket:
+    """A listening TCP socket on addr (raises OSError), for the metrics server."""
+    s = socket.socket(addr.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if addr.family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(addr.sockaddr())
+        s.listen(64)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+class OpsServices:
+    """The metrics endpoint ([global] metrics) and reload bookkeeping."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._metrics: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.reloads = {"ok": 0, "failed": 0}
+        self.last_reload: dict[str, Any] | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run coro on the loop, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, source: MetricsSource) -> None:
+        addr = self.config.global_.metrics
+        if addr is None:
+            return
+        try:
+            sock = _bind(addr)
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s: %s (metrics disabled)", addr, exc.strerror or exc)
+            return
+        from fastlb.observe.metrics import start_metrics_server
+
+        self._metrics = await start_metrics_server(source, sock)
+        log.info("metrics: serving http://%s/metrics", addr)
+
+    def move_metrics(self, source: MetricsSource, addr: Address | None) -> None:
+        """Reload: serve metrics on addr (None: off) instead; raises OSError if it cannot listen."""
+        sock = _bind(addr) if addr is not None else None
+        old, self._metrics = self._metrics, None
+        if old is not None:
+            old.close()
+
+        async def serve() -> None:
+            from fastlb.observe.metrics import start_metrics_server
+
+            if sock is not None:
+                self._metrics = await start_metrics_server(source, sock)
+                log.info("metrics: serving http://%s/metrics", addr)
+
+        self.spawn(serve())
+
+    async def stop(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        for t in list(self._tasks):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def record_reload(self, result: dict[str, Any]) -> None:
+        self.reloads["ok" if result.get("ok") else "failed"] += 1
+        self.last_reload = dict(result, time=time.time())
+
+    def status(self) -> dict[str, Any]:
+        addr = self.config.global_.metrics
+        return {
+            "metrics": None if addr is None else str(addr),
+            "reload": {
+                "ok_total": self.reloads["ok"],
+                "failed_total": self.reloads["failed"],
+                "last": self.last_reload,
+            },
+        }

@@ -1,0 +1,291 @@
+"""Reload (SIGHUP, `fastlb reload`, `systemctl reload`): re-read the config file and apply every
+change that can be applied to the running process; name every one that cannot.
+
+Applied in place: listener timeouts, max_connections, backlog (listen(2) again on the existing
+sockets) and pool; pool settings and backends (fastlb.runtime.backends); [global] log_level,
+metrics, control_socket and shutdown_timeout (for workers started from now on).  Needing a restart
+(`fastlb serve --takeover` carries the sockets over): listeners added, removed or re-bound, pools
+added or removed, [global] workers, backends beyond a pool's spare slots, hash tables that outgrow
+their buffers.  Those stay as they run, and the log line and the reply name each one.
+
+systemd sees RELOADING=1 (with MONOTONIC_USEC) before and READY=1 after every reload, with a
+STATUS= line that says how it went; `fastlb reload` (the unit's ExecReload) exits non-zero when the
+file was refused, so `systemctl reload` reports the failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from fastlb.config import Config, ConfigError, GlobalConfig, ListenerConfig, load_config
+
+log = logging.getLogger("fastlb")
+
+RESTART_HINT = "restart (fastlb serve --takeover keeps the sockets)"
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
+    """Re-read sup.config.file and apply it; the reply of the control socket's `reload`."""
+    path = sup.config.file
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        result = {"ok": False, "file": path, "error": f"reload refused, nothing changed: {exc}"}
+        sup.ops.record_reload(result)
+        notify(f"READY=1\nSTATUS=reload failed: {exc}")
+        return result
+    g_applied, g_restart, running_global = _global(sup, new)
+    b_applied, b_restart = sup.backends.reload(new)
+    discovery = getattr(sup, "discovery", None)
+    if discovery is not None:  # DNS discovery: the file's discover settings replace the running ones
+        discovery.update(
+            {n: p.discover for n, p in new.pools.items() if getattr(p, "discover", None) is not None}
+        )
+    l_applied, l_restart, listeners = _listeners(sup, new)
+    applied, needs_restart = g_applied + l_applied + b_applied, g_restart + l_restart + b_restart
+    needs_restart += _routes(sup, new, not l_restart, applied)
+    sup.config = Config(
+        file=path,
+        global_=running_global,
+        listeners=listeners,
+        pools={name: ps.config for name, ps in sup.pools.items()},
+    )
+    sup.ops.config = sup.config
+    for i, lc in enumerate(listeners.values()):
+        pool = sup.pools.get(getattr(lc, "pool", None) or "")
+        sup.region.set_listener_runtime(
+            i,
+            pool.index if pool is not None else sup.region.listener(i)["pool"],
+            _ms(lc.connect_timeout),
+            _ms(lc.idle_timeout),
+            lc.max_connections,
+            lc.backlog,
+            round(getattr(lc, "half_close_timeout", 0.0) * 1000),
+        )
+    sup.region.publish()
+    if sup.checker is not None:
+        sup.checker.set_targets(sup.backends.check_targets())
+    sup.poke()
+    for line in applied:
+        log.info("reload: %s", line)
+    if needs_restart:
+        log.warning("reload: NOT applied, these need a %s: %s", RESTART_HINT, "; ".join(needs_restart))
+    log.info("reloaded %s: %d changes applied, %d need a restart", path, len(applied), len(needs_restart))
+    result = {"ok": True, "file": path, "applied": applied, "needs_restart": needs_restart}
+    sup.ops.record_reload(result)
+    state = f"{len(needs_restart)} changes need a restart" if needs_restart else "all changes applied"
+    notify(f"READY=1\nSTATUS=reloaded {path}: {state}")
+    return result
+
+
+def _global(sup: Any, new: Config) -> tuple[list[str], list[str], GlobalConfig]:
+    old, g = sup.config.global_, new.global_
+    applied: list[str] = []
+    restart: list[str] = []
+    running = g
+    if g.workers != old.workers:
+        restart.append(
+            f"global.workers: {old.workers} -> {g.workers} (the shared region is sized for the running workers)"
+        )
+        running = replace(running, workers=old.workers)
+    if g.log_level != old.log_level:
+        logging.getLogger().setLevel(getattr(logging, g.log_level.upper()))
+        applied.append(f"global.log_level: {old.log_level} -> {g.log_level}")
+    if g.shutdown_timeout != old.shutdown_timeout:
+        sup.shutdown_timeout = g.shutdown_timeout
+        applied.append(
+            f"global.shutdown_timeout: {old.shutdown_timeout:g}s -> {g.shutdown_timeout:g}s (workers started from now on)"
+        )
+        restart.append(
+            f"global.shutdown_timeout: running workers keep {old.shutdown_timeout:g}s until they are restarted"
+        )
+    if g.control_socket != old.control_socket:
+        try:
+            move_control_socket(sup, g.control_socket)
+            applied.append(f"global.control_socket: {old.control_socket} -> {g.control_socket}")
+        except OSError as exc:
+            restart.append(
+                f"global.control_socket: cannot listen on {g.control_socket}: {exc.strerror or exc}"
+            )
+            running = replace(running, control_socket=old.control_socket)
+    if g.metrics != old.metrics:
+        try:
+            sup.ops.move_metrics(sup, g.metrics)
+            applied.append(f"global.metrics: {old.metrics or 'off'} -> {g.metrics or 'off'}")
+        except OSError as exc:
+            restart.append(f"global.metrics: cannot listen on {g.metrics}: {exc.strerror or exc}")
+            running = replace(running, metrics=old.metrics)
+    watchdog = getattr(sup, "watchdog", None)
+    if watchdog is not None and g.worker_stall_timeout != old.worker_stall_timeout:
+        watchdog.timeout_ms = int(g.worker_stall_timeout * 1000)
+        applied.append(
+            f"global.worker_stall_timeout: {old.worker_stall_timeout:g}s -> {g.worker_stall_timeout:g}s"
+        )
+    for key in _fields(g):
+        if key not in _GLOBAL_HANDLED and getattr(g, key) != getattr(old, key):
+            restart.append(f"global.{key}: {getattr(old, key)!r} -> {getattr(g, key)!r} (read at start)")
+            running = replace(running, **{key: getattr(old, key)})
+    return applied, restart, running
+
+
+# [global] keys this module applies or names itself; any other key that changes is named as read
+# at start (a feature added later is never ignored silently)
+_GLOBAL_HANDLED = (
+    "workers",
+    "log_level",
+    "shutdown_timeout",
+    "control_socket",
+    "metrics",
+    "worker_stall_timeout",
+)
+_LISTENER_APPLIED = (
+    "pool",
+    "connect_timeout",
+    "idle_timeout",
+    "half_close_timeout",
+    "max_connections",
+    "backlog",
+)
+# listener keys handled elsewhere: bind (above), routes and preludes (runtime/routes.py via _routes)
+_LISTENER_ELSEWHERE = (
+    "name",
+    "bind",
+    "routes",
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "sni_timeout",
+    "sni_no_match",
+)
+
+
+def _fields(obj: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, ListenerConfig]]:
+    """Listeners keep their sockets: the running set stays; each one's settings come from `new`."""
+    old = sup.config.listeners
+    applied: list[str] = []
+    restart = [f"listeners.{n}: new listener (needs new sockets)" for n in new.listeners if n not in old]
+    restart += [
+        f"listeners.{n}: removed from the config, still accepting" for n in old if n not in new.listeners
+    ]
+    running: dict[str, ListenerConfig] = {}
+    for name, lc in old.items():
+        nc = new.listeners.get(name)
+        if nc is None:
+            running[name] = lc
+            continue
+        if nc.bind != lc.bind:
+            restart.append(f"listeners.{name}.bind: {lc.bind} -> {nc.bind} (needs new sockets)")
+            nc = replace(nc, bind=lc.bind)
+        if nc.pool != lc.pool and nc.pool not in sup.pools:
+            restart.append(f"listeners.{name}.pool: {lc.pool} -> {nc.pool} (pool {nc.pool} is not running)")
+            nc = replace(nc, pool=lc.pool)
+        for key in _LISTENER_APPLIED:
+            if not hasattr(lc, key):
+                continue
+            a, b = getattr(lc, key), getattr(nc, key)
+            if a != b:
+                shown = (f"{a:g}s", f"{b:g}s") if key.endswith("timeout") else (a, b)
+                applied.append(f"listeners.{name}.{key}: {shown[0]} -> {shown[1]}")
+        for key in _fields(lc):
+            if (
+                key not in _LISTENER_APPLIED
+                and key not in _LISTENER_ELSEWHERE
+                and getattr(lc, key) != getattr(nc, key)
+            ):
+                restart.append(
+                    f"listeners.{name}.{key}: {getattr(lc, key)!r} -> {getattr(nc, key)!r} (read at start)"
+                )
+                nc = replace(nc, **{key: getattr(lc, key)})
+        running[name] = nc
+    return applied, restart, running
+
+
+def _routes(sup: Any, new: Config, same_listeners: bool, applied: list[str]) -> list[str]:
+    """Routes and splits (issue 10, fastlb.runtime.routes, once present as sup.routes): the file's
+    routes replace the published ones; prelude settings (PROXY protocol, SNI) need a restart."""
+    routes = getattr(sup, "routes", None)
+    if routes is None:
+        return []
+    restart = [
+        f"listeners.{name}: proxy_protocol / sni settings changed"
+        for name, lc in sup.config.listeners.items()
+        if name in new.listeners and routes.prelude_changed(lc, new.listeners[name])
+    ]
+    if same_listeners and not restart:
+        before = {(r["listener"], r["name"]): r["split"] for r in routes.routes_status()}
+        restart += routes.reload(new)
+        for r in routes.routes_status():
+            old = before.get((r["listener"], r["name"]))
+            if old is not None and old != r["split"]:
+                applied.append(
+                    f"listeners.{r['listener']}.routes.{r['name']}.split: {_split(old)} -> {_split(r['split'])}"
+                )
+    return restart
+
+
+def _split(weights: dict[str, int]) -> str:
+    return " ".join(f"{pool}={w}" for pool, w in weights.items())
+
+
+def _answers(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _move_runfile(sup: Any, control_socket: str) -> None:
+    """The runtime file (pids for a later takeover) lives next to the control socket: follow it."""
+    if not hasattr(sup, "runfile_path"):
+        return
+    from fastlb.runtime import runfile
+
+    runfile.remove_if_mine(sup.runfile_path)
+    sup.runfile_path = runfile.path_for(control_socket)
+    sup.write_runfile()
+
+
+def move_control_socket(sup: Any, path: str) -> None:
+    """Listen on `path` (a new ControlServer, runtime/control_socket.py), then close the old socket
+    and move the runtime file beside the new one.  Raises OSError when `path` is taken or its
+    directory cannot be made."""
+    from fastlb.runtime.control_socket import ControlServer, ControlSocketError
+
+    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+    if _answers(path):
+        raise OSError(errno.EADDRINUSE, "another process answers on it")
+    new = ControlServer(path, sup._control_request)
+
+    async def serve() -> None:
+        try:
+            await new.start()
+        except ControlSocketError as exc:
+            log.error("reload: the control socket stays where it was: %s", exc)
+            return
+        old, sup.control = sup.control, new
+        if old is not None:
+            old.close()
+        _move_runfile(sup, path)
+
+    sup.ops.spawn(serve())
