@@ -1,6 +1,6 @@
 """UDP (DNS) benchmark: fastlb against nginx stream UDP and a direct connection, with dnsperf.
 
-Self-contained driver for issue 13; it reuses bench/compare.py's machinery by import (the cgroup CPU
+Self-contained driver for issue 13; it reuses the TCP benchmarks' machinery by import (bench/common.py, system.py) (the cgroup CPU
 quota, pinning, process groups, CPU accounting), so the balancer runs under exactly the CPU limit of the
 TCP benchmarks: pinned to one CPU inside a cgroup with a CPU quota (50 % of one CPU, 10 ms period), while
 dnsperf and the DNS servers run on the other CPU.  Everything stays on 127.0.0.1; every process started
@@ -36,7 +36,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import compare as cmp  # noqa: E402  (bench/compare.py: CpuLimit, Procs, CpuSnapshot, pinning, logging)
+import common  # noqa: E402  (bench/common.py: BenchError, Running, waiting, logging, noise limits)
+import system  # noqa: E402  (bench/system.py: CpuLimit, Procs, CpuSnapshot, pinning, memory)
+from report import first_line  # noqa: E402
+from targets.nginx import STREAM_MODULE  # noqa: E402
 
 RESULTS = HERE / "results"
 LOOPBACK = "127.0.0.1"
@@ -96,7 +99,7 @@ $servers
 
 
 def log(msg: str) -> None:
-    cmp.log(msg)
+    common.log(msg)
 
 
 class Bench:
@@ -106,8 +109,8 @@ class Bench:
         self.logs = out_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.rundir = Path(tempfile.mkdtemp(prefix="fastlb-bench-udp-"))
-        self.procs = cmp.Procs()
-        self.cpu = cmp.CpuLimit(args.cpu_quota_pct, args.cpu_period_us, True)
+        self.procs = system.Procs()
+        self.cpu = system.CpuLimit(args.cpu_quota_pct, args.cpu_period_us, True)
         # free ports (UDP and TCP: dnsmasq binds both) chosen now: the machine may be shared
         self.backend_ports = [free_port(), free_port()]
         self.target_ports = {t: free_port() for t in TARGETS}
@@ -140,23 +143,23 @@ class Bench:
             ]
             self.procs.start(f"dnsmasq{i}", argv, cpu=self.a.load_cpu, log_path=self.logs / f"dnsmasq{i}.log")
         for port in self.backend_ports:
-            cmp.wait_until(lambda port=port: dns_ok(port), f"dnsmasq :{port}", None, None)
+            common.wait_until(lambda port=port: dns_ok(port), f"dnsmasq :{port}", None, None)
 
     def start_target(self, target: str, responses: int = 1, timeout: str = "5s") -> tuple[int, object]:
         """Start target; returns (port clients use, Running-like handle with .proc and .extra)."""
         if target == "direct":
-            return self.backend_ports[0], cmp.Running(target, 1, {})
+            return self.backend_ports[0], common.Running(target, 1, {})
         port = self.target_ports[target]
         workers = self.a.workers
         log_path = self.logs / f"{target}.log"
-        run = cmp.Running(target, workers, {"dns": port}, log_path=log_path)
+        run = common.Running(target, workers, {"dns": port}, log_path=log_path)
         env = dict(os.environ)
         if target == "nginx":
             servers = "\n".join(f"        server {LOOPBACK}:{p};" for p in self.backend_ports)
             cfg = self.rundir / "nginx-udp.conf"
             cfg.write_text(
                 NGINX_CONF.substitute(
-                    stream_module=cmp.STREAM_MODULE,
+                    stream_module=STREAM_MODULE,
                     workers=workers,
                     rundir=self.rundir,
                     LOOPBACK=LOOPBACK,
@@ -198,14 +201,16 @@ class Bench:
         )
         try:
             if target == "fastlb":
-                cmp.wait_notify(run.extra[0], run.proc, log_path)
-            cmp.wait_until(lambda: dns_ok(port), f"{target} DNS through :{port}", run.proc, log_path, 20)
+                common.wait_notify(run.extra[0], run.proc, log_path)
+            common.wait_until(lambda: dns_ok(port), f"{target} DNS through :{port}", run.proc, log_path, 20)
             time.sleep(0.3)
-            cmp.pin_tree(run.proc.pid, self.a.balancer_cpu)
+            system.pin_tree(run.proc.pid, self.a.balancer_cpu)
             if self.cpu.path is not None:
-                outside = {p.pid for p in cmp.proc_tree(run.proc.pid)} - set(self.cpu.pids())
+                outside = {p.pid for p in system.proc_tree(run.proc.pid)} - set(self.cpu.pids())
                 if outside:
-                    raise cmp.BenchError(f"{target}: processes {sorted(outside)} are not in the CPU cgroup")
+                    raise common.BenchError(
+                        f"{target}: processes {sorted(outside)} are not in the CPU cgroup"
+                    )
         except BaseException:
             self.stop_target(run)
             raise
@@ -241,12 +246,12 @@ class Bench:
 
     def measure(self, run, port: int, workload: str) -> dict:
         pid = run.proc.pid if run.proc else None
-        snap0 = cmp.CpuSnapshot.take(pid)
+        snap0 = system.CpuSnapshot.take(pid)
         thr0 = self.cpu.stat() if pid else None
         t0 = time.monotonic()
         res = self.dnsperf(port, workload, self.a.duration)
         wall = time.monotonic() - t0
-        snap1 = cmp.CpuSnapshot.take(pid)
+        snap1 = system.CpuSnapshot.take(pid)
         res["wall_s"] = wall
         res["other_cpu_s"] = snap1.other_since(snap0, self.a.balancer_cpu, self.a.load_cpu)
         if pid:
@@ -265,7 +270,7 @@ class Bench:
         socks: list[socket.socket] = []
         try:
             time.sleep(0.5)
-            before, slab0 = cmp.memory(run.proc.pid), slab_bytes()
+            before, slab0 = system.memory(run.proc.pid), slab_bytes()
             q = dns_query(1)
             for _ in range(IDLE_FLOWS):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -280,7 +285,7 @@ class Bench:
                     s.recv(512)
                     answered += 1
             time.sleep(1.0)
-            held, slab1 = cmp.memory(run.proc.pid), slab_bytes()
+            held, slab1 = system.memory(run.proc.pid), slab_bytes()
         finally:
             for s in socks:
                 s.close()
@@ -313,7 +318,7 @@ def free_port() -> int:
             except OSError:
                 continue
             return port
-    raise cmp.BenchError("no free port")
+    raise common.BenchError("no free port")
 
 
 def dns_query(qid: int, name: str = "probe.test.example") -> bytes:
@@ -364,7 +369,7 @@ def parse_dnsperf(text: str) -> dict:
             with contextlib.suppress(ValueError, IndexError):
                 lat.append(float(line.split()[-1]) * 1000)
     if "qps" not in res:
-        raise cmp.BenchError(f"dnsperf gave no result: {text[-400:]}")
+        raise common.BenchError(f"dnsperf gave no result: {text[-400:]}")
     if lat:
         lat.sort()
         res["p50_ms"] = lat[len(lat) // 2]
@@ -394,7 +399,7 @@ def run(args: argparse.Namespace) -> dict:
                 if target in args.targets:
                     try:
                         idle[target] = bench.idle(target)
-                    except cmp.BenchError as exc:
+                    except common.BenchError as exc:
                         idle[target] = {"error": str(exc)}
                     log(f"idle {target}: {idle[target]}")
         meta = {
@@ -406,9 +411,9 @@ def run(args: argparse.Namespace) -> dict:
             "duration_s": args.duration,
             "workers": args.workers,
             "kernel": os.uname().release,
-            "nginx": cmp.first_line(["nginx", "-v"]),
-            "dnsperf": cmp.first_line(["dnsperf", "-h"]) or "dnsperf",
-            "dnsmasq": cmp.first_line(["dnsmasq", "--version"]),
+            "nginx": first_line(["nginx", "-v"]),
+            "dnsperf": first_line(["dnsperf", "-h"]) or "dnsperf",
+            "dnsmasq": first_line(["dnsmasq", "--version"]),
         }
     finally:
         bench.close()
@@ -417,14 +422,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def wait_quiet(bench: Bench) -> float:
-    """Wait (bounded, as bench/compare.py does) until other processes leave our two CPUs mostly idle."""
+    """Wait (bounded, as the TCP benchmarks do) until other processes leave our two CPUs mostly idle."""
     t0 = time.monotonic()
     while True:
-        before = cmp.CpuSnapshot.take(None)
+        before = system.CpuSnapshot.take(None)
         time.sleep(0.5)
-        other = cmp.CpuSnapshot.take(None).other_since(before, bench.a.balancer_cpu, bench.a.load_cpu)
+        other = system.CpuSnapshot.take(None).other_since(before, bench.a.balancer_cpu, bench.a.load_cpu)
         waited = time.monotonic() - t0
-        if cmp.CpuSnapshot.noise(other) < cmp.NOISY * 0.5 or waited > cmp.QUIET_WAIT_S:
+        if system.CpuSnapshot.noise(other) < common.NOISY * 0.5 or waited > common.QUIET_WAIT_S:
             return waited
 
 
@@ -435,7 +440,7 @@ def bench_round(bench: Bench, target: str, rnd: int, records: list) -> None:
         for workload in WORKLOADS:
             try:
                 res = bench.measure(handle, port, workload)
-            except cmp.BenchError as exc:
+            except common.BenchError as exc:
                 log(f"round {rnd} {target} {workload}: FAILED {exc}")
                 records.append({"target": target, "workload": workload, "round": rnd, "error": str(exc)})
                 continue
@@ -491,7 +496,7 @@ def render(result: dict) -> str:
         "- Backends: two `dnsmasq` instances on 127.0.0.1 (cache off; every name under `test.example` is",
         f"  answered locally), pinned with dnsperf to the load CPU (CPU {m['load_cpu']}).",
         f"- The balancer runs pinned to CPU {m['balancer_cpu']} inside a cgroup: {m['cpu_limit']} - the same",
-        "  limit as the TCP benchmarks (bench/compare.py's `CpuLimit`, reused by import).",
+        "  limit as the TCP benchmarks (bench/system.py's `CpuLimit`, reused by import).",
         f"- {m['workers']} worker(s) each. nginx: `listen ... udp reuseport; proxy_responses 1; proxy_timeout 5s`,",
         '  round robin; fastlb: `protocol = "udp"`, `udp_responses = 1`, `udp_idle_timeout = "5s"`, round robin.',
         "- Load: `dnsperf` over a fixed set of 1,000 A queries, "

@@ -272,3 +272,17 @@ backends = [{{ pool = "web" }}]
         c.close()
     routes = {r["name"]: r for r in listener_status(lb)["routes"]}
     assert routes["lab"]["connections"] == 2 and routes["default"]["connections"] == 2
+
+
+def test_replacement_worker_serves_on_the_same_udp_socket(fastlb, udp_servers):
+    srv = udp_servers(udp_server("a", "echo"))
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)])
+    c = udp_client(lb.addr)
+    c.send(b"before")
+    assert c.recv(100) == b"before"
+    old = lb.the_worker()
+    old.kill()
+    lb.wait_workers(1, timeout=20, exclude={old.pid})
+    # the control process kept the socket: the new worker reads it (a new flow for this client)
+    c.send(b"after")
+    assert c.recv(100) == b"after"

@@ -82,8 +82,8 @@ cdef void begin_drain(uint32_t shutdown_ms) noexcept nogil:
     W.stop_deadline_ms = W.now_ms + shutdown_ms
     W.me.state = 2
     for i in range(W.n_listeners):
-        # a UDP listener's socket also carries the replies: it stays open (no new flows) until
-        # the worker's flows are gone (core/udp.pxi)
+        # a UDP listener's socket also carries the replies: it stays open (but is not read any
+        # more) until the worker's flows are gone (core/udp.pxi)
         if W.listeners[i].fd >= 0 and W.listeners[i].protocol != FLB_PROTO_UDP:
             close_fd(W.listeners[i].fd)
             W.listeners[i].fd = -1
@@ -360,7 +360,10 @@ cdef void worker_teardown() noexcept nogil:
     for i in range(W.n_used):
         if W.conns[i].state != CS_FREE:
             W.conns[i].term = FLB_TERM_SHUTDOWN_DEADLINE + 1
-            conn_deadline_reset(&W.conns[i])
+            if W.conns[i].state == CS_UDP_FLOW or W.conns[i].state == CS_UDP_SPARE:
+                udp_conn_close(&W.conns[i])     # core/udp.pxi: a flow is forgotten, not reset
+            else:
+                conn_deadline_reset(&W.conns[i])
     udp_flush()
     for i in range(W.n_listeners):
         close_fd(W.listeners[i].fd)

@@ -514,9 +514,14 @@ cdef void udp_from_client(Listener *l, uint32_t li, mmsghdr *m, sockaddr_in6 *pe
 
 cdef void udp_listener_ready(Listener *l, uint32_t li) noexcept nogil:
     """Read what l's socket holds (UDP_RX_ROUNDS batches at most, then let other work run: l stays
-    pending) and forward every datagram."""
+    pending) and forward every datagram.  A draining worker reads nothing more: the socket is shared
+    with the control process (and, after a takeover, the next instance's worker), which takes the
+    new datagrams; the draining worker only sends the replies of its flows in flight."""
     cdef int k, n, r, e
     cdef mmsghdr *m
+    if W.stopping:
+        l.pending = 0
+        return
     for r in range(UDP_RX_ROUNDS):
         for k in range(UDP_BATCH):
             m = &U.rx[k]
