@@ -283,7 +283,35 @@ def render_markdown(summary: dict, chart_rel: str | None) -> str:
         "Raw per-run JSON: `bench/results/raw/` (not committed); this summary: `bench/results/latest.json`.",
         "",
     ]
+    lines += render_features()
     return "\n".join(lines)
+
+
+# Feature benchmarks: each writes its own Markdown (method and table) into bench/results/; BENCHMARKS.md
+# carries them after the comparison, in this order, with their headings one level down.
+FEATURES = (
+    ("prelude.md", "python bench/prelude.py"),
+    ("udp.md", "python bench/udp.py run"),
+    ("accesslog.md", "scripts/bench --targets fastlb,fastlb-log --workloads close,keepalive"),
+)
+
+
+def render_features() -> list[str]:
+    from common import RESULTS
+
+    lines: list[str] = []
+    for name, how in FEATURES:
+        path = RESULTS / name
+        if not path.exists():
+            continue
+        text = path.read_text().strip().splitlines()
+        levels = [len(x) - len(x.lstrip("#")) for x in text if x.startswith("#")]
+        shift = 3 - min(levels, default=3)  # each file's top heading becomes ###
+        body = [("#" * shift + x if shift > 0 else x[-shift:]) if x.startswith("#") else x for x in text]
+        lines += [*body, "", f"_Regenerate: `{how}`._", ""]
+    if lines:
+        lines = ["## Feature benchmarks", "", *lines]
+    return lines
 
 
 def render_micro(path: Path = MICRO) -> list[str]:
