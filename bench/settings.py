@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from targets import BALANCERS, TARGETS
+from targets import BALANCERS, DEFAULT_TARGETS
 from workloads import POOLS, WORKLOADS
 
 
@@ -13,7 +13,7 @@ class Settings:
     rounds: int = 3
     duration: float = 5.0
     workers: tuple[int, ...] = (1, 2)
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     workloads: tuple[str, ...] = WORKLOADS
     idle_conns: int = 9000
     wrk_conns: int = 32

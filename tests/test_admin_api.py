@@ -84,6 +84,20 @@ def test_operations_and_errors_on_loopback(fastlb, backends, tmp_path):
     assert s == 404 and not r["ok"]
     s, r = _call(port, "DELETE", "/v1/status")
     assert s == 405 and not r["ok"]
+    s, r = _call(port, "GET", "/metrics")
+    assert s == 404 and "metrics" in r["error"]  # [global] metrics is off
+
+
+def test_metrics_on_the_admin_port(fastlb, backends, tmp_path):
+    b = backends(server("a", "id"))
+    port = free_port("127.0.0.1")
+    fastlb(
+        [("a", b.address("a"), 1)],
+        global_={"admin": f"127.0.0.1:{port}", "metrics": f"127.0.0.1:{free_port('127.0.0.1')}"},
+    )
+    wait_until(lambda: _reachable(port), 10, "the admin API to listen")
+    s, body = _call(port, "GET", "/metrics")
+    assert s == 200 and b"fastlb_backend_connections_total" in body
 
 
 def test_slow_client_does_not_hold_up_others(fastlb, backends, tmp_path):

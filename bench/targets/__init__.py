@@ -32,5 +32,7 @@ def _discover() -> dict[str, ModuleType]:
 
 REGISTRY = _discover()
 TARGETS = tuple(REGISTRY)
+# what a plain `scripts/bench` compares; a target file with DEFAULT = False runs only when named
+DEFAULT_TARGETS = tuple(name for name, m in REGISTRY.items() if getattr(m, "DEFAULT", True))
 BALANCERS = tuple(name for name, m in REGISTRY.items() if m.BALANCER)
 TARGET_LABEL = {name: m.LABEL for name, m in REGISTRY.items()}

@@ -152,7 +152,8 @@ class AdminServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         render = getattr(self.target, "metrics_text", None)
-        if not callable(render):
+        page = render() if callable(render) else None
+        if page is None:
             return _error(404, "metrics are not enabled ([global] metrics)")
-        body, content_type = render()
+        body, content_type = page
         return web.Response(body=body, headers={"Content-Type": content_type})

@@ -18,15 +18,9 @@ import asyncio
 import socket
 from typing import Protocol
 
-import dns.exception
-import dns.message
-import dns.rcode
-import dns.rdatatype
-
 UDP_CHECK_TYPES = frozenset({"udp_send_expect", "dns"})
 # A reply is read into a buffer of this size (the largest UDP payload).
 MAX_DATAGRAM = 65535
-_OK_RCODES = (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
 _REASON_BYTES = 64
 
 
@@ -59,6 +53,12 @@ async def udp_check(
 
 
 async def _dns(loop: asyncio.AbstractEventLoop, sock: socket.socket, name: str) -> str:
+    # dnspython is imported by the first dns check: a control process without one never loads it
+    import dns.exception
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+
     query = dns.message.make_query(name, dns.rdatatype.A)
     await loop.sock_sendall(sock, query.to_wire())
     while True:
@@ -70,6 +70,6 @@ async def _dns(loop: asyncio.AbstractEventLoop, sock: socket.socket, name: str) 
         if not query.is_response(reply):
             continue  # not the answer to this query (e.g. a late one for an earlier check)
         rcode = reply.rcode()
-        if rcode not in _OK_RCODES:
+        if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             return f"DNS rcode {dns.rcode.to_text(rcode)}"
         return "ok"

@@ -384,6 +384,15 @@ class Supervisor:
         self.access_log.start()
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
 
+    def metrics_text(self) -> tuple[bytes, str] | None:
+        """The /metrics page (body, content type) when [global] metrics is on: the admin API serves
+        it on its own port too."""
+        if self.config.global_.metrics is None:
+            return None
+        from fastlb.observe.metrics import CONTENT_TYPE, render
+
+        return render(self), CONTENT_TYPE
+
     def _start_fleet_services(self) -> None:
         """DNS discovery for the pools that have it, and the remote admin API if configured."""
         # imported only when used: dnspython and aiohttp cost the control process memory (and OpenSSL)
