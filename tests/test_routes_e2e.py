@@ -263,6 +263,7 @@ def test_reload_replaces_the_published_splits(backends, fastlb):
     gen = client.status()["generation"]
     lb.config_path.write_text(text.replace('name = "default"', 'name = "main"'))
     lb.signal(signal.SIGHUP)
+    # (the first reload's summary says "0 need a restart": wait for this reload's own line)
     wait_until(lambda: "routes (names or matches)" in lb.log_text(), 10, "the reload's restart warning")
     st = client.status()
     assert route_of(st, "default")["split"] == {"web": 0, "v2": 100}

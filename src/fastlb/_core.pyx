@@ -10,6 +10,7 @@
 #   core/accesslog.pxi  the access log's producer: one record per ended connection into a ring
 #   core/routes.pxi  routes and splits: route_select() picks a connection's route and pool
 #   core/conn.pxi    the per-connection state machine: connect, retry, splice both ways, close
+#   core/prelude.pxi PROXY protocol accept/send and the TLS SNI peek, before route_select()
 #   core/orphan.pxi  watching the control process (pidfd); orphan mode and orphan_timeout
 #   core/flush.pxi   a side errors or resets: early-close retry, or forward its last bytes, then reset
 #   core/deadlines.pxi shutdown/drain deadlines reset (counted); half_close_timeout
@@ -18,7 +19,7 @@
 # Errors inside are negative errno values, counted in shared memory; never exceptions.
 
 from libc.errno cimport (
-    EAGAIN, ECONNABORTED, ECONNREFUSED, EHOSTDOWN, EHOSTUNREACH, EINPROGRESS, EINTR, EIO, EMFILE,
+    EAGAIN, ECONNABORTED, ECONNREFUSED, EHOSTDOWN, EHOSTUNREACH, EINPROGRESS, EINTR, EINVAL, EIO, EMFILE,
     EMSGSIZE, ENETUNREACH, ENFILE, ENOBUFS, ENOMEM, ENONET, ENOSYS, EPROTO, ETIMEDOUT, errno,
 )
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
@@ -27,6 +28,7 @@ from libc.string cimport memcmp, memcpy, memset, strlen
 
 from flb_atomic cimport *
 from flb_hash cimport FLB_SEED_KEY, FLB_SEED_SPLIT, flb_hash64
+from flb_prelude cimport *
 from linux cimport *
 from shm_layout cimport *
 
@@ -38,6 +40,7 @@ include "core/accesslog.pxi"
 include "core/routes.pxi"
 include "core/conn.pxi"
 include "core/reload.pxi"
+include "core/prelude.pxi"
 include "core/orphan.pxi"
 include "core/flush.pxi"
 include "core/deadlines.pxi"

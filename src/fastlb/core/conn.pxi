@@ -74,7 +74,7 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
     cdef linger lg
     cdef Listener *l = &W.listeners[c.listener]
-    if c.state >= CS_UDP_FLOW:
+    if c.state == CS_UDP_FLOW or c.state == CS_UDP_SPARE:
         udp_conn_close(c)               # core/udp.pxi: a flow or a spare socket
         return
     if W.logring != NULL:
@@ -93,6 +93,7 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     c.bfd = -1
     pipe_put(&c.c2b)
     pipe_put(&c.b2c)
+    prelude_release(c)
     if c.backend != FLB_NONE:
         lb_drop(c.backend)
         c.backend = FLB_NONE
@@ -376,6 +377,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
     """Advance c as far as its sockets allow (called after an event on either of them)."""
     cdef flb_backend_t *b
     cdef int rc
+    if c.state == CS_PRELUDE or c.state == CS_PRELUDE_SNI:
+        prelude_run(c)
+        return
     if c.state == CS_FLUSHING:
         flush_run(c)
         return
@@ -391,6 +395,9 @@ cdef void conn_run(Conn *c) noexcept nogil:
             conn_connect_failed(c, False)
             return
         conn_connected(c)
+        if (c.pre != NULL or W.pools[c.pool].send_proxy != FLB_PROXY_OFF) and prelude_connected(c) < 0:
+            conn_close(c, True)
+            return
     b = &W.backends[c.backend]
     if c.flags & F_B_ERR:
         conn_abort(c, SIDE_BACKEND)
@@ -398,8 +405,10 @@ cdef void conn_run(Conn *c) noexcept nogil:
     if c.flags & F_C_ERR:
         conn_abort(c, SIDE_CLIENT)
         return
-    rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, F_C_HUP, F_C2B_BULK,
-              0, F_C2B_SENT, &b.bytes_in)
+    rc = prelude_flush(c) if c.pre != NULL else 1   # the PROXY header and buffered bytes go first
+    if rc > 0:
+        rc = pump(c, c.cfd, c.bfd, &c.c2b, F_C_RD, F_B_WR, F_C_EOF, F_B_SHUT, F_C_HUP, F_C2B_BULK,
+                  0, F_C2B_SENT, &b.bytes_in)
     if rc < 0:
         conn_abort(c, conn_side(c, W.err_fd))
         return
@@ -427,9 +436,11 @@ cdef void conn_run(Conn *c) noexcept nogil:
 
 
 cdef void conn_timeout(Conn *c) noexcept nogil:
-    """c's wheel deadline passed: connect timeout (next backend), flush tick, half-close or idle
-    timeout."""
-    if c.state == CS_UDP_FLOW:
+    """c's wheel deadline passed: prelude timeout, connect timeout (next backend), flush tick,
+    half-close or idle timeout."""
+    if c.state == CS_PRELUDE or c.state == CS_PRELUDE_SNI:
+        prelude_timeout(c)
+    elif c.state == CS_UDP_FLOW:
         udp_flow_timeout(c)             # core/udp.pxi
     elif c.state == CS_CONNECTING:
         conn_connect_failed(c, True)

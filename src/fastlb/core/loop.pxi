@@ -62,15 +62,10 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
             conn_close(c, True)
             continue
-        if route_select(c, NULL, 0) == FLB_NONE:
-            c.term = FLB_TERM_NO_BACKEND + 1       # no route took it
-            flb_add64(&l.shm.rejected, 1)
-            conn_close(c, False)
+        if prelude_wanted(l):
+            prelude_begin(c, l)         # PROXY header / ClientHello first: core/prelude.pxi
             continue
-        p = &W.pools[c.pool]
-        if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
-            c.key_hash = lb_key_hash(p.hash_key, &peer, fd)
-        if conn_connect(c) < 0:
+        if conn_route(c, NULL, 0) == FLB_NONE or conn_connect(c) < 0:
             if c.term == 0:
                 c.term = FLB_TERM_NO_BACKEND + 1
             flb_add64(&l.shm.rejected, 1)
@@ -130,7 +125,7 @@ cdef void dispatch(epoll_event *ev, uint32_t shutdown_ms) noexcept nogil:
     c = &W.conns[slot]
     if c.state == CS_FREE or c.gen != gen:
         return                          # stale: the slot was freed (and maybe reused) meanwhile
-    if c.state >= CS_UDP_FLOW:
+    if c.state == CS_UDP_FLOW or c.state == CS_UDP_SPARE:
         udp_event(c, e)                 # core/udp.pxi: a flow's or a spare's backend socket
         return
     if (u & 1) == SIDE_CLIENT:
@@ -305,6 +300,9 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     if rc < 0:
         return rc
     rc = log_setup()
+    if rc < 0:
+        return rc
+    rc = prelude_setup()
     if rc < 0:
         return rc
     W.listeners = <Listener *>calloc(nfds + 1, sizeof(Listener))

@@ -263,6 +263,20 @@ cdef uint32_t route_select(Conn *c, const char *sni, uint32_t sni_len) noexcept 
     return pi
 
 
+cdef uint32_t conn_route(Conn *c, const char *sni, uint32_t sni_len) noexcept nogil:
+    """route_select(), then c.key_hash when the chosen pool hashes the client (maglev, ring_hash):
+    from c.peer - the PROXY-protocol source when one was accepted - and, for four_tuple, c.cfd's
+    local address.  What every caller uses (accept, the end of a prelude, a new UDP flow).
+    Returns c.pool or FLB_NONE, as route_select()."""
+    cdef uint32_t pi = route_select(c, sni, sni_len)
+    cdef flb_pool_t *p
+    if pi != FLB_NONE:
+        p = &W.pools[pi]
+        if p.algorithm == FLB_ALG_MAGLEV or p.algorithm == FLB_ALG_RING_HASH:
+            c.key_hash = lb_key_hash(p.hash_key, <sockaddr_storage *>c.peer, c.cfd)
+    return pi
+
+
 cdef int64_t route_bench(char *base, uint32_t listener, const uint8_t *peer, uint32_t peer_len,
                          const char *sni, uint32_t sni_len, long iterations, uint32_t *route,
                          uint32_t *pool) noexcept nogil:

@@ -10,6 +10,8 @@ cdef enum:
                          # resetting both (core/flush.pxi)
     CS_UDP_FLOW = 4      # a UDP flow (core/udp.pxi): bfd is its connected backend socket, no cfd
     CS_UDP_SPARE = 5     # a spare connected UDP socket to `backend`, kept for the next flow (core/udp.pxi)
+    CS_PRELUDE = 6       # waiting for the PROXY header (core/prelude.pxi), before CS_CONNECTING
+    CS_PRELUDE_SNI = 7   # waiting for the TLS ClientHello's server name (core/prelude.pxi)
 
 # Connection flags.  *_RD / *_WR: the socket is known readable / writable (edge-triggered epoll:
 # set by an event, cleared only by EAGAIN).  *_EOF: we read EOF from that side.  *_SHUT: we sent
@@ -76,6 +78,7 @@ ctypedef struct Conn:
     uint32_t route          # routes (INTERFACES §1): global route index, FLB_NONE before selection
     uint32_t pool           # the pool route_select() chose for this connection
     uint8_t peer[FLB_ADDR_LEN]  # the client: the accepted peer, or the source a PROXY header announced
+    void *pre               # preludes: PreludeBuf (core/prelude.pxi) while one is needed, else NULL
     uint64_t key_hash       # hash of the client key, for the hashing algorithms
     uint64_t start_us       # connect start (for the connect timeout and the connect-time average)
     uint64_t active_ms      # last traffic (idle timeout)

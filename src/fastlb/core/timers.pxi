@@ -65,6 +65,8 @@ cdef uint64_t conn_deadline(Conn *c) noexcept nogil:
     cdef uint64_t d = 0xFFFFFFFFFFFFFFFFULL, h
     if c.state == CS_CONNECTING:
         return c.start_us // 1000ULL + l.connect_timeout_ms
+    if c.state == CS_PRELUDE or c.state == CS_PRELUDE_SNI:
+        return c.start_us // 1000ULL + l.shm.sni_timeout_ms
     if c.state == CS_UDP_FLOW:
         return c.active_ms + l.udp_idle_timeout_ms
     if c.state == CS_FLUSHING:

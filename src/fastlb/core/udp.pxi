@@ -418,7 +418,7 @@ cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
     c.peer_len = <uint8_t>(peerlen if peerlen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
     memcpy(c.peer, peer, c.peer_len)
     # routes (core/routes.pxi): source matches and the split pick c.pool (and c.key_hash)
-    if route_select(c, NULL, 0) == FLB_NONE:
+    if conn_route(c, NULL, 0) == FLB_NONE:
         flb_sadd64(&l.shm.active, -1)
         flb_add64(&l.shm.udp_drop_no_backend, 1)
         flb_add64(&l.shm.rejected, 1)

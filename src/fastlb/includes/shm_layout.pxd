@@ -151,6 +151,14 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_expired_idle
         uint64_t udp_expired_responses
         uint64_t udp_drop_unexpected
+        # preludes: counters
+        uint64_t proxy_accepted
+        uint64_t proxy_refused
+        uint64_t proxy_errors
+        uint64_t prelude_timeouts
+        uint64_t sni_found
+        uint64_t sni_missing
+        uint64_t sni_rejected
 
     ctypedef struct flb_pool_t:
         char name[64]

@@ -91,6 +91,8 @@ class HealthCheckConfig(Protocol):
     def expect_body(self) -> str | None: ...
     @property
     def query(self) -> str | None: ...  # dns (runtime/health_udp.py)
+    @property
+    def send_proxy(self) -> str: ...  # "off" | "v1" | "v2": PROXY header sent right after connect
 
 
 class OutlierConfig(Protocol):
@@ -259,6 +261,19 @@ async def _send_expect(loop: asyncio.AbstractEventLoop, sock: socket.socket, cfg
     return "ok"
 
 
+PROXY_V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+
+
+def proxy_header(version: str, sock: socket.socket) -> bytes:
+    """The PROXY header a health check sends first (health_check.send_proxy): v2 LOCAL (the spec's
+    form for a proxy's own checks), or v1 with the check connection's own endpoints."""
+    if version == "v2":
+        return PROXY_V2_LOCAL
+    src, dst = sock.getsockname(), sock.getpeername()
+    fam = "TCP6" if sock.family == socket.AF_INET6 else "TCP4"
+    return f"PROXY {fam} {src[0]} {dst[0]} {src[1]} {dst[1]}\r\n".encode()
+
+
 async def check_once(target: CheckTarget) -> CheckResult:
     """Run one check of ``target`` and return its result.
 
@@ -287,6 +302,9 @@ async def check_once(target: CheckTarget) -> CheckResult:
                 sock.setblocking(False)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
                 await loop.sock_connect(sock, sockaddr)
+                send_proxy = getattr(cfg, "send_proxy", "off")  # configs made before the key existed
+                if send_proxy != "off":
+                    await loop.sock_sendall(sock, proxy_header(send_proxy, sock))
                 if cfg.type == "tcp":
                     reason = "ok"
                 elif cfg.type == "http":

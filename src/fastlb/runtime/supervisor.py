@@ -35,6 +35,7 @@ from fastlb.runtime.dataplane import DataPlaneWatch
 from fastlb.runtime.health import CheckTarget, HealthChecker
 from fastlb.runtime.listeners import BindError, ListenerSockets, log_migrate_req
 from fastlb.runtime.ops import OpsServices
+from fastlb.runtime.preludes import prelude_status
 from fastlb.runtime.reload import reload_config
 from fastlb.runtime.routes import RouteManager, route_layout
 from fastlb.runtime.tables import table_capacity
@@ -573,6 +574,7 @@ class Supervisor:
                     "no_route": li["no_route"],
                     "routes": self.routes.routes_status(lc.name),
                     **udp_listener_status(lc, li),
+                    "preludes": prelude_status(lc, li),
                 }
             )
         workers = [
