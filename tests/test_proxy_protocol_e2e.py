@@ -366,3 +366,24 @@ def test_access_log_shows_the_proxy_address_and_prelude_errors(fastlb, rec, tmp_
     by_term = {r["termination"]: r for r in recs}
     assert by_term["client_close"]["client"] == "203.0.113.50:4321"
     assert by_term["prelude_error"]["client"].startswith("127.0.0.1:")
+
+
+def test_maglev_hashes_the_proxy_source(fastlb, backends) -> None:
+    """A hashing pool behind a PROXY listener keys on the address in the header: each announced
+    client keeps its backend, and different clients spread (they all come from 127.0.0.1)."""
+    b = backends(*(server(n, "id") for n in ("a", "b", "c", "d")))
+    lb = fastlb(
+        [(n, b.address(n), None) for n in ("a", "b", "c", "d")],
+        algorithm="maglev",
+        pool={"hash_key": "source_ip"},
+        listener={"proxy_protocol": "v2", "proxy_protocol_from": ["127.0.0.0/8"]},
+    )
+    seen: dict[str, set[bytes]] = {}
+    for i in range(40):
+        src = f"198.51.100.{i + 1}"
+        for port in (4000, 4001):
+            header = P.write_proxy(2, (src, port), ("198.51.100.200", 443))
+            name = exchange(lb.addr, header + b"x").split(b"\n", 1)[0]
+            seen.setdefault(src, set()).add(name)
+    assert all(len(names) == 1 for names in seen.values()), seen  # affinity by the announced address
+    assert len({next(iter(n)) for n in seen.values()}) >= 3  # and spread over the backends
