@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import logging
 import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -103,6 +103,9 @@ class AccessLog:
         self.write_errors = 0
         self._out: IO[str] | None = None
         self._task: asyncio.Task | None = None
+        self._sec = -1
+        self._prefix = ""
+        self._clients: dict[bytes, str | None] = {}
 
     # --- destination -----------------------------------------------------------------------------
 
@@ -173,17 +176,45 @@ class AccessLog:
         self.written += len(lines)
         return len(lines)
 
+    # --- formatting: the control process formats every record, so this is its hot path ----------
+    # (per-second time prefixes, names and client addresses are cached: a record costs a few
+    # dictionary lookups and one f-string, not a datetime and a json.dumps)
+
+    def _time(self, end_us: int) -> str:
+        sec, us = divmod(end_us, 1_000_000)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{us:06d}Z"
+
+    def _client(self, sa: bytes) -> str | None:
+        cached = self._clients.get(sa, _MISSING)
+        if cached is _MISSING:
+            if len(self._clients) >= CLIENT_CACHE:
+                self._clients.clear()
+            cached = self._clients[sa] = client_address(sa)
+        return cached  # type: ignore[return-value]
+
+    def _names(self, li: int, route: int, pool: int, backend: int) -> tuple[Any, Any, Any, Any]:
+        n = self.names
+        return (
+            n.listeners[li] if li < len(n.listeners) else None,
+            n.routes.get(route) if route != NONE else None,
+            n.pools[pool] if pool < len(n.pools) else None,
+            n.backends.get(backend) if backend != NONE else None,
+        )
+
     def record(self, rec: tuple) -> dict[str, Any]:
+        """One record as a dict (what the json format writes, in this key order)."""
         (end_us, dur_us, b_in, b_out, conn_us, li, route, pool, backend, term, retries, client) = rec
-        names = self.names
-        when = datetime.datetime.fromtimestamp(end_us / 1e6, datetime.UTC)
+        listener, route_name, pool_name, backend_name = self._names(li, route, pool, backend)
         return {
-            "time": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "client": client_address(client),
-            "listener": names.listeners[li] if li < len(names.listeners) else None,
-            "route": names.routes.get(route) if route != NONE else None,
-            "pool": names.pools[pool] if pool < len(names.pools) else None,
-            "backend": names.backends.get(backend) if backend != NONE else None,
+            "time": self._time(end_us),
+            "client": self._client(client),
+            "listener": listener,
+            "route": route_name,
+            "pool": pool_name,
+            "backend": backend_name,
             "connect_ms": round(conn_us / 1000, 3) if conn_us else None,
             "duration_ms": round(dur_us / 1000, 3),
             "bytes_in": b_in,
@@ -193,16 +224,44 @@ class AccessLog:
         }
 
     def render(self, rec: tuple) -> str:
-        r = self.record(rec)
+        (end_us, dur_us, b_in, b_out, conn_us, li, route, pool, backend, term, retries, client) = rec
+        listener, route_name, pool_name, backend_name = self._names(li, route, pool, backend)
+        termination = TERMINATIONS[term] if term < len(TERMINATIONS) else f"unknown-{term}"
+        when, addr = self._time(end_us), self._client(client)
         if self.format == "json":
-            return json.dumps(r, separators=(", ", ": "))
+            js = _json_text
+            connect = "null" if not conn_us else repr(round(conn_us / 1000, 3))
+            return (
+                f'{{"time": "{when}", "client": {js(addr)}, "listener": {js(listener)}, '
+                f'"route": {js(route_name)}, "pool": {js(pool_name)}, "backend": {js(backend_name)}, '
+                f'"connect_ms": {connect}, "duration_ms": {round(dur_us / 1000, 3)!r}, '
+                f'"bytes_in": {b_in}, "bytes_out": {b_out}, "retries": {retries}, '
+                f'"termination": "{termination}"}}'
+            )
 
         def v(x: Any) -> str:
             return "-" if x is None else str(x)
 
-        connect = "-" if r["connect_ms"] is None else f"{r['connect_ms']:.2f}ms"
+        connect = "-" if not conn_us else f"{conn_us / 1000:.2f}ms"
         return (
-            f"{r['time']} {v(r['client'])} {v(r['listener'])}/{v(r['route'])} {v(r['pool'])}/{v(r['backend'])} "
-            f"connect={connect} duration={r['duration_ms']:.2f}ms in={r['bytes_in']} out={r['bytes_out']} "
-            f"retries={r['retries']} {r['termination']}"
+            f"{when} {v(addr)} {v(listener)}/{v(route_name)} {v(pool_name)}/{v(backend_name)} "
+            f"connect={connect} duration={dur_us / 1000:.2f}ms in={b_in} out={b_out} "
+            f"retries={retries} {termination}"
         )
+
+
+_MISSING = object()
+CLIENT_CACHE = 65536  # client addresses whose text is kept (cleared when full)
+_JSON_CACHE: dict[str, str] = {}
+
+
+def _json_text(value: str | None) -> str:
+    """value as a JSON string literal (names and addresses repeat: cached), null for None."""
+    if value is None:
+        return "null"
+    text = _JSON_CACHE.get(value)
+    if text is None:
+        if len(_JSON_CACHE) >= CLIENT_CACHE:
+            _JSON_CACHE.clear()
+        text = _JSON_CACHE[value] = json.dumps(value)
+    return text
