@@ -9,11 +9,17 @@
 
 import os
 
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset
+from libc.time cimport gmtime, strftime, time_t
 
 from flb_atomic cimport *
 from linux cimport MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
 from shm_layout cimport *
 
 MAGIC = FLB_SHM_MAGIC
@@ -660,3 +666,85 @@ cdef class Region:
     def log_dropped(self, int worker) -> int:
         """Records worker's ring had to drop (full) since the region was made."""
         return flb_load64(&self._ring(worker).dropped)
+
+
+    def log_drain_lines(self, int worker, bint as_json, list listeners, list routes, list pools,
+                        list backends, list terms, int limit=65536):
+        """log_drain(), formatted here: returns (text bytes, records), each record one line.
+
+        The name lists are indexed by listener / route / pool / backend index and termination code;
+        each entry is bytes already in the output's form (json: a JSON string literal or b"null";
+        text: the name or b"-"); an index past a list's end prints as null / -."""
+        cdef flb_logring_t *ring = self._ring(worker)
+        cdef flb_logrec_t *recs = <flb_logrec_t *>(<char *>ring + sizeof(flb_logring_t))
+        cdef flb_logrec_t *r
+        cdef uint64_t head = flb_load64_acq(&ring.head)
+        cdef uint64_t tail = ring.tail
+        cdef char tbuf[32]
+        cdef char addr[64]
+        cdef char client[80]
+        cdef char conn[32]
+        cdef char line[1536]
+        cdef time_t sec, last = -1
+        cdef int n = 0, m
+        cdef bytes none = b"null" if as_json else b"-"
+        cdef bytes li, ro, po, be, te
+        cdef bytearray out = bytearray()
+        while tail < head and n < limit:
+            r = &recs[tail & (ring.slots - 1)]
+            sec = <time_t>(r.end_unix_us // 1000000)
+            if sec != last:
+                last = sec
+                strftime(tbuf, sizeof(tbuf), "%Y-%m-%dT%H:%M:%S", gmtime(&sec))
+            _client_text(r, addr, client, as_json)
+            if r.connect_us == 0:
+                snprintf(conn, sizeof(conn), "%s", <char *>none)
+            elif as_json:
+                snprintf(conn, sizeof(conn), "%.3f", r.connect_us / 1000.0)
+            else:
+                snprintf(conn, sizeof(conn), "%.2fms", r.connect_us / 1000.0)
+            li = listeners[r.listener] if r.listener < len(listeners) else none
+            ro = routes[r.route] if r.route < len(routes) else none
+            po = pools[r.pool] if r.pool < len(pools) else none
+            be = backends[r.backend] if r.backend < len(backends) else none
+            te = terms[r.termination] if r.termination < len(terms) else none
+            if as_json:
+                m = snprintf(line, sizeof(line),
+                             '{"time": "%s.%06uZ", "client": %s, "listener": %s, "route": %s, "pool": %s, '
+                             '"backend": %s, "connect_ms": %s, "duration_ms": %.3f, "bytes_in": %llu, '
+                             '"bytes_out": %llu, "retries": %u, "termination": %s}\n',
+                             tbuf, <unsigned int>(r.end_unix_us % 1000000), client, <char *>li, <char *>ro,
+                             <char *>po, <char *>be, conn, r.duration_us / 1000.0,
+                             <unsigned long long>r.bytes_in, <unsigned long long>r.bytes_out,
+                             <unsigned int>r.retries, <char *>te)
+            else:
+                m = snprintf(line, sizeof(line),
+                             "%s.%06uZ %s %s/%s %s/%s connect=%s duration=%.2fms in=%llu out=%llu "
+                             "retries=%u %s\n",
+                             tbuf, <unsigned int>(r.end_unix_us % 1000000), client, <char *>li, <char *>ro,
+                             <char *>po, <char *>be, conn, r.duration_us / 1000.0,
+                             <unsigned long long>r.bytes_in, <unsigned long long>r.bytes_out,
+                             <unsigned int>r.retries, <char *>te)
+            if m > 0:
+                out += line[:m if m < <int>sizeof(line) else <int>sizeof(line) - 1]
+            tail += 1
+            n += 1
+        flb_store64_rel(&ring.tail, tail)
+        return bytes(out), n
+
+
+cdef void _client_text(flb_logrec_t *r, char *addr, char *out, bint as_json) noexcept:
+    """The record's client as "ip:port" / "[ip]:port" into out (80 bytes), quoted for json; null / -
+    when the record has no usable address."""
+    cdef uint16_t fam, port
+    cdef uint32_t n = r.client_len
+    if n >= 8:
+        memcpy(&fam, r.client, 2)
+        port = (r.client[2] << 8) | r.client[3]
+        if fam == 2 and inet_ntop(2, r.client + 4, addr, 64) != NULL:
+            snprintf(out, 80, '"%s:%u"' if as_json else "%s:%u", addr, <unsigned int>port)
+            return
+        if fam == 10 and n >= 24 and inet_ntop(10, r.client + 8, addr, 64) != NULL:
+            snprintf(out, 80, '"[%s]:%u"' if as_json else "[%s]:%u", addr, <unsigned int>port)
+            return
+    snprintf(out, 80, "%s", "null" if as_json else "-")
