@@ -22,10 +22,7 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import struct
 import sys
-import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -52,19 +49,6 @@ TERMINATIONS = (
     "client_gone",
 )
 FORMATS = ("json", "text")
-
-
-def client_address(sa: bytes) -> str | None:
-    """sockaddr_in / sockaddr_in6 bytes -> "ip:port" / "[ip]:port"."""
-    if len(sa) < 8:
-        return None
-    family = struct.unpack_from("=H", sa)[0]
-    port = struct.unpack_from("!H", sa, 2)[0]
-    if family == socket.AF_INET:
-        return f"{socket.inet_ntop(socket.AF_INET, sa[4:8])}:{port}"
-    if family == socket.AF_INET6 and len(sa) >= 24:
-        return f"[{socket.inet_ntop(socket.AF_INET6, sa[8:24])}]:{port}"
-    return None
 
 
 class Names:
@@ -103,9 +87,6 @@ class AccessLog:
         self.write_errors = 0
         self._out: IO[str] | None = None
         self._task: asyncio.Task | None = None
-        self._sec = -1
-        self._prefix = ""
-        self._clients: dict[bytes, str | None] = {}
 
     # --- destination -----------------------------------------------------------------------------
 
@@ -208,93 +189,3 @@ class AccessLog:
             table(n.backends),
             [enc(x) for x in TERMINATIONS],
         )
-
-    # --- formatting: the control process formats every record, so this is its hot path ----------
-    # (per-second time prefixes, names and client addresses are cached: a record costs a few
-    # dictionary lookups and one f-string, not a datetime and a json.dumps)
-
-    def _time(self, end_us: int) -> str:
-        sec, us = divmod(end_us, 1_000_000)
-        if sec != self._sec:
-            self._sec = sec
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._prefix}.{us:06d}Z"
-
-    def _client(self, sa: bytes) -> str | None:
-        cached = self._clients.get(sa, _MISSING)
-        if cached is _MISSING:
-            if len(self._clients) >= CLIENT_CACHE:
-                self._clients.clear()
-            cached = self._clients[sa] = client_address(sa)
-        return cached  # type: ignore[return-value]
-
-    def _names(self, li: int, route: int, pool: int, backend: int) -> tuple[Any, Any, Any, Any]:
-        n = self.names
-        return (
-            n.listeners[li] if li < len(n.listeners) else None,
-            n.routes.get(route) if route != NONE else None,
-            n.pools[pool] if pool < len(n.pools) else None,
-            n.backends.get(backend) if backend != NONE else None,
-        )
-
-    def record(self, rec: tuple) -> dict[str, Any]:
-        """One record as a dict (what the json format writes, in this key order)."""
-        (end_us, dur_us, b_in, b_out, conn_us, li, route, pool, backend, term, retries, client) = rec
-        listener, route_name, pool_name, backend_name = self._names(li, route, pool, backend)
-        return {
-            "time": self._time(end_us),
-            "client": self._client(client),
-            "listener": listener,
-            "route": route_name,
-            "pool": pool_name,
-            "backend": backend_name,
-            "connect_ms": round(conn_us / 1000, 3) if conn_us else None,
-            "duration_ms": round(dur_us / 1000, 3),
-            "bytes_in": b_in,
-            "bytes_out": b_out,
-            "retries": retries,
-            "termination": TERMINATIONS[term] if term < len(TERMINATIONS) else f"unknown-{term}",
-        }
-
-    def render(self, rec: tuple) -> str:
-        (end_us, dur_us, b_in, b_out, conn_us, li, route, pool, backend, term, retries, client) = rec
-        listener, route_name, pool_name, backend_name = self._names(li, route, pool, backend)
-        termination = TERMINATIONS[term] if term < len(TERMINATIONS) else f"unknown-{term}"
-        when, addr = self._time(end_us), self._client(client)
-        if self.format == "json":
-            js = _json_text
-            connect = "null" if not conn_us else repr(round(conn_us / 1000, 3))
-            return (
-                f'{{"time": "{when}", "client": {js(addr)}, "listener": {js(listener)}, '
-                f'"route": {js(route_name)}, "pool": {js(pool_name)}, "backend": {js(backend_name)}, '
-                f'"connect_ms": {connect}, "duration_ms": {round(dur_us / 1000, 3)!r}, '
-                f'"bytes_in": {b_in}, "bytes_out": {b_out}, "retries": {retries}, '
-                f'"termination": "{termination}"}}'
-            )
-
-        def v(x: Any) -> str:
-            return "-" if x is None else str(x)
-
-        connect = "-" if not conn_us else f"{conn_us / 1000:.2f}ms"
-        return (
-            f"{when} {v(addr)} {v(listener)}/{v(route_name)} {v(pool_name)}/{v(backend_name)} "
-            f"connect={connect} duration={dur_us / 1000:.2f}ms in={b_in} out={b_out} "
-            f"retries={retries} {termination}"
-        )
-
-
-_MISSING = object()
-CLIENT_CACHE = 65536  # client addresses whose text is kept (cleared when full)
-_JSON_CACHE: dict[str, str] = {}
-
-
-def _json_text(value: str | None) -> str:
-    """value as a JSON string literal (names and addresses repeat: cached), null for None."""
-    if value is None:
-        return "null"
-    text = _JSON_CACHE.get(value)
-    if text is None:
-        if len(_JSON_CACHE) >= CLIENT_CACHE:
-            _JSON_CACHE.clear()
-        text = _JSON_CACHE[value] = json.dumps(value)
-    return text
