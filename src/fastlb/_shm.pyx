@@ -644,25 +644,6 @@ cdef class Region:
         return <flb_logring_t *>(self.base + self.hdr.logring_off + <uint64_t>worker
                                  * (sizeof(flb_logring_t) + <uint64_t>first.slots * sizeof(flb_logrec_t)))
 
-    def log_drain(self, int worker, int limit=65536) -> list:
-        """Take up to `limit` records from worker's ring, oldest first:
-        [(end_unix_us, duration_us, bytes_in, bytes_out, connect_us, listener, route, pool, backend,
-          termination, retries, client_sockaddr_bytes), ...]."""
-        cdef flb_logring_t *ring = self._ring(worker)
-        cdef flb_logrec_t *recs = <flb_logrec_t *>(<char *>ring + sizeof(flb_logring_t))
-        cdef flb_logrec_t *r
-        cdef uint64_t head = flb_load64_acq(&ring.head)
-        cdef uint64_t tail = ring.tail
-        cdef list out = []
-        while tail < head and len(out) < limit:
-            r = &recs[tail & (ring.slots - 1)]
-            out.append((r.end_unix_us, r.duration_us, r.bytes_in, r.bytes_out, r.connect_us, r.listener,
-                        r.route, r.pool, r.backend, r.termination, r.retries,
-                        bytes(r.client[:min(r.client_len, FLB_ADDR_LEN)])))
-            tail += 1
-        flb_store64_rel(&ring.tail, tail)
-        return out
-
     def log_dropped(self, int worker) -> int:
         """Records worker's ring had to drop (full) since the region was made."""
         return flb_load64(&self._ring(worker).dropped)
