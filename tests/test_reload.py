@@ -24,13 +24,18 @@ def start(backends, fastlb, **kw):
     return b, lb, str(lb.dir / "control.sock")
 
 
-def listen_backlog(port: int) -> int:
-    """The accept-queue limit of the listening sockets on port (ss shows it as Send-Q)."""
+def listen_backlogs(port: int) -> set[int]:
+    """The accept-queue limits of the listening sockets on port (ss shows them as Send-Q)."""
     out = subprocess.run(
         ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
     ).stdout
-    limits = {int(line.split()[2]) for line in out.splitlines() if line.strip()}
-    assert len(limits) == 1, out
+    return {int(line.split()[2]) for line in out.splitlines() if line.strip()}
+
+
+def listen_backlog(port: int) -> int:
+    """The one accept-queue limit all the listening sockets on port have."""
+    limits = listen_backlogs(port)
+    assert len(limits) == 1, limits
     return limits.pop()
 
 
@@ -90,7 +95,8 @@ def test_reload_applies_settings_in_place_and_names_what_needs_a_restart(backend
         1000,
         77,
     )
-    wait_until(lambda: listen_backlog(lb.port) == 77, 5, "listen(2) again with backlog 77")
+    # every worker calls listen(2) again on its own socket when it sees the publish: wait for all
+    wait_until(lambda: listen_backlogs(lb.port) == {77}, 10, "listen(2) again with backlog 77")
     s = socket.create_connection(lb.addr, timeout=5)
     assert s.recv(64) in (b"a\n", b"b\n")
     how, _ = wait_closed(s, 10)  # idle for 1 s: fastlb closes it
