@@ -11,17 +11,37 @@ import socket
 import subprocess
 import urllib.request
 
+import psutil
+
 from fastlb.control import ControlClient
 from support.backends import server
-from support.clients import cli, count_backends
+from support.clients import cli, cli_process, count_backends
 from support.fastlb import FastLB, read_config, write_config
 from support.helpers import free_port, wait_closed, wait_until
+from support.load import Load
 
 
 def start(backends, fastlb, **kw):
     b = backends(server("a", "id"), server("b", "id"))
     lb = fastlb([("a", b.address("a"), 1), ("b", b.address("b"), 1)], workers=2, **kw)
     return b, lb, str(lb.dir / "control.sock")
+
+
+def adopt_successor(lb, pid: int) -> psutil.Process:
+    """Teardown kills what lb knows: the successor (in lb's process group) and its workers."""
+    proc = psutil.Process(pid)
+    lb._known[pid] = proc
+    for w in proc.children():
+        lb._known[w.pid] = w
+    return proc
+
+
+def refused(addr: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(addr, timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def listen_backlogs(port: int) -> set[int]:
@@ -45,7 +65,8 @@ def notes_since(lb, n: int) -> list[str]:
 
 
 def test_reload_applies_settings_in_place_and_names_what_needs_a_restart(backends, fastlb):
-    b, lb, sock = start(backends, fastlb)
+    """With [global] reload_takeover = false: what needs new sockets or processes is named, not applied."""
+    b, lb, sock = start(backends, fastlb, workers_flag=False, global_={"reload_takeover": False})
     assert listen_backlog(lb.port) == 4096
     doc = read_config(lb)
     doc["global"]["log_level"] = "debug"
@@ -225,3 +246,133 @@ def test_reload_applies_a_route_split_and_says_so(backends, tmp_path):
         assert set(count_backends(lb.addr, 10)) == {"b"}
     finally:
         lb.stop()
+
+
+def test_reload_takes_over_to_add_remove_and_rebind_listeners_under_load(backends, fastlb):
+    """What the running process cannot apply (a listener added, removed or re-bound, a new pool, more
+    workers) a reload applies by a takeover: the new instance gets the sockets, the old one drains.
+    Under load on the kept listener and long transfers on the removed and re-bound ones: nothing fails."""
+    b = backends(server("a", "id"), server("b", "id"))
+    old_port, moved_port, new_port, extra_port = free_port(), free_port(), free_port(), free_port()
+    extra = (
+        f'[listeners.gone]\nbind = "127.0.0.1:{old_port}"\npool = "web"\n\n'
+        f'[listeners.moved]\nbind = "127.0.0.1:{moved_port}"\npool = "web"\n'
+    )
+    lb = fastlb([("a", b.address("a"), None)], workers=1, workers_flag=False, extra=extra)
+    sock = str(lb.dir / "control.sock")
+    web = Load(lb.addr, short_threads=3, long_transfers=1).start()
+    gone = Load(("127.0.0.1", old_port), short_threads=0, long_transfers=1).start()
+    moved = Load(("127.0.0.1", moved_port), short_threads=0, long_transfers=1).start()
+    try:
+        web.wait_short(50)
+        doc = read_config(lb)
+        doc["global"]["workers"] = 2
+        del doc["listeners"]["gone"]
+        doc["listeners"]["moved"]["bind"] = f"127.0.0.1:{new_port}"
+        doc["listeners"]["extra"] = {"bind": f"127.0.0.1:{extra_port}", "pool": "v2"}
+        doc["pools"]["v2"] = {"backends": [{"name": "b", "address": b.address("b")}]}
+        write_config(lb, doc)
+        n = len(lb.notifications)
+        r = cli("reload", "--socket", sock, timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        takeover = re.findall(r"^  takeover: (.*)$", r.stdout, re.M)
+        for change in (
+            "global.workers: 1 -> 2",
+            "listeners.extra: new listener",
+            "listeners.gone: removed from the config",
+            f"listeners.moved.bind: 127.0.0.1:{moved_port} -> 127.0.0.1:{new_port}",
+            "pools.v2: new pool",
+        ):
+            assert any(x.startswith(change) for x in takeover), (change, r.stdout)
+        new_pid = int(re.search(rf"^taken over: pid {lb.pid} -> (\d+)$", r.stdout, re.M)[1])
+        adopt_successor(lb, new_pid)
+        st = ControlClient(sock).status()
+        assert st["pid"] == new_pid and len(st["workers"]) == 2
+        assert [li["name"] for li in st["listeners"]] == ["web", "moved", "extra"]
+        notes = notes_since(lb, n)
+        assert any("takes over to apply 5 changes" in t for t in notes), notes
+        assert any(sender == lb.pid and f"MAINPID={new_pid}" in t for _, sender, t in lb.notifications)
+        # the new listeners serve; the removed and the old address stop accepting
+        assert count_backends(("127.0.0.1", extra_port), 5) == {"b": 5}
+        assert count_backends(("127.0.0.1", new_port), 5) == {"a": 5}
+        wait_until(lambda: refused(("127.0.0.1", old_port)), 20, "the removed listener to stop accepting")
+        wait_until(lambda: refused(("127.0.0.1", moved_port)), 20, "the old bind address to stop accepting")
+        web.wait_short(50)
+    finally:
+        results = [load.stop() for load in (web, gone, moved)]
+    for res in results:  # established connections drained on the old instance, byte-exact
+        assert res.failures == [] and res.long_failures == [] and res.long_ok == 1, res.describe()
+    assert lb.wait_exit(40) == 0, lb.log_text()
+
+    # SIGHUP to the new instance: the same path (the removed listener's address is refused after)
+    doc["listeners"].pop("extra")
+    doc["pools"].pop("v2")
+    write_config(lb, doc)
+    adopt_successor(lb, new_pid).send_signal(signal.SIGHUP)
+
+    def third_pid() -> int | None:
+        pid = (_status_or_none(sock) or {}).get("pid")
+        return pid if pid not in (None, new_pid) else None
+
+    third = wait_until(third_pid, 30, "a third instance")
+    adopt_successor(lb, third)
+    wait_until(lambda: refused(("127.0.0.1", extra_port)), 20, "the listener removed by SIGHUP")
+    assert count_backends(lb.addr, 5) == {"a": 5}
+
+
+def test_a_reload_whose_new_address_is_taken_is_refused_and_changes_nothing(backends, fastlb):
+    b, lb, sock = start(backends, fastlb)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    taken = holder.getsockname()[1]
+    doc = read_config(lb)
+    doc["listeners"]["web"]["idle_timeout"] = "1s"
+    doc["listeners"]["extra"] = {"bind": f"127.0.0.1:{taken}", "pool": "web"}
+    write_config(lb, doc)
+    try:
+        r = cli("reload", "--socket", sock)
+    finally:
+        holder.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "reload refused, nothing changed" in r.stderr, r.stderr
+    assert f"listeners.extra.bind: listener extra: 127.0.0.1:{taken} is already in use" in r.stderr
+    st = ControlClient(sock).status()
+    assert st["pid"] == lb.pid and st["upgrade"] is None
+    assert [li["name"] for li in st["listeners"]] == ["web"]
+    assert st["listeners"][0]["idle_timeout_ms"] == 300_000
+
+
+def test_a_takeover_that_fails_leaves_the_running_instance_and_says_why(backends, fastlb):
+    """The new address is free when the reload checks it and taken by the time the new instance
+    binds it (the test binds it as soon as the new instance exists): the new instance tells the old
+    one why and exits; the reload fails with that reason, and the old instance serves on, its control
+    socket where it was."""
+    b, lb, sock = start(backends, fastlb)
+    taken = free_port()
+    doc = read_config(lb)
+    doc["listeners"]["extra"] = {"bind": f"127.0.0.1:{taken}", "pool": "web"}
+    write_config(lb, doc)
+    reload = cli_process("reload", "--socket", sock)
+    holder = socket.socket()
+    try:
+        successor = wait_until(
+            lambda: next((p for p in psutil.Process(lb.pid).children() if "--takeover" in p.cmdline()), None),
+            30,
+            "the new instance to be started",
+        )
+        lb._known[successor.pid] = successor
+        holder.bind(("127.0.0.1", taken))
+        holder.listen(1)
+        out, err = reload.communicate(timeout=90)
+    finally:
+        holder.close()
+        if reload.poll() is None:
+            reload.kill()
+    assert reload.returncode == 1, out + err
+    assert "  takeover: listeners.extra: new listener (needs new sockets)" in out.splitlines(), out
+    assert f"pid {lb.pid} keeps running: listener extra: 127.0.0.1:{taken} is already in use" in err, err
+    st = ControlClient(sock).status()
+    assert st["pid"] == lb.pid and st["upgrade"]["reason"] == "reload", st["upgrade"]
+    assert "already in use" in st["upgrade"]["error"]
+    assert sum(count_backends(lb.addr, 10).values()) == 10

@@ -257,37 +257,69 @@ def upgrade(config_file: str | None, socket_path: str | None, timeout: float) ->
     """Restart the running fastlb in place, dropping no connection: it starts `fastlb serve --takeover`
     (from the fastlb installed now) in its own service, which takes the listening sockets over; the
     old one drains.  Waits until the new instance answers on the control socket."""
+    client = _client(config_file, socket_path)
+    r = _run_control(client.upgrade)
+    old, new = r["pid"], r["successor"]
+    error = _wait_takeover(client, old, new, timeout)
+    if error is not None:
+        click.echo(f"fastlb: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"upgraded: pid {old} -> {new}")
+
+
+def _wait_takeover(client, old: int, new: int, timeout: float) -> str | None:
+    """Wait until pid `new` answers on the control socket instead of `old`: None, or why it did
+    not (the old instance's status says the new one gave up, or the time ran out)."""
     import time
 
     from fastlb.control import ControlError
 
-    client = _client(config_file, socket_path)
-    r = _run_control(client.upgrade)
-    old, new = r["pid"], r["successor"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if client.status().get("pid") == new:
-                click.echo(f"upgraded: pid {old} -> {new}")
-                return
+            st = client.status()
         except ControlError:  # the socket is being replaced: ask again
-            pass
+            st = {}
+        if st.get("pid") == new:
+            return None
+        up = st.get("upgrade") or {}
+        if st.get("pid") == old and up.get("successor") == new and up.get("error"):
+            return f"pid {new} did not take over, pid {old} keeps running: {up['error']}"
         time.sleep(0.1)
-    click.echo(f"fastlb: pid {new} did not take over within {timeout:.0f}s (see the log)", err=True)
-    sys.exit(1)
+    return f"pid {new} did not take over within {timeout:.0f}s (see the log)"
 
 
 @main.command()
 @_control_options
-def reload(config_file: str | None, socket_path: str | None) -> None:
-    """Re-read the running fastlb's config file; print what changed and what needs a restart.
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 600),
+    default=60.0,
+    help="Seconds to wait for a takeover the reload starts.",
+)
+def reload(config_file: str | None, socket_path: str | None, timeout: float) -> None:
+    """Re-read the running fastlb's config file; print what changed and how it was applied.
 
-    Exit 0 when the new config was applied, 1 when it was refused (nothing changed) or fastlb
-    cannot be reached, 3 when it was applied except for changes that need a restart."""
+    Changes the running process cannot apply (new, removed or re-bound listeners, workers, new
+    pools, ...) are applied by a takeover the reload starts ([global] reload_takeover); the command
+    waits until the new instance answers.  Exit 0 when the new config was applied, 1 when it was
+    refused (nothing changed), the takeover failed, or fastlb cannot be reached, 3 when it was
+    applied except for changes that need a restart (reload_takeover = false)."""
     from fastlb.observe.status import format_reload
 
-    r = _run_control(lambda: _client(config_file, socket_path).reload())
+    client = _client(config_file, socket_path)
+    r = _run_control(client.reload)
     click.echo(format_reload(r))
+    if r.get("successor"):
+        if r.get("control_socket") and getattr(client, "path", None) not in (None, r["control_socket"]):
+            from fastlb.control import ControlClient
+
+            client = ControlClient(r["control_socket"])  # the reload moved it
+        error = _wait_takeover(client, r["pid"], r["successor"], timeout)
+        if error is not None:
+            click.echo(f"fastlb: reload: {error}", err=True)
+            sys.exit(1)
+        click.echo(f"taken over: pid {r['pid']} -> {r['successor']}")
     sys.exit(3 if r.get("needs_restart") else 0)
 
 

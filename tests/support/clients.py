@@ -301,6 +301,17 @@ def cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
     )
 
 
+def cli_process(*args: str) -> subprocess.Popen:
+    """`python -m fastlb ARGS...` started, not waited for (text pipes for communicate())."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastlb", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def backends_of(st: dict, pool: str = "web") -> dict[str, dict]:
     """name -> backend record of one pool in a status document."""
     p = next(p for p in st["pools"] if p["name"] == pool)

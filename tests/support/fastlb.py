@@ -57,6 +57,8 @@ class FastLB:
     in front; `backends` and the other table arguments are then ignored.
     nofile: RLIMIT_NOFILE (soft and hard) for the serve process and so its workers.
     user: run `fastlb serve` as this (unprivileged) user; its work directory is handed to it.
+    workers_flag: pass `--workers N` (which overrides the file's [global] workers); False: the
+    file's value counts (a reload that changes it).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class FastLB:
         extra: str = "",
         raw: str | None = None,
         user: str | None = None,
+        workers_flag: bool = True,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         # unix socket paths must fit in 107 bytes: fall back to a short directory if needed (also
@@ -82,6 +85,7 @@ class FastLB:
             workdir = Path(tempfile.mkdtemp(prefix="flb-", dir="/tmp"))
         self.dir = workdir
         self.workers = workers
+        self.workers_flag = workers_flag
         self.nofile = nofile
         self.user = user
         self.host = host
@@ -206,8 +210,7 @@ class FastLB:
                 "serve",
                 "-c",
                 str(self.config_path),
-                "--workers",
-                str(self.workers),
+                *(["--workers", str(self.workers)] if self.workers_flag else []),
                 *self.serve_args,
             ],
             cwd=self.dir,

@@ -147,6 +147,7 @@ _GLOBAL_KEYS = (
     *ADMIN_KEYS,
     *ACCESS_LOG_KEYS,
     "metrics",
+    "reload_takeover",
 )
 _LISTENER_KEYS = (
     "bind",
@@ -216,6 +217,7 @@ def _global(data: object, file: str) -> GlobalConfig:
         orphan_timeout=t.get_duration("orphan_timeout", d.orphan_timeout),
         worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
         metrics=_metrics_address(t, file),
+        reload_takeover=t.get_bool("reload_takeover", d.reload_takeover),
     )
 
 

@@ -258,6 +258,9 @@ class GlobalConfig:
     orphan_timeout: float = 300.0  # workers whose control process died drain this long after
     worker_stall_timeout: float = 3.0  # a worker's heartbeat older than this: killed and replaced
     metrics: Address | None = None  # Prometheus /metrics listen address; None = off
+    # a reload with changes the running process cannot apply (listeners added, removed or re-bound,
+    # workers, pools added or removed, ...) starts `fastlb serve --takeover` to apply them
+    reload_takeover: bool = True
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,14 @@ class _Table:
             raise self.error(name, f"{value} is out of range {low}..{high}")
         return value
 
+    def get_bool(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {_describe(value)}")
+        return value
+
     def get_str(self, name: str, default: str) -> str:
         value = self.data.get(name, _MISSING)
         if value is _MISSING:

@@ -13,7 +13,10 @@ who may talk to it), one JSON object per line each way.  Requests:
   {"cmd": "shutdown"}  (like SIGTERM; with "successor": PID, that pid is the new main process)
   {"cmd": "handover", "pid": PID}  (the listening sockets, as SCM_RIGHTS descriptors: see
       fastlb.runtime.takeover and docs/failure-behaviour.md; used by `fastlb serve --takeover`)
+  {"cmd": "abandon", "successor": PID, "error": E}  (that takeover gave up; status "upgrade")
   {"cmd": "reload"} -> {"ok": true, "file": F, "applied": [...], "needs_restart": [...]}
+                       (+ "takeover": [...], "pid", "successor": PID, "control_socket" when a
+                       takeover applies the rest; "ignored": [...]; "takeover_error")
                        or {"ok": false, "error": "reload refused, nothing changed: ..."}
   {"cmd": "rollout-start" | "rollout-status" | "rollout-pause" | ... | "switch", ...}
     (see fastlb.deploy.requests)

@@ -106,14 +106,24 @@ def _udp_line(li: dict[str, Any]) -> str:
 
 
 def format_reload(r: dict[str, Any]) -> str:
-    """`fastlb reload`'s output: what was applied, and what needs a restart."""
+    """`fastlb reload`'s output: what was applied in place, what a takeover applies, and what
+    needs a restart."""
     lines = [f"reloaded {r['file']}: {len(r['applied'])} changes applied"]
     lines += [f"  applied: {a}" for a in r["applied"]]
+    lines += [f"  ignored: {a}" for a in r.get("ignored", [])]
+    if r.get("takeover"):
+        lines.append(
+            f"{len(r['takeover'])} changes need new sockets or processes: pid {r['successor']} takes over "
+            f"from pid {r['pid']} (fastlb serve --takeover) to apply them:"
+        )
+        lines += [f"  takeover: {x}" for x in r["takeover"]]
     if r["needs_restart"]:
         lines.append(
             f"NOT applied, {len(r['needs_restart'])} changes need a restart (fastlb serve --takeover):"
         )
         lines += [f"  restart: {x}" for x in r["needs_restart"]]
+        if r.get("takeover_error"):
+            lines.append(f"  ({r['takeover_error']})")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 from fastlb.control import MAX_REQUEST
 
@@ -74,7 +75,9 @@ class ControlServer:
         self.evicted = 0  # idle connections closed to make room for a new one
         self.timed_out = 0  # connections closed by the idle timeout
         self._server: asyncio.AbstractServer | None = None
-        self._ino = 0
+        self._sock: socket.socket | None = None  # bound and listening (bind())
+        self._tmp = ""  # the name it is bound under until publish()
+        self._ino = 0  # the path's inode once published
         # writer -> monotonic time it last finished a reply (or connected); None while busy
         self._clients: dict[asyncio.StreamWriter, float | None] = {}
 
@@ -82,54 +85,83 @@ class ControlServer:
     def clients(self) -> int:
         return len(self._clients)
 
-    async def start(self) -> None:
-        """Bind under a temporary name, then rename(2) over the path (a client connecting meanwhile
-        reaches the old socket or the new one, never nothing).  Mode 0600."""
-        path = self.path
-        tmp = f"{path}.{os.getpid()}.new"
-        try:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            old_umask = os.umask(0o177)
+    def bind(self, publish: bool = True) -> None:
+        """Bind under a temporary name and listen; with publish, rename(2) it over the path at once
+        (see publish()).  From here on connections queue; they are served once start() has run.
+        Raises ControlSocketError."""
+        if self._sock is None:
+            self._tmp = f"{self.path}.{os.getpid()}.new"
+            sock = None
             try:
-                sock.bind(tmp)
-            except OSError:
-                sock.close()
-                raise
-            finally:
-                os.umask(old_umask)
-            # asyncio accepts up to `backlog` connections per wake-up before any of them is served
-            # (and so before the limit can close one): give it a small batch, then widen the
-            # kernel's queue to self.backlog with a second listen().
-            self._server = await asyncio.start_unix_server(
-                self._serve, sock=sock, limit=MAX_REQUEST + 1, backlog=ACCEPT_BATCH
-            )
-            sock.listen(self.backlog)
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, path)
-            self._ino = os.stat(path).st_ino
+                os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._tmp)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                old_umask = os.umask(0o177)
+                try:
+                    sock.bind(self._tmp)
+                finally:
+                    os.umask(old_umask)
+                sock.listen(self.backlog)
+                os.chmod(self._tmp, 0o600)
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                self._fail(exc)
+            self._sock = sock
+        if publish:
+            self.publish()
+
+    def publish(self) -> None:
+        """rename(2) the bound socket over the path: a client connecting meanwhile reaches the old
+        socket or the new one, never nothing.  (A takeover publishes only once its workers run, so
+        a successor that fails to start leaves the old instance's socket in place.)"""
+        if self._ino or self._sock is None:
+            return
+        try:
+            os.rename(self._tmp, self.path)
+            self._ino = os.stat(self.path).st_ino
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if self._server is not None:
-                self._server.close()
-                self._server = None
-            raise ControlSocketError(
-                f"control socket {path}: cannot create it: {exc.strerror or exc}"
-            ) from None
+            self._sock.close()
+            self._sock = None
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> NoReturn:
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
+        raise ControlSocketError(
+            f"control socket {self.path}: cannot create it: {exc.strerror or exc}"
+        ) from None
+
+    async def start(self, publish: bool = True) -> None:
+        """bind() if not done yet, then serve.  Raises ControlSocketError."""
+        self.bind(publish)
+        sock = self._sock
+        assert sock is not None
+        # asyncio accepts up to `backlog` connections per wake-up before any of them is served
+        # (and so before the limit can close one): give it a small batch, then widen the
+        # kernel's queue to self.backlog again with a second listen().
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=MAX_REQUEST + 1, backlog=ACCEPT_BATCH
+        )
+        sock.listen(self.backlog)
 
     def close(self) -> None:
         """Stop listening, close every client, unlink the path if it is still this server's socket."""
-        if self._server is None:
+        if self._sock is None:
             return
-        self._server.close()
-        self._server = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        else:
+            self._sock.close()
+        self._sock = None
         for writer in list(self._clients):
             writer.transport.abort()
         with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._ino:  # not a successor's
+            if not self._ino:
+                os.unlink(self._tmp)  # never published
+            elif os.stat(self.path).st_ino == self._ino:  # not a successor's
                 os.unlink(self.path)
 
     def _make_room(self) -> bool:

@@ -68,12 +68,14 @@ def listen_socket(family: int, sockaddr: tuple, backlog: int) -> socket.socket:
 
 def check_free(lc: ListenerConfig) -> None:
     """Raise BindError if lc's address is bound by any other socket.  The probe does NOT set
-    SO_REUSEPORT (that would join another process's group instead of failing); SO_REUSEADDR only
-    ignores connections in TIME_WAIT."""
+    SO_REUSEPORT (that would join another process's group instead of failing); SO_REUSEADDR (TCP
+    only) ignores connections in TIME_WAIT - for UDP it would share the port with another
+    SO_REUSEADDR socket, so a UDP probe sets neither."""
     kind = socket.SOCK_DGRAM if lc.protocol == "udp" else socket.SOCK_STREAM
     s = socket.socket(lc.bind.family, kind | socket.SOCK_CLOEXEC)
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if lc.protocol != "udp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if lc.bind.family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind(lc.bind.sockaddr())

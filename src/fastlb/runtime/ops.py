@@ -1,5 +1,5 @@
 """Operations services of the control process: the Prometheus /metrics server and the record of
-reloads, started and stopped with `fastlb serve` (fastlb.runtime.supervisor).
+reloads and upgrades (takeovers this instance started), started and stopped with `fastlb serve` (fastlb.runtime.supervisor).
 
 prometheus_client is imported only when metrics are on: it imports ssl, and the control process
 otherwise keeps OpenSSL (about 4 MiB resident) out (see fastlb.cli._keep_openssl_out)."""
@@ -47,6 +47,8 @@ class OpsServices:
         self._tasks: set[asyncio.Task] = set()
         self.reloads = {"ok": 0, "failed": 0}
         self.last_reload: dict[str, Any] | None = None
+        # the last successor this instance started (fastlb upgrade, SIGUSR2, a reload's takeover)
+        self.upgrade: dict[str, Any] | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run coro on the loop, keeping a reference until it is done."""
@@ -97,9 +99,28 @@ class OpsServices:
         self.reloads["ok" if result.get("ok") else "failed"] += 1
         self.last_reload = dict(result, time=time.time())
 
+    def record_upgrade(self, successor: int, reason: str) -> None:
+        self.upgrade = {"successor": successor, "reason": reason, "time": time.time(), "error": None}
+
+    def upgrade_failed(self, successor: int, error: str) -> None:
+        """The successor gave up (it says why over the handover connection) or exited: the first
+        reason is the one kept; this instance keeps running."""
+        up = self.upgrade
+        if up is None or up["successor"] != successor:  # a `fastlb serve --takeover` run by hand
+            up = self.upgrade = {
+                "successor": successor,
+                "reason": "takeover",
+                "time": time.time(),
+                "error": None,
+            }
+        if up["error"] is None:
+            up["error"] = error
+            log.error("takeover by pid %d failed, this instance keeps running: %s", successor, error)
+
     def status(self) -> dict[str, Any]:
         addr = self.config.global_.metrics
         return {
+            "upgrade": self.upgrade,
             "metrics": None if addr is None else str(addr),
             "reload": {
                 "ok_total": self.reloads["ok"],

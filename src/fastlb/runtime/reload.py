@@ -1,12 +1,18 @@
 """Reload (SIGHUP, `fastlb reload`, `systemctl reload`): re-read the config file and apply every
-change that can be applied to the running process; name every one that cannot.
+change; name whatever is not applied.
 
 Applied in place: listener timeouts, max_connections, backlog (listen(2) again on the existing
-sockets) and pool; pool settings and backends (fastlb.runtime.backends); [global] log_level,
-metrics, control_socket and shutdown_timeout (for workers started from now on).  Needing a restart
-(`fastlb serve --takeover` carries the sockets over): listeners added, removed or re-bound, pools
-added or removed, [global] workers, backends beyond a pool's spare slots, hash tables that outgrow
-their buffers.  Those stay as they run, and the log line and the reply name each one.
+sockets) and pool; routes and splits; pool settings and backends (fastlb.runtime.backends);
+[global] log_level, metrics, control_socket, worker_stall_timeout and shutdown_timeout (for workers
+started from now on).  What the running process cannot apply - listeners added, removed or
+re-bound, pools added or removed, [global] workers, prelude settings, backends beyond a pool's
+spare slots, hash tables that outgrow their buffers, keys read at start - is applied by a takeover
+([global] reload_takeover, on by default): the reload starts `fastlb serve --takeover` on the same
+file, which receives the listening sockets (accept queues included), opens the new ones and closes
+the removed ones, and this instance stops accepting and drains its connections (up to its
+shutdown_timeout).  A new address that something else holds refuses the whole reload before
+anything changes.  With reload_takeover = false those changes stay as they run, and the log line
+and the reply name each one.
 
 systemd sees RELOADING=1 (with MONOTONIC_USEC) before and READY=1 after every reload, with a
 STATUS= line that says how it went; `fastlb reload` (the unit's ExecReload) exits non-zero when the
@@ -48,7 +54,16 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
         sup.ops.record_reload(result)
         notify(f"READY=1\nSTATUS=reload failed: {exc}")
         return result
-    g_applied, g_restart, running_global = _global(sup, new)
+    takeover = new.global_.reload_takeover
+    busy = _busy_addresses(sup, new) if takeover else None
+    if busy is not None:
+        log.error("reload failed, keeping the running configuration: %s: %s", path, busy)
+        result = {"ok": False, "file": path, "error": f"reload refused, nothing changed: {path}: {busy}"}
+        sup.ops.record_reload(result)
+        notify(f"READY=1\nSTATUS=reload failed: {busy}")
+        return result
+    ignored: list[str] = []
+    g_applied, g_restart, running_global = _global(sup, new, ignored)
     deploy = getattr(sup, "deploy", None)  # runtime values: fastlb.runtime.statefile's rule
     if deploy is not None:
         deploy.before_reload()
@@ -87,22 +102,77 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
     sup.poke()
     for line in applied:
         log.info("reload: %s", line)
-    if needs_restart:
+    result: dict[str, Any] = {"ok": True, "file": path, "applied": applied, "needs_restart": needs_restart}
+    if ignored:
+        result["ignored"] = ignored
+        for line in ignored:
+            log.warning("reload: ignored: %s", line)
+    if needs_restart and takeover:
+        result.update(_takeover(sup, needs_restart))
+    if needs_restart and "successor" not in result:
         log.warning("reload: NOT applied, these need a %s: %s", RESTART_HINT, "; ".join(needs_restart))
     log.info("reloaded %s: %d changes applied, %d need a restart", path, len(applied), len(needs_restart))
-    result = {"ok": True, "file": path, "applied": applied, "needs_restart": needs_restart}
     sup.ops.record_reload(result)
-    state = f"{len(needs_restart)} changes need a restart" if needs_restart else "all changes applied"
+    if "successor" in result:
+        state = f"pid {result['successor']} takes over to apply {len(result['takeover'])} changes"
+    elif needs_restart:
+        state = f"{len(needs_restart)} changes need a restart"
+    else:
+        state = "all changes applied"
     notify(f"READY=1\nSTATUS=reloaded {path}: {state}")
     return result
 
 
-def _global(sup: Any, new: Config) -> tuple[list[str], list[str], GlobalConfig]:
+def _takeover(sup: Any, changes: list[str]) -> dict[str, Any]:
+    """Start `fastlb serve --takeover` to apply what this process cannot ([global] reload_takeover):
+    the new instance reads the same file, receives the listening sockets (their queues too), opens
+    the new ones, and this one stops accepting and drains.  The reply part that says so."""
+    why = sup.upgrade("reload")
+    if why is not None:
+        return {"takeover_error": f"no takeover started: {why}"}
+    log.warning(
+        "reload: pid %d takes over (fastlb serve --takeover) to apply: %s",
+        sup.successor_pid,
+        "; ".join(changes),
+    )
+    control_socket = sup.config.global_.control_socket
+    return {
+        "takeover": list(changes),
+        "needs_restart": [],
+        "pid": os.getpid(),
+        "successor": sup.successor_pid,
+        "control_socket": control_socket,
+    }
+
+
+def _busy_addresses(sup: Any, new: Config) -> str | None:
+    """The first address a takeover would have to bind that something else holds, as a one-line
+    reason; None when every new address is free (or nothing new is bound)."""
+    from fastlb.runtime.listeners import BindError, bind_key, check_free
+
+    running = {bind_key(lc) for lc in sup.config.listeners.values()}
+    for lc in new.listeners.values():
+        if bind_key(lc) in running:
+            continue
+        try:
+            check_free(lc)
+        except BindError as exc:
+            return f"listeners.{lc.name}.bind: {exc}"
+    return None
+
+
+def _global(sup: Any, new: Config, ignored: list[str]) -> tuple[list[str], list[str], GlobalConfig]:
     old, g = sup.config.global_, new.global_
     applied: list[str] = []
     restart: list[str] = []
     running = g
-    if g.workers != old.workers:
+    override = getattr(sup, "workers_override", None)
+    if g.workers != old.workers and override is not None:
+        ignored.append(
+            f"global.workers: {old.workers} -> {g.workers} (`fastlb serve --workers {override}` overrides the file)"
+        )
+        running = replace(running, workers=old.workers)
+    elif g.workers != old.workers:
         restart.append(
             f"global.workers: {old.workers} -> {g.workers} (the shared region is sized for the running workers)"
         )
@@ -113,10 +183,8 @@ def _global(sup: Any, new: Config) -> tuple[list[str], list[str], GlobalConfig]:
     if g.shutdown_timeout != old.shutdown_timeout:
         sup.shutdown_timeout = g.shutdown_timeout
         applied.append(
-            f"global.shutdown_timeout: {old.shutdown_timeout:g}s -> {g.shutdown_timeout:g}s (workers started from now on)"
-        )
-        restart.append(
-            f"global.shutdown_timeout: running workers keep {old.shutdown_timeout:g}s until they are restarted"
+            f"global.shutdown_timeout: {old.shutdown_timeout:g}s -> {g.shutdown_timeout:g}s "
+            f"(workers started from now on; the running ones keep {old.shutdown_timeout:g}s)"
         )
     if g.control_socket != old.control_socket:
         try:
@@ -156,6 +224,7 @@ _GLOBAL_HANDLED = (
     "control_socket",
     "metrics",
     "worker_stall_timeout",
+    "reload_takeover",  # read by reload_config itself, from the new file
 )
 _LISTENER_APPLIED = (
     "pool",
@@ -273,23 +342,28 @@ def _move_runfile(sup: Any, control_socket: str) -> None:
 
 
 def move_control_socket(sup: Any, path: str) -> None:
-    """Listen on `path` (a new ControlServer, runtime/control_socket.py), then close the old socket
-    and move the runtime file beside the new one.  Raises OSError when `path` is taken or its
-    directory cannot be made."""
+    """Listen on `path` (a new ControlServer, runtime/control_socket.py) at once, serve it from the
+    next loop turn, then close the old socket and move the runtime file beside the new one.  Raises
+    OSError when `path` is taken or cannot be made.  Bound before this returns: a successor started
+    by the same reload finds this instance at the new path."""
     from fastlb.runtime.control_socket import ControlServer, ControlSocketError
 
     os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
     if _answers(path):
         raise OSError(errno.EADDRINUSE, "another process answers on it")
     new = ControlServer(path, sup._control_request)
+    try:
+        new.bind()
+    except ControlSocketError as exc:
+        raise OSError(errno.EIO, str(exc)) from None
+    old, sup.control = sup.control, new
 
     async def serve() -> None:
         try:
             await new.start()
         except ControlSocketError as exc:
-            log.error("reload: the control socket stays where it was: %s", exc)
+            log.error("reload: the control socket at %s does not serve: %s", path, exc)
             return
-        old, sup.control = sup.control, new
         if old is not None:
             old.close()
         _move_runfile(sup, path)

@@ -271,10 +271,8 @@ class Supervisor:
             if index is None:
                 if pid == self.successor_pid and not self.stopping:
                     self.successor_pid = 0
-                    log.error(
-                        "upgrade failed: the new instance exited (%s)",
-                        _describe_exit(os.waitstatus_to_exitcode(status)),
-                    )
+                    why = f"the new instance exited ({_describe_exit(os.waitstatus_to_exitcode(status))})"
+                    self.ops.upgrade_failed(pid, why)
                 continue
             self.write_runfile()
             code = os.waitstatus_to_exitcode(status)
@@ -329,6 +327,7 @@ class Supervisor:
                     self.control.close()
                 raise StartupError(self.startup_failure or "workers did not open their listeners in time")
             await asyncio.sleep(0.01)
+        self._publish_control_socket()
         self.ready = True
         self._start_access_log()
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
@@ -450,9 +449,9 @@ class Supervisor:
         (fastlb.runtime.reload); a bad file changes nothing and says why."""
         return reload_config(self, sd_notify)
 
-    def upgrade(self) -> str | None:
-        """SIGUSR2 or `fastlb upgrade`: restart in place without refusing a connection
-        (runtime/takeover.py).  Returns None, or why it did not start one."""
+    def upgrade(self, reason: str = "upgrade") -> str | None:
+        """SIGUSR2, `fastlb upgrade` or a reload that needs new sockets: restart in place without
+        refusing a connection (runtime/takeover.py).  Returns None, or why it did not start one."""
         if self.stopping or self.successor_pid:
             why = "stopping" if self.stopping else f"an upgrade to pid {self.successor_pid} is in progress"
             log.warning("upgrade not started: %s", why)
@@ -462,7 +461,8 @@ class Supervisor:
         except OSError as exc:
             log.error("upgrade failed: cannot start a new instance: %s", exc)
             return f"cannot start a new instance: {exc}"
-        log.info("upgrade: started pid %d with --takeover", self.successor_pid)
+        self.ops.record_upgrade(self.successor_pid, reason)
+        log.info("%s: started pid %d with --takeover", reason, self.successor_pid)
         return None
 
     def begin_shutdown(self, sig: signal.Signals | None, successor: int | None = None) -> None:
@@ -494,9 +494,18 @@ class Supervisor:
         """Listen on the control socket (runtime/control_socket.py); StartupError if it cannot be made."""
         self.control = ControlServer(self.config.global_.control_socket, self._control_request)
         try:
-            await self.control.start()
+            # a live takeover takes the path over only once its workers run (_publish_control_socket)
+            await self.control.start(publish=self.predecessor.kind != "live")
         except ControlSocketError as exc:
             self.control = None
+            raise StartupError(str(exc)) from None
+
+    def _publish_control_socket(self) -> None:
+        if self.control is None:
+            return
+        try:
+            self.control.publish()
+        except ControlSocketError as exc:
             raise StartupError(str(exc)) from None
 
     def _control_request(self, line: bytes, writer: asyncio.StreamWriter) -> dict | None:
@@ -683,7 +692,7 @@ def serve(config: Config, workers: int | None = None, takeover_: bool = False) -
         return asyncio.run(sup.run())
     except StartupError as exc:
         log.error("%s", exc)
-        predecessor.abandon()
+        predecessor.abandon(str(exc))
         for pid in list(sup.pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

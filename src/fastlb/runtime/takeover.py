@@ -43,7 +43,7 @@ log = logging.getLogger("fastlb")
 SCM_MAX = 250  # descriptors per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253)
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (Linux 5.6)
 HANDOVER_TIMEOUT = 10.0
-TAKEOVER_COMMANDS = ("handover", "shutdown", "upgrade")  # answered by answer() below
+TAKEOVER_COMMANDS = ("handover", "shutdown", "upgrade", "abandon")  # answered by answer() below
 
 
 class TakeoverError(Exception):
@@ -91,9 +91,15 @@ class Predecessor:
                 os.close(pidfd)
         self._orphans = []
 
-    def abandon(self) -> None:
-        """Startup failed: leave the predecessor as it was (the live one keeps running)."""
+    def abandon(self, reason: str | None = None) -> None:
+        """Startup failed: leave the predecessor as it was (the live one keeps running).  The live
+        one is told why (`{"cmd": "abandon"}`), so the reload or upgrade that started this instance
+        can report it."""
         if self._conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.settimeout(2.0)
+                _send_line(self._conn, {"cmd": "abandon", "successor": os.getpid(), "error": reason})
+                _recv_reply(self._conn, 0)
             self._conn.close()
             self._conn = None
         for _, pidfd in self._orphans:
@@ -131,7 +137,7 @@ def prepare(config: Config, takeover: bool) -> Predecessor:
             if bind_key(lc) not in pred.shared:
                 check_free(lc)
     except BindError as exc:
-        pred.abandon()
+        pred.abandon(str(exc))
         raise TakeoverError(str(exc)) from None
     return pred
 
@@ -243,7 +249,8 @@ def answer(sup: Any, req: dict[str, Any], writer: Any) -> dict[str, Any] | None:
     """Handle a takeover request on the control socket of the running instance.
 
     "upgrade": start `fastlb serve --takeover` from this process (as SIGUSR2 does); the reply names
-    the new pid ("successor"), which is not ready yet.
+    the new pid ("successor"), which is not ready yet.  "abandon": that successor failed to start
+    (its "error" is kept for `fastlb status`'s "upgrade"); this instance goes on.
     "handover": send the reply line with every listening socket attached (SCM_RIGHTS) straight on
     the connection's socket and return None (already answered).  "shutdown": begin a graceful
     shutdown (like SIGTERM) after the reply; with "successor": PID, systemd is told that PID is the
@@ -266,6 +273,11 @@ def answer(sup: Any, req: dict[str, Any], writer: Any) -> dict[str, Any] | None:
         if why is not None:
             return {"ok": False, "error": f"upgrade not started: {why}"}
         return {"ok": True, "pid": os.getpid(), "successor": sup.successor_pid}
+    if cmd == "abandon":  # the successor gave up before taking over: this instance keeps running
+        successor, error = req.get("successor"), req.get("error")
+        if isinstance(successor, int) and not isinstance(successor, bool):
+            sup.ops.upgrade_failed(successor, str(error) if error else "the new instance did not start")
+        return {"ok": True, "pid": os.getpid()}
     if cmd == "shutdown":
         successor = req.get("successor")
         if not isinstance(successor, int) or isinstance(successor, bool):

@@ -58,7 +58,8 @@ def udp_listen_socket(family: int, sockaddr: tuple) -> socket.socket:
     every datagram (IP_PKTINFO / IPV6_RECVPKTINFO) so replies leave from it."""
     s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # SO_REUSEPORT only: for UDP, SO_REUSEADDR would let this socket share the port with any
+        # other process's SO_REUSEADDR socket (TCP needs it for TIME_WAIT; UDP has none)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
