@@ -12,7 +12,8 @@ import struct
 from fastlb.control import ControlClient
 from support.backends import server
 from support.clients import backends_of, cli, greet
-from support.helpers import connect, free_port, recv_exact, wait_until
+from support.helpers import connect, free_port, free_udp_port, recv_exact, wait_until
+from support.udp import udp_client, udp_server
 
 
 def _records(path, n: int, timeout: float = 10.0) -> list[dict]:
@@ -146,3 +147,44 @@ def test_sigusr1_reopens_and_a_full_ring_drops_and_counts(fastlb, backends, tmp_
     assert st["access_log"]["dropped"] == 200 - 64
     assert sum(w["log_dropped"] for w in st["workers"]) == 136
     assert len(log.read_text().splitlines()) == 1 + 64
+
+
+def test_udp_flows_are_logged_when_forgotten(fastlb, udp_servers, tmp_path):
+    """A record per UDP flow when it is forgotten: answered (udp_responses), idle (udp_idle_timeout),
+    unreachable (the backend's port answers ICMP port unreachable)."""
+    log = tmp_path / "access.log"
+    srv = udp_servers(udp_server("a", "echo"))
+    idle_port, dead_port = free_udp_port(), free_udp_port()
+    extra = (
+        f'[listeners.idle]\nbind = "127.0.0.1:{idle_port}"\nprotocol = "udp"\npool = "web"\n'
+        'udp_responses = 0\nudp_idle_timeout = "300ms"\n\n'
+        f'[listeners.dead]\nbind = "127.0.0.1:{dead_port}"\nprotocol = "udp"\npool = "dead"\n\n'
+        f'[pools.dead]\nbackends = [{{ name = "gone", address = "127.0.0.1:{free_udp_port()}" }}]\n'
+    )
+    lb = fastlb(
+        [("a", srv.address("a"), None)],
+        listener={"protocol": "udp", "udp_responses": 1},
+        global_={"access_log": str(log)},
+        extra=extra,
+    )
+    c = udp_client(lb.addr)
+    c.send(b"query")
+    assert c.recv(100) == b"query"
+    (r,) = _records(log, 1)
+    assert (r["listener"], r["pool"], r["backend"], r["termination"]) == ("web", "web", "a", "responses")
+    assert (r["bytes_in"], r["bytes_out"], r["connect_ms"], r["retries"]) == (5, 5, None, 0)
+    assert r["client"] == f"127.0.0.1:{c.getsockname()[1]}"
+
+    i = udp_client(("127.0.0.1", idle_port))
+    for payload in (b"one", b"two!"):
+        i.send(payload)
+        assert i.recv(100) == payload
+    r = _records(log, 2)[1]
+    assert (r["listener"], r["termination"], r["bytes_in"], r["bytes_out"]) == ("idle", "idle_timeout", 7, 7)
+    assert r["duration_ms"] >= 300
+
+    d = udp_client(("127.0.0.1", dead_port))
+    d.send(b"x")
+    r = _records(log, 3)[2]
+    assert (r["listener"], r["backend"], r["termination"]) == ("dead", "gone", "backend_unreachable"), r
+    assert (r["bytes_in"], r["bytes_out"]) == (1, 0)

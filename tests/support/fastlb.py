@@ -284,6 +284,19 @@ class FastLB:
                 pass
         return live
 
+    def _successors(self) -> list[psutil.Process]:
+        """`fastlb serve --takeover` processes on this config file (started by an upgrade or a
+        reload, possibly after the test stopped looking) and their workers: teardown kills them."""
+        config = str(self.config_path)
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "--takeover" in cmd and config in cmd:
+                found.append(p)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    found += p.children()
+        return found
+
     def worker_pids(self) -> set[int]:
         return {p.pid for p in self.workers_now()}
 
@@ -364,7 +377,7 @@ class FastLB:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-        for p in self._known.values():
+        for p in [*self._known.values(), *self._successors()]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 if p.is_running():  # is_running() also guards against a reused pid
                     p.kill()

@@ -188,8 +188,9 @@ cdef void udp_index_remove(int32_t slot) noexcept nogil:
         i = j
 
 
-cdef void udp_flow_end(Conn *c, bint reuse) noexcept nogil:
-    """Forget flow c: unindex it, release the counters and the timer.  With `reuse` (the flow got
+cdef void udp_flow_end(Conn *c, bint reuse, uint16_t term) noexcept nogil:
+    """Forget flow c, which ended for reason `term` (enum flb_term; c.term, when a deadline set it,
+    wins): log it, unindex it, release the counters and the timer.  With `reuse` (the flow got
     every reply it expected, so nothing more is due on its socket) the slot and its connected
     backend socket become a spare for the next flow to the same backend; otherwise the socket is
     closed (which takes it out of epoll) and the slot freed.  Replies already queued for the
@@ -197,6 +198,10 @@ cdef void udp_flow_end(Conn *c, bint reuse) noexcept nogil:
     cdef Listener *l = &W.listeners[c.listener]
     cdef int32_t slot = <int32_t>(c - W.conns)
     cdef uint32_t idx = c.backend
+    if W.logring != NULL:
+        if c.term == 0:
+            c.term = <uint8_t>(term + 1)
+        log_conn(c, False)
     udp_index_remove(slot)
     if idx != FLB_NONE:
         lb_drop(idx)
@@ -221,9 +226,9 @@ cdef void udp_flow_end(Conn *c, bint reuse) noexcept nogil:
     slab_free(c)
 
 
-cdef inline void udp_flow_close(Conn *c) noexcept nogil:
-    """Forget flow c and close its backend socket."""
-    udp_flow_end(c, False)
+cdef inline void udp_flow_close(Conn *c, uint16_t term) noexcept nogil:
+    """Forget flow c (ended for reason `term`) and close its backend socket."""
+    udp_flow_end(c, False, term)
 
 
 cdef void udp_spare_unlink(Conn *s) noexcept nogil:
@@ -352,6 +357,10 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
             memcpy(s.peer, c.peer, sizeof(c.peer))
             s.key_hash = c.key_hash
             s.active_ms = c.active_ms
+            s.accepted_us = c.accepted_us
+            s.bytes_c2b = 0
+            s.bytes_b2c = 0
+            s.term = 0
             s.attempts = c.attempts
             memcpy(s.tried, c.tried, sizeof(c.tried))
             slab_free(c)
@@ -458,7 +467,7 @@ cdef inline void udp_unreachable(Conn *c) noexcept nogil:
     flb_add64(&b.udp_unreachable, 1)
     backend_failed(b, False)
     flb_add64(&W.listeners[c.listener].shm.udp_drop_unreachable, 1)
-    udp_flow_close(c)
+    udp_flow_close(c, FLB_TERM_BACKEND_UNREACHABLE)
 
 
 cdef inline bint udp_icmp_error(int e) noexcept nogil:
@@ -485,7 +494,7 @@ cdef void udp_from_client(Listener *l, uint32_t li, mmsghdr *m, sockaddr_in6 *pe
         c = &W.conns[slot]
         # a flow whose backend went down moves to another one with its next datagram
         if flb_load32(&W.backends[c.backend].health) != FLB_HEALTH_UP and not W.pools[c.pool].panic:
-            udp_flow_close(c)
+            udp_flow_close(c, FLB_TERM_BACKEND_DOWN)
             slot = -1
     if slot < 0:
         c = udp_flow_new(l, li, key, h, peer, m.msg_hdr.msg_namelen)
@@ -506,6 +515,7 @@ cdef void udp_from_client(Listener *l, uint32_t li, mmsghdr *m, sockaddr_in6 *pe
             flb_add64(&l.shm.udp_drop_send, 1)
         return
     c.active_ms = W.now_ms
+    c.bytes_c2b += <uint64_t>n
     if l.udp_responses > 0:
         U.flows[c - W.conns].expect += l.udp_responses
     flb_add64(&b.udp_datagrams_in, 1)
@@ -656,7 +666,7 @@ cdef void udp_flow_event(Conn *c, uint32_t events) noexcept nogil:
                 udp_unreachable(c)
             else:
                 flb_add64(&l.shm.udp_drop_send, 1)
-                udp_flow_close(c)
+                udp_flow_close(c, FLB_TERM_LOCAL_ERROR)
             return
         j = U.n_tx
         for k in range(U.n_tx, U.n_tx + n):
@@ -693,16 +703,17 @@ cdef void udp_flow_event(Conn *c, uint32_t events) noexcept nogil:
         flb_add64(&b.udp_datagrams_out, <uint64_t>got)
         flb_add64(&b.bytes_out, nbytes)
         c.active_ms = W.now_ms
+        c.bytes_b2c += nbytes
         if l.udp_responses > 0 and f.expect == 0:
             flb_add64(&l.shm.udp_expired_responses, 1)
-            udp_flow_end(c, True)       # nothing more is due on its socket: keep it as a spare
+            udp_flow_end(c, True, FLB_TERM_RESPONSES)   # nothing more is due on its socket: a spare
 
 
 cdef void udp_flow_timeout(Conn *c) noexcept nogil:
     """udp_idle_timeout passed without a datagram either way: forget the flow."""
     flb_add64(&W.listeners[c.listener].shm.udp_expired_idle, 1)
     W.me.timeouts_idle += 1
-    udp_flow_close(c)
+    udp_flow_close(c, FLB_TERM_IDLE_TIMEOUT)
 
 
 cdef void udp_event(Conn *c, uint32_t events) noexcept nogil:
@@ -717,7 +728,7 @@ cdef void udp_event(Conn *c, uint32_t events) noexcept nogil:
 cdef void udp_conn_close(Conn *c) noexcept nogil:
     """conn_close() for a UDP slot (drain deadline, teardown): a flow or a spare."""
     if c.state == CS_UDP_FLOW:
-        udp_flow_close(c)
+        udp_flow_close(c, FLB_TERM_LOCAL_ERROR)     # c.term says which deadline, when one did
     else:
         udp_spare_close(c)
 

@@ -373,6 +373,10 @@ enum flb_term {
     FLB_TERM_PRELUDE_ERROR = 11,    /* bad or missing PROXY header / ClientHello, or its timeout */
     FLB_TERM_LOCAL_ERROR = 12,      /* fastlb's own trouble (descriptors, memory) */
     FLB_TERM_CLIENT_GONE = 13,      /* the client left before a backend answered the connect */
+    /* UDP flows (a record per flow when it is forgotten) */
+    FLB_TERM_RESPONSES = 14,        /* every reply udp_responses expects arrived */
+    FLB_TERM_BACKEND_UNREACHABLE = 15, /* the backend answered with an ICMP error */
+    FLB_TERM_BACKEND_DOWN = 16,     /* its backend went down: the next datagram made a new flow */
 };
 
 typedef struct {

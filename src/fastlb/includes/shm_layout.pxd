@@ -257,6 +257,9 @@ cdef extern from "shm_layout.h" nogil:
         FLB_TERM_PRELUDE_ERROR
         FLB_TERM_LOCAL_ERROR
         FLB_TERM_CLIENT_GONE
+        FLB_TERM_RESPONSES
+        FLB_TERM_BACKEND_UNREACHABLE
+        FLB_TERM_BACKEND_DOWN
 
     ctypedef struct flb_logring_t:
         uint64_t head

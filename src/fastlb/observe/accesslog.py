@@ -47,6 +47,9 @@ TERMINATIONS = (
     "prelude_error",
     "local_error",
     "client_gone",
+    "responses",
+    "backend_unreachable",
+    "backend_down",
 )
 FORMATS = ("json", "text")
 
