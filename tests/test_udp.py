@@ -193,6 +193,38 @@ def test_wildcard_listener_replies_from_the_address_the_client_used(fastlb, udp_
         assert c.recv(100) == dst.encode()
 
 
+@pytest.mark.parametrize("hash_key", ["source_ip_port", "four_tuple"])
+def test_four_tuple_hashes_the_address_the_client_sent_to(fastlb, udp_servers, hash_key):
+    """maglev on a wildcard listener, one client address:port sending to 12 local addresses: with
+    four_tuple the address it sent to is part of the key (as for TCP), so the flows spread over the
+    backends (all 12 on one of 4 by chance: p = 4 / 4**12); with source_ip_port they all agree.
+    Each address keeps its backend."""
+    srv = udp_servers(*(udp_server(n, "tag") for n in "abcd"))
+    lb = udp_lb(
+        fastlb,
+        [(n, srv.address(n), None) for n in "abcd"],
+        host="0.0.0.0",
+        algorithm="maglev",
+        pool={"hash_key": hash_key},
+        udp_idle_timeout="60s",
+    )
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind(("127.0.0.1", 0))
+    c.settimeout(5)
+
+    def backend(dst: str) -> str:
+        c.sendto(b"q", (dst, lb.port))
+        data, src = c.recvfrom(100)
+        assert src == (dst, lb.port)
+        return data.split()[0].decode()
+
+    dsts = [f"127.0.0.{i}" for i in range(1, 13)]
+    first = {d: backend(d) for d in dsts}
+    assert {d: backend(d) for d in dsts} == first  # each flow (and its hash) is stable
+    picked = set(first.values())
+    assert len(picked) > 1 if hash_key == "four_tuple" else len(picked) == 1, first
+
+
 def test_icmp_port_unreachable_counts_and_ejects(fastlb, udp_servers):
     srv = udp_servers(udp_server("live", "echo"))
     dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -402,6 +402,27 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
     return NULL
 
 
+cdef void udp_four_tuple(Conn *c, Listener *l, uint8_t *key) noexcept nogil:
+    """c.key_hash for a flow of a pool hashing `four_tuple`: the client's address and port, then the
+    address the client sent to (the IP_PKTINFO one on a wildcard listener, in key[24:]) and the
+    listener's port - the bytes lb_key_hash() hashes for a TCP connection (getsockname of its
+    socket).  One getsockname(2) per new flow; on failure the source_ip_port hash stays."""
+    cdef sockaddr_storage local
+    cdef socklen_t llen = sizeof(local)
+    cdef uint8_t buf[36]
+    cdef size_t n
+    if getsockname(l.fd, <sockaddr *>&local, &llen) != 0:
+        return
+    if l.udp_pktinfo:
+        if local.ss_family == AF_INET:
+            memcpy(&(<sockaddr_in *>&local).sin_addr, key + 24, 4)
+        else:
+            memcpy(&(<sockaddr_in6 *>&local).sin6_addr, key + 24, 16)
+    n = sockaddr_key(<sockaddr_storage *>c.peer, buf, True)
+    n += sockaddr_key(&local, buf + n, True)
+    c.key_hash = flb_hash64(buf, n, FLB_SEED_KEY)
+
+
 cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
                         sockaddr_in6 *peer, socklen_t peerlen) noexcept nogil:
     """A new flow for this key with a backend socket, indexed and on the timer wheel; NULL when
@@ -433,6 +454,9 @@ cdef Conn *udp_flow_new(Listener *l, uint32_t li, uint8_t *key, uint64_t h,
         flb_add64(&l.shm.rejected, 1)
         slab_free(c)
         return NULL
+    if W.pools[c.pool].hash_key == FLB_HASH_FOUR_TUPLE and (W.pools[c.pool].algorithm == FLB_ALG_MAGLEV
+                                                          or W.pools[c.pool].algorithm == FLB_ALG_RING_HASH):
+        udp_four_tuple(c, l, key)   # conn_route() hashed the client only: a UDP flow has no cfd
     flow = udp_flow_connect(c, l, &rc)
     if flow == NULL:
         flb_sadd64(&l.shm.active, -1)
