@@ -38,12 +38,14 @@ def pytest_runtest_makereport(item, call):
 
 
 def _server_factory(cls, label: str, tmp_path, request):
-    """A fixture body: start(*servers) launches one `cls` process (a support.backends.ServerProcess)
-    with its log attached to a failing test's report; every one is stopped at teardown."""
+    """A fixture body: start(*servers, prefix=()) launches one `cls` process (a
+    support.backends.ServerProcess; prefix: a wrapper such as a support.netns.Netns's) with its log
+    attached to a failing test's report; every one is stopped at teardown."""
     started: list = []
 
-    def start(*servers: dict):
+    def start(*servers: dict, prefix: tuple[str, ...] | list[str] = ()):
         proc = cls(list(servers), tmp_path / f"{label}{len(started)}.log")
+        proc.argv_prefix = list(prefix)
         started.append(proc)
         _logs(request.node).append((f"{label} process #{len(started)} log", proc.log_text))
         return proc.start()
@@ -102,6 +104,28 @@ def udp_servers(tmp_path, request):
     from support.udp import UdpServers
 
     yield from _server_factory(UdpServers, "udp", tmp_path, request)
+
+
+@pytest.fixture
+def netns():
+    """Factory: netns("fd00:f1b::1/128", ...) -> a new support.netns.Netns (lo up, these addresses on
+    it); skips the test without root and iproute2.  Each is deleted, with what runs in it, at
+    teardown (ask for this fixture before fastlb and the servers: it is torn down after them)."""
+    from support.netns import Netns, netns_missing
+
+    made: list[Netns] = []
+
+    def make(*addresses: str) -> Netns:
+        why = netns_missing()
+        if why:
+            pytest.skip(why)
+        ns = Netns()
+        made.append(ns)
+        return ns.create(*addresses)
+
+    yield make
+    for ns in made:
+        ns.delete()
 
 
 @pytest.fixture

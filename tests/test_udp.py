@@ -1,8 +1,9 @@
 """UDP listeners end to end (issue 13): real `fastlb serve`, a real UDP server process, real datagrams.
 
-Byte-exact datagrams of every size class up to 65,507 bytes, 1,000 concurrent flows keeping their
-order, flow expiry by udp_idle_timeout and udp_responses, max_flows, ICMP port unreachable, IPv6
-and wildcard listeners replying from the address the client sent to.
+Byte-exact datagrams of every size from 1 to 65,507 bytes (a dense sample one at a time, and every
+single one pipelined), 1,000 concurrent flows keeping their order, flow expiry by udp_idle_timeout
+and udp_responses, max_flows, ICMP port unreachable, IPv6 and wildcard listeners (0.0.0.0, and [::]
+in a network namespace with several IPv6 addresses) replying from the address the client sent to.
 """
 
 from __future__ import annotations
@@ -16,15 +17,29 @@ import pytest
 from support.clients import cli
 from support.helpers import wait_until
 from support.protocols import control
-from support.udp import udp_client, udp_server
+from support.udp import MAX_UDP4, echo_every_size, udp_client, udp_server
 
 
 def udp_lb(
-    fastlb, backends, *, workers=1, algorithm="weighted_round_robin", pool=None, host="127.0.0.1", **udp
+    fastlb,
+    backends,
+    *,
+    workers=1,
+    algorithm="weighted_round_robin",
+    pool=None,
+    host="127.0.0.1",
+    prefix=(),
+    **udp,
 ):
     listener = {"protocol": "udp", **udp}
     return fastlb(
-        backends=backends, workers=workers, algorithm=algorithm, listener=listener, pool=pool, host=host
+        backends=backends,
+        workers=workers,
+        algorithm=algorithm,
+        listener=listener,
+        pool=pool,
+        host=host,
+        prefix=tuple(prefix),
     )
 
 
@@ -57,6 +72,20 @@ def test_datagrams_byte_exact_every_size_class(fastlb, udp_servers):
     assert st["udp"]["datagrams_in"] == len(sizes()) == st["udp"]["datagrams_out"]
     assert st["udp"]["drop_oversized"] == 0
     assert st["accepted"] == 1  # one client address:port = one flow
+
+
+def test_datagrams_byte_exact_every_single_size(fastlb, udp_servers):
+    """Every size from 1 to 65,507 bytes, once each (2 GiB each way): 4 flows with at most 8
+    datagrams (and 3/4 of net.core.rmem_default) each in flight, never a retransmission, every reply
+    checked byte for byte and in order."""
+    srv = udp_servers(udp_server("a", "echo"))
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)])
+    assert echo_every_size(lb.addr, list(range(1, MAX_UDP4 + 1)), flows=4, window=8, timeout=120) == MAX_UDP4
+    st = listener_status(lb)
+    assert st["udp"]["datagrams_in"] == MAX_UDP4 == st["udp"]["datagrams_out"]
+    assert st["udp"]["drop_oversized"] == st["udp"]["drop_send"] == 0
+    assert st["accepted"] == 4
+    assert srv.received()["a"] == MAX_UDP4
 
 
 def test_thousand_concurrent_flows_keep_order(fastlb, udp_servers):
@@ -181,6 +210,52 @@ def test_ipv6_listener_and_backends(fastlb, udp_servers):
         assert rest == b"v6 %d" % i
         answers.add(name)
     assert answers == {b"a", b"b"}
+
+
+NS6 = ("::1", "fd00:f1b::1", "fd00:f1b::2")  # in a namespace of the test's own: ::1 and two more on lo
+
+
+def test_ipv6_wildcard_listener_replies_from_the_address_the_client_used(netns, fastlb, udp_servers):
+    """[::] with IPV6_RECVPKTINFO, in a network namespace with three IPv6 addresses on lo: every
+    reply leaves from the address its datagram was sent to, also when the client sends from another
+    one (then the kernel's own source choice would be the client's address); IPv4 and IPv4-mapped
+    datagrams are not taken (IPV6_V6ONLY)."""
+    ns = netns("fd00:f1b::1/128", "fd00:f1b::2/128")
+    srv = udp_servers(udp_server("a", "echo", host="::1"), prefix=ns.prefix)
+    lb = udp_lb(fastlb, [("a", srv.address("a"), None)], host="::", prefix=ns.prefix)
+    for src in NS6:
+        for dst in NS6:
+            # a connected client socket only takes datagrams from dst: a reply from any other source is lost
+            c = ns.socket(socket.AF_INET6)
+            c.settimeout(5)
+            c.bind((src, 0))
+            c.connect((dst, lb.port))
+            msg = f"{src} -> {dst}".encode()
+            c.send(msg)
+            assert c.recv(100) == msg, msg
+            c.close()
+    # one client port sending to each address: a flow each (the local address is part of the key)
+    c = ns.socket(socket.AF_INET6)
+    c.settimeout(5)
+    c.bind(("fd00:f1b::1", 0))
+    for dst in NS6:
+        c.sendto(dst.encode(), (dst, lb.port))
+        data, source = c.recvfrom(100)
+        assert (data, source[:2]) == (dst.encode(), (dst, lb.port))
+    c.close()
+    st = listener_status(lb)
+    assert st["accepted"] == len(NS6) ** 2 + len(NS6)
+    assert st["udp"]["datagrams_in"] == st["udp"]["datagrams_out"] == len(NS6) ** 2 + len(NS6)
+    # the [::] socket is IPV6_V6ONLY: IPv4 to its port finds no socket (ICMP port unreachable)
+    for family, dst in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::ffff:127.0.0.1")):
+        c = ns.socket(family)
+        c.settimeout(5)
+        c.connect((dst, lb.port))
+        c.send(b"over IPv4")
+        with pytest.raises(ConnectionRefusedError):
+            c.recv(100)
+        c.close()
+    assert listener_status(lb)["udp"]["datagrams_in"] == len(NS6) ** 2 + len(NS6)
 
 
 def test_wildcard_listener_replies_from_the_address_the_client_used(fastlb, udp_servers):

@@ -441,11 +441,12 @@ class ServerProcess:
         self.ports: dict[str, int] = {}
         self._buf = b""
         self._log = None
+        self.argv_prefix: list[str] = []  # a wrapper to run the process under (e.g. `ip netns exec NS`)
 
     def start(self, timeout: float = 10.0):
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, self.script, json.dumps({"servers": self.servers})],
+            [*self.argv_prefix, sys.executable, self.script, json.dumps({"servers": self.servers})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
