@@ -187,3 +187,33 @@ def test_access_log_drops_are_a_metric(backends, fastlb, tmp_path):
 
     written, dropped = wait_until(accounted, 10, "every record written or counted as dropped")
     assert written >= 64 and dropped >= 30, (written, dropped)
+
+
+def test_udp_listener_datagrams_drops_and_flows_are_metrics(fastlb, udp_servers):
+    from support.udp import udp_client, udp_server
+
+    srv = udp_servers(udp_server("a", "echo"))
+    addr = f"127.0.0.1:{free_port()}"
+    lb = fastlb(
+        [("a", srv.address("a"), None)],
+        listener={"protocol": "udp", "udp_responses": 1},
+        global_={"metrics": addr},
+    )
+    for payload in (b"one", b"two", b"three"):
+        c = udp_client(lb.addr)
+        c.send(payload)
+        assert c.recv(100) == payload
+        c.close()
+    want = {"in": 3.0, "out": 3.0}
+
+    def counted():
+        s = scrape(addr)
+        got = {dict(k)["direction"]: v for k, v in s["fastlb_udp_datagrams_total"].items()}
+        return s if got == want else None
+
+    m = wait_until(counted, 10, "the datagrams in the metrics")
+    closed = {dict(k)["reason"]: v for k, v in m["fastlb_udp_flows_closed_total"].items()}
+    assert closed == {"idle_timeout": 0.0, "responses": 3.0, "unreachable": 0.0}
+    drops = {dict(k)["reason"]: v for k, v in m["fastlb_udp_dropped_datagrams_total"].items()}
+    assert set(drops) >= {"table_full", "rcvbuf", "reply_rcvbuf"} and not any(drops.values())
+    assert m["fastlb_listener_connections_accepted_total"] == {(("listener", "web"),): 3.0}

@@ -300,6 +300,58 @@ def test_four_tuple_hashes_the_address_the_client_sent_to(fastlb, udp_servers, h
     assert len(picked) > 1 if hash_key == "four_tuple" else len(picked) == 1, first
 
 
+def test_kernel_drops_on_full_receive_buffers_are_counted(fastlb, udp_servers):
+    """A stopped worker: a burst of replies overflows its flow's backend socket, a burst of client
+    datagrams its listening socket; the kernel drops the excess, and SO_RXQ_OVFL on the next datagram
+    lets the worker count every one of them: forwarded + dropped-and-counted = sent, on each side."""
+    srv = udp_servers(udp_server("a", "silent"))  # answers only when told to (burst)
+    lb = fastlb(
+        [("a", srv.address("a"), None)],
+        listener={"protocol": "udp", "udp_idle_timeout": "60s"},
+        global_={"worker_stall_timeout": "60s"},  # the watchdog must not replace the stopped worker
+    )
+    big = bytes(60000)
+    c = udp_client(lb.addr)
+    c.send(big)
+    wait_until(lambda: srv.received()["a"] == 1, 10, "the first datagram at the backend")
+    srv.burst("a", 1)
+    assert c.recv(65536) == big  # the flow and its backend socket exist
+
+    def udp() -> dict:
+        return listener_status(lb)["udp"]
+
+    worker = lb.the_worker()
+    worker.suspend()
+    try:
+        srv.burst("a", 64)  # 3.8 MB of replies into a 2 MiB (1 MiB doubled) receive buffer
+    finally:
+        worker.resume()
+    wait_until(lambda: udp()["datagrams_out"] > 1, 10, "the queued replies")
+    srv.burst("a", 1)  # a datagram queued after the drops carries the socket's drop count
+    wait_until(
+        lambda: (
+            udp()["drop_reply_rcvbuf"] > 0
+            and udp()["datagrams_out"] + udp()["drop_reply_rcvbuf"] + udp()["drop_send"] == 66
+        ),
+        10,
+        "every reply forwarded or counted",
+    )
+
+    worker.suspend()
+    try:
+        for _ in range(300):  # 18 MB into the listening socket's 8 MiB (4 MiB doubled)
+            c.send(big)
+    finally:
+        worker.resume()
+    wait_until(lambda: udp()["datagrams_in"] > 1, 10, "the queued client datagrams")
+    c.send(b"after")  # queued after the drops: carries the listening socket's drop count
+    wait_until(
+        lambda: udp()["drop_rcvbuf"] > 0 and udp()["datagrams_in"] + udp()["drop_rcvbuf"] == 302,
+        10,
+        "every client datagram forwarded or counted",
+    )
+
+
 def test_icmp_port_unreachable_counts_and_ejects(fastlb, udp_servers):
     srv = udp_servers(udp_server("live", "echo"))
     dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -536,6 +536,8 @@ cdef class Region:
             "udp_expired_idle": flb_load64(&l.udp_expired_idle),
             "udp_expired_responses": flb_load64(&l.udp_expired_responses),
             "udp_drop_unexpected": flb_load64(&l.udp_drop_unexpected),
+            "udp_drop_rcvbuf": flb_load64(&l.udp_drop_rcvbuf),
+            "udp_drop_reply_rcvbuf": flb_load64(&l.udp_drop_reply_rcvbuf),
         }
 
     def route(self, int i) -> dict:

@@ -38,6 +38,10 @@ class UdpServers(ServerProcess):
     def received(self) -> dict[str, int]:
         return self.stats()["received"]
 
+    def burst(self, name: str, n: int) -> None:
+        """Server `name` sends n copies of its last datagram back to its last sender, at once."""
+        assert self._call(f"burst {name} {n}") == {"sent": n}
+
 
 def udp_client(addr: tuple[str, int], timeout: float = 5.0, rcvbuf: int = 0) -> socket.socket:
     """A UDP socket connected to addr (so only its replies are received), with a timeout."""

@@ -12,6 +12,7 @@ Modes:
 
 Control: one command a line on stdin, one JSON line on stdout.
   stats -> {"received": {name: datagrams}, "peers": {name: distinct sender ports}}
+  burst NAME N -> {"sent": N}: send N copies of NAME's last datagram to its last sender, at once
   EOF on stdin exits.
 The first stdout line, once every socket is bound: {"ports": {name: port}}.
 """
@@ -35,6 +36,8 @@ def serve(spec: dict) -> None:
     received: dict[str, int] = {}
     peers: dict[str, set] = {}
     ports = {}
+    socks: dict[str, socket.socket] = {}
+    last: dict[str, tuple[bytes, tuple]] = {}  # name -> (datagram, sender)
     for srv in spec["servers"]:
         host = srv.get("host", "127.0.0.1")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -43,6 +46,7 @@ def serve(spec: dict) -> None:
         s.bind((host, srv.get("port", 0)))
         s.setblocking(False)
         ports[srv["name"]] = s.getsockname()[1]
+        socks[srv["name"]] = s
         received[srv["name"]] = 0
         peers[srv["name"]] = set()
         sel.register(s, selectors.EVENT_READ, srv)
@@ -55,9 +59,15 @@ def serve(spec: dict) -> None:
                 line = sys.stdin.readline()
                 if not line:
                     return
-                if line.strip() == "stats":
+                cmd = line.split()
+                if cmd == ["stats"]:
                     out = {"received": received, "peers": {k: len(v) for k, v in peers.items()}}
                     print(json.dumps(out), flush=True)
+                elif len(cmd) == 3 and cmd[0] == "burst":
+                    data, addr = last[cmd[1]]
+                    for _ in range(int(cmd[2])):
+                        socks[cmd[1]].sendto(data, addr)
+                    print(json.dumps({"sent": int(cmd[2])}), flush=True)
                 continue
             sock = key.fileobj
             for _ in range(256):
@@ -68,6 +78,7 @@ def serve(spec: dict) -> None:
                 name, mode = srv["name"], srv["mode"]
                 received[name] += 1
                 peers[name].add(addr[1])
+                last[name] = (data, addr)
                 reply = b"" if mode == "silent" else data if mode != "tag" else name.encode() + b" " + data
                 for _ in range(2 if mode == "double" else 1 if mode != "silent" else 0):
                     with contextlib.suppress(OSError):

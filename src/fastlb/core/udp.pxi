@@ -26,12 +26,13 @@
 cdef enum:
     UDP_BATCH = 32          # datagrams per recvmmsg / sendmmsg
     UDP_BUF = 65536         # per datagram buffer: the largest UDP payload (65,507 / 65,527) fits
-    UDP_CTRL_WORDS = 8      # 64 bytes of control message space per datagram (in6_pktinfo needs 40)
+    UDP_CTRL_WORDS = 12     # 96 bytes of control message space per datagram (in6_pktinfo 40 + SO_RXQ_OVFL 24)
     UDP_KEY_LEN = 44        # listener (4) + family (2) + port (2) + address (16) + local address (16) + ifindex (4)
     UDP_RX_ROUNDS = 8       # recvmmsg calls per listener per loop turn before other work runs
     UDP_SPARE_MAX = 256     # spare backend sockets kept per backend per worker
     UDP_SPARE_IDLE_MS = 2000  # a spare unused this long is closed
     UDP_SWEEP_MS = 500      # how often spares are looked at for that
+    UDP_BACKEND_RCVBUF = 1048576  # SO_RCVBUF of a flow's backend socket (the kernel doubles it)
 
 
 ctypedef struct UdpFlow:
@@ -41,6 +42,7 @@ ctypedef struct UdpFlow:
     uint32_t peerlen
     uint32_t expect              # replies still expected (udp_responses per client datagram)
     uint32_t seq                 # the backend slot's seq when the socket was connected
+    uint32_t ovfl_seen           # the backend socket's kernel drop count last read (SO_RXQ_OVFL)
 
 
 ctypedef struct Udp:
@@ -140,6 +142,24 @@ cdef inline uint64_t udp_key(Listener *l, uint32_t li, sockaddr_in6 *peer, msghd
                 memcpy(key + 40, &pi6.ipi6_ifindex, 4)
             cm = CMSG_NXTHDR(mh, cm)
     return flb_hash64(key, UDP_KEY_LEN, FLB_SEED_KEY)
+
+
+cdef inline void udp_rx_drops(msghdr *mh, uint32_t *seen, uint64_t *counter) noexcept nogil:
+    """Count what the kernel dropped on a socket with SO_RXQ_OVFL: a datagram queued after a drop
+    carries the socket's drop total; its growth since *seen goes to *counter (shared memory)."""
+    cdef cmsghdr *cm
+    cdef uint32_t total
+    if mh.msg_controllen == 0:
+        return
+    cm = CMSG_FIRSTHDR(mh)
+    while cm != NULL:
+        if cm.cmsg_level == SOL_SOCKET and cm.cmsg_type == SO_RXQ_OVFL:
+            memcpy(&total, CMSG_DATA(cm), 4)
+            if total != seen[0]:
+                flb_add64(counter, <uint64_t>(total - seen[0]))
+                seen[0] = total
+            return
+        cm = CMSG_NXTHDR(mh, cm)
 
 
 cdef inline int32_t udp_find(uint8_t *key, uint64_t h) noexcept nogil:
@@ -318,6 +338,17 @@ cdef void udp_sweep() noexcept nogil:
             k = nxt
 
 
+cdef void udp_backend_sockopts(int fd) noexcept nogil:
+    """A flow's backend socket: a receive buffer for bursts of replies (UDP_BACKEND_RCVBUF, forced
+    past net.core.rmem_max where the process may, else as far as rmem_max allows) and SO_RXQ_OVFL,
+    so that whatever the kernel still drops is counted (udp_rx_drops).  Best effort: a socket whose
+    options are refused works with the defaults."""
+    cdef int size = UDP_BACKEND_RCVBUF, one = 1
+    if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0:
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size))
+    setsockopt(fd, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof(one))
+
+
 cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
     """Pick a backend for flow c (up to the pool's retries when a socket cannot be connected at
     once) and give c a connected, non-blocking UDP socket to it, registered with epoll - or hand
@@ -379,6 +410,7 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
             W.me.udp_socket_errors += 1
             rc[0] = -2
             return NULL
+        udp_backend_sockopts(fd)
         if connect(fd, <sockaddr *>addr, alen) < 0:
             # a UDP connect only sets the default destination: it fails at once or not at all
             close_fd(fd)
@@ -395,6 +427,7 @@ cdef Conn *udp_flow_connect(Conn *c, Listener *l, int *rc) noexcept nogil:
         c.bfd = fd
         c.backend = idx
         U.flows[c - W.conns].seq = flb_load32_acq(&b.seq)
+        U.flows[c - W.conns].ovfl_seen = 0
         lb_take(idx)
         flb_add64(&b.total, 1)
         rc[0] = 0
@@ -509,6 +542,7 @@ cdef void udp_from_client(Listener *l, uint32_t li, mmsghdr *m, sockaddr_in6 *pe
     cdef ssize_t n
     cdef int e
     cdef flb_backend_t *b
+    udp_rx_drops(&m.msg_hdr, &l.udp_ovfl_seen, &l.shm.udp_drop_rcvbuf)
     if m.msg_hdr.msg_flags & MSG_TRUNC:
         flb_add64(&l.shm.udp_drop_oversized, 1)
         return
@@ -565,12 +599,9 @@ cdef void udp_listener_ready(Listener *l, uint32_t li) noexcept nogil:
             m.msg_hdr.msg_namelen = sizeof(sockaddr_in6)
             m.msg_hdr.msg_iov = &U.rx_iov[k]
             m.msg_hdr.msg_iovlen = 1
-            if l.udp_pktinfo:
-                m.msg_hdr.msg_control = &U.rx_ctrl[k * UDP_CTRL_WORDS]
-                m.msg_hdr.msg_controllen = UDP_CTRL_WORDS * 8
-            else:
-                m.msg_hdr.msg_control = NULL
-                m.msg_hdr.msg_controllen = 0
+            # IP_PKTINFO (wildcard listeners) and SO_RXQ_OVFL (the kernel's drop count, when not 0)
+            m.msg_hdr.msg_control = &U.rx_ctrl[k * UDP_CTRL_WORDS]
+            m.msg_hdr.msg_controllen = UDP_CTRL_WORDS * 8
             m.msg_hdr.msg_flags = 0
             m.msg_len = 0
         n = recvmmsg(l.fd, U.rx, UDP_BATCH, MSG_DONTWAIT, NULL)
@@ -674,8 +705,9 @@ cdef void udp_flow_event(Conn *c, uint32_t events) noexcept nogil:
             m.msg_hdr.msg_namelen = 0
             m.msg_hdr.msg_iov = &U.tx_iov[k]
             m.msg_hdr.msg_iovlen = 1
-            m.msg_hdr.msg_control = NULL
-            m.msg_hdr.msg_controllen = 0
+            # received into: SO_RXQ_OVFL; then reused for the reply's own control message
+            m.msg_hdr.msg_control = &U.tx_ctrl[k * UDP_CTRL_WORDS]
+            m.msg_hdr.msg_controllen = UDP_CTRL_WORDS * 8
             m.msg_hdr.msg_flags = 0
         n = recvmmsg(c.bfd, &U.tx[U.n_tx], <unsigned int>room, MSG_DONTWAIT, NULL)
         if n < 0:
@@ -695,6 +727,7 @@ cdef void udp_flow_event(Conn *c, uint32_t events) noexcept nogil:
         j = U.n_tx
         for k in range(U.n_tx, U.n_tx + n):
             m = &U.tx[k]
+            udp_rx_drops(&m.msg_hdr, &f.ovfl_seen, &l.shm.udp_drop_reply_rcvbuf)  # (k: not rewritten yet)
             if m.msg_hdr.msg_flags & MSG_TRUNC:
                 flb_add64(&l.shm.udp_drop_oversized, 1)
                 continue

@@ -89,6 +89,9 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SO_REUSEADDR
         SO_REUSEPORT
+        SO_RCVBUF
+        SO_RCVBUFFORCE
+        SO_RXQ_OVFL
         SHUT_WR
         SHUT_RDWR
         MSG_DONTWAIT

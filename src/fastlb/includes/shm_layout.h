@@ -235,7 +235,11 @@ typedef struct {
     uint64_t udp_expired_idle;   /* flows closed by udp_idle_timeout */
     uint64_t udp_expired_responses; /* flows closed after udp_responses replies per datagram */
     uint64_t udp_drop_unexpected; /* backend datagrams past the expected replies (udp_responses) */
-    uint64_t _ucpad[6];
+    uint64_t udp_drop_rcvbuf;    /* client datagrams the kernel dropped: the listening socket's receive
+                                    buffer was full (SO_RXQ_OVFL) */
+    uint64_t udp_drop_reply_rcvbuf; /* backend datagrams the kernel dropped: a flow's backend socket's
+                                    receive buffer was full (SO_RXQ_OVFL) */
+    uint64_t _ucpad[4];
 } flb_listener_t;                /* 640 bytes */
 
 typedef struct {

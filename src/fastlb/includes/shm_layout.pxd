@@ -151,6 +151,8 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_expired_idle
         uint64_t udp_expired_responses
         uint64_t udp_drop_unexpected
+        uint64_t udp_drop_rcvbuf
+        uint64_t udp_drop_reply_rcvbuf
         # preludes: counters
         uint64_t proxy_accepted
         uint64_t proxy_refused

@@ -125,6 +125,49 @@ def _table(
         yield fam
 
 
+# UDP listeners (issue 13): status "udp" key -> label value, per family
+_UDP_DROPS = {
+    "drop_table_full": "table_full",
+    "drop_no_backend": "no_backend",
+    "drop_oversized": "oversized",
+    "drop_send": "send",
+    "drop_unexpected": "unexpected",
+    "drop_rcvbuf": "rcvbuf",
+    "drop_reply_rcvbuf": "reply_rcvbuf",
+}
+_UDP_CLOSED = {
+    "expired_idle": "idle_timeout",
+    "expired_responses": "responses",
+    "drop_unreachable": "unreachable",
+}
+
+
+def _udp(st: dict[str, Any]) -> Iterator[Metric]:
+    """Datagrams each way, drops by reason and ended flows by reason, per UDP listener."""
+    datagrams = CounterMetricFamily(
+        "fastlb_udp_datagrams",
+        "Datagrams forwarded: in (client to backend), out (back).",
+        labels=["listener", "direction"],
+    )
+    drops = CounterMetricFamily(
+        "fastlb_udp_dropped_datagrams", "Datagrams dropped, by reason.", labels=["listener", "reason"]
+    )
+    closed = CounterMetricFamily(
+        "fastlb_udp_flows_closed", "Flows forgotten, by reason.", labels=["listener", "reason"]
+    )
+    for li in st["listeners"]:
+        u = li.get("udp")
+        if not u:
+            continue
+        datagrams.add_metric([li["name"], "in"], u["datagrams_in"])
+        datagrams.add_metric([li["name"], "out"], u["datagrams_out"])
+        for key, reason in _UDP_DROPS.items():
+            drops.add_metric([li["name"], reason], u.get(key, 0))
+        for key, reason in _UDP_CLOSED.items():
+            closed.add_metric([li["name"], reason], u.get(key, 0))
+    yield from (datagrams, drops, closed)
+
+
 class FastlbCollector:
     """A prometheus_client collector: one status read per scrape, every family built from it."""
 
@@ -189,6 +232,7 @@ class FastlbCollector:
             for pool, w in (r.get("split") or {}).items():
                 split.add_metric([lname, r["name"], pool], w)
         yield from (conns, pool_conns, split)
+        yield from _udp(st)
 
     def _pools(self, st: dict[str, Any]) -> Iterator[Metric]:
         no_backend = CounterMetricFamily(

@@ -16,6 +16,7 @@ from typing import Protocol
 UDP_RCVBUF = 4 * 1024 * 1024
 # Linux constants Python 3.11's socket module does not name
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>
+SO_RXQ_OVFL = 40  # <asm-generic/socket.h>
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # <bits/in.h>
 WILDCARDS = ("0.0.0.0", "::")
 # shared-memory listener counters -> status field names
@@ -28,6 +29,8 @@ _COUNTERS = {
     "udp_drop_unreachable": "drop_unreachable",
     "udp_drop_send": "drop_send",
     "udp_drop_unexpected": "drop_unexpected",
+    "udp_drop_rcvbuf": "drop_rcvbuf",
+    "udp_drop_reply_rcvbuf": "drop_reply_rcvbuf",
     "udp_expired_idle": "expired_idle",
     "udp_expired_responses": "expired_responses",
 }
@@ -63,6 +66,9 @@ def udp_listen_socket(family: int, sockaddr: tuple) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # every datagram carries the socket's drop count once the kernel has dropped one (a full
+        # receive buffer): the worker counts the growth in udp_drop_rcvbuf
+        s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         if is_wildcard(sockaddr[0]):
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
