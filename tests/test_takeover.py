@@ -5,11 +5,15 @@ echo transfers): 0 failed client connections, every long transfer completes byte
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -19,7 +23,7 @@ from fastlb.control import ControlClient
 from fastlb.runtime import runfile
 from support.backends import server
 from support.clients import assert_one_line_error, cli
-from support.helpers import wait_until
+from support.helpers import free_port, wait_until
 from support.load import Load
 
 
@@ -202,3 +206,56 @@ def test_upgrade_command_restarts_in_place(backends, fastlb):
     assert ControlClient(str(lb.dir / "control.sock")).status()["pid"] == new
     again = cli("upgrade", "--socket", str(lb.dir / "nowhere.sock"))
     assert_one_line_error(again, "cannot reach fastlb")
+
+
+def test_takeover_hands_over_the_metrics_and_admin_api_sockets(backends, fastlb):
+    """/metrics and the admin API answer through a takeover: their listening sockets move with the
+    listeners (no EADDRINUSE in the new instance, no refused scrape in between)."""
+    b = backends(server("a", "id"))
+    metrics, admin = free_port(), free_port()
+    lb = fastlb(
+        [("a", b.address("a"), None)],
+        global_={"metrics": f"127.0.0.1:{metrics}", "admin": f"127.0.0.1:{admin}"},
+    )
+    urls = [f"http://127.0.0.1:{metrics}/metrics", f"http://127.0.0.1:{admin}/v1/status"]
+    wait_until(lambda: all(_get(u) is not None for u in urls), 10, "metrics and the admin API")
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def poll() -> None:
+        end = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < end:
+            for u in urls:
+                try:
+                    with urllib.request.urlopen(u, timeout=5) as resp:
+                        resp.read()
+                    answered[0] += 1
+                except OSError as exc:
+                    failures.append(f"{u}: {exc}")
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        r = cli("upgrade", "-c", str(lb.config_path), timeout=90)
+        assert r.returncode == 0, r
+        new = int(r.stdout.split(" -> ")[1])
+        lb._known[new] = psutil.Process(new)
+        assert lb.wait_exit(40) == 0
+        seen = answered[0]
+        wait_until(lambda: answered[0] > seen + 10, 10, "answers from the new instance alone")
+    finally:
+        stop.set()
+        t.join(10)
+    assert failures == [], failures[:5]
+    assert json.loads(_get(urls[1]) or "{}")["status"]["pid"] == new
+    log = (lb.dir / "fastlb.log").read_text()
+    assert "not started" not in log and "metrics disabled" not in log, log[-3000:]
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+    except OSError:
+        return None

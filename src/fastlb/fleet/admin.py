@@ -18,6 +18,8 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import socket
 import ssl
 from typing import Any
 
@@ -48,12 +50,16 @@ def _error(status: int, message: str) -> web.Response:
 class AdminServer:
     """The admin HTTP API of one control process."""
 
-    def __init__(self, target: ControlTarget, config: AdminConfig) -> None:
+    def __init__(
+        self, target: ControlTarget, config: AdminConfig, inherited: socket.socket | None = None
+    ) -> None:
         self.target = target
         self.config = config
         self.token: str | None = None
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._inherited = inherited  # a predecessor's listening socket for this address (takeover)
+        self._sock: socket.socket | None = None
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REQUEST, middlewares=[self._guard])
@@ -75,11 +81,18 @@ class AdminServer:
                 ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
             self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, cfg.bind.host, cfg.bind.port, ssl_context=ctx, backlog=512)
+            site: web.BaseSite
+            if self._inherited is not None:  # a takeover: serve the same socket (its queue too)
+                site = web.SockSite(self._runner, self._inherited, ssl_context=ctx, backlog=512)
+                self._sock, self._inherited = self._inherited, None
+            else:
+                site = web.TCPSite(self._runner, cfg.bind.host, cfg.bind.port, ssl_context=ctx, backlog=512)
             await site.start()
             server = site._server  # the asyncio server: learn the port when 0 was asked for
             sockets = getattr(server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1] if sockets else cfg.bind.port
+            if self._sock is None and sockets:
+                self._sock = socket.socket(fileno=os.dup(sockets[0].fileno()))  # for a handover
         except (OSError, ValueError, ssl.SSLError) as exc:
             log.error("admin API on %s not started: %s", cfg.bind, exc)
             await self.stop()
@@ -91,10 +104,22 @@ class AdminServer:
             "required" if self.token else "not required: loopback",
         )
 
+    def service_sockets(self) -> list[dict[str, Any]]:
+        """This API's listening socket as a handover table entry (worker -1), while it serves."""
+        if self._runner is None or self._sock is None:
+            return []
+        return [
+            {"name": "admin", "bind": f"admin/{self.config.bind}", "worker": -1, "fd": self._sock.fileno()}
+        ]
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for s in (self._sock, self._inherited):
+            if s is not None:
+                s.close()
+        self._sock = self._inherited = None
 
     # --- request handling ----------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ class OpsServices:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._metrics: asyncio.AbstractServer | None = None
+        self._metrics_sock: socket.socket | None = None  # what a takeover's handover passes on
+        self.inherited: dict[str, socket.socket] = {}  # from a predecessor (runtime/takeover.py)
         self._tasks: set[asyncio.Task] = set()
         self.reloads = {"ok": 0, "failed": 0}
         self.last_reload: dict[str, Any] | None = None
@@ -60,20 +62,42 @@ class OpsServices:
         addr = self.config.global_.metrics
         if addr is None:
             return
+        sock = self.inherited.pop(f"metrics/{addr}", None)  # a takeover: the same socket, queue and all
         try:
-            sock = _bind(addr)
+            sock = sock or _bind(addr)
         except OSError as exc:
             log.error("metrics: cannot listen on %s: %s (metrics disabled)", addr, exc.strerror or exc)
             return
         from fastlb.observe.metrics import start_metrics_server
 
+        self._metrics_sock = sock
         self._metrics = await start_metrics_server(source, sock)
         log.info("metrics: serving http://%s/metrics", addr)
+
+    def service_sockets(self) -> list[dict[str, Any]]:
+        """The metrics socket as a handover table entry (worker -1), if metrics are served."""
+        addr, sock = self.config.global_.metrics, self._metrics_sock
+        if addr is None or sock is None or self._metrics is None:
+            return []
+        return [{"name": "metrics", "bind": f"metrics/{addr}", "worker": -1, "fd": sock.fileno()}]
+
+    def close_inherited(self) -> None:
+        """Startup is over: close what a predecessor passed on that this configuration does not use."""
+        for s in self.inherited.values():
+            s.close()
+        self.inherited.clear()
+
+    def stop_serving(self) -> None:
+        """Taken over: stop answering scrapes (the successor serves the same socket from now on)."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def move_metrics(self, source: MetricsSource, addr: Address | None) -> None:
         """Reload: serve metrics on addr (None: off) instead; raises OSError if it cannot listen."""
         sock = _bind(addr) if addr is not None else None
         old, self._metrics = self._metrics, None
+        self._metrics_sock = sock
         if old is not None:
             old.close()
 

@@ -332,12 +332,15 @@ class Supervisor:
         self._start_access_log()
         self.predecessor.finish()  # a takeover: the old instance or the orphans drain now
         self.write_runfile()
+        self.ops.inherited = self.predecessor.services  # a takeover: the HTTP services' sockets
+        self.predecessor.services = {}
         await self.ops.start(self)
         tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
         self.checker = HealthChecker(targets, self._on_check_transition)
         tasks.append(asyncio.create_task(self.checker.run()))
         self._start_fleet_services()
+        self.ops.close_inherited()
         if not self.stopping:
             listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
             log.info("ready: %d workers, listeners: %s", self.n_workers, listeners)
@@ -414,7 +417,8 @@ class Supervisor:
         if self.config.global_.admin is not None:
             from fastlb.fleet.admin import AdminServer
 
-            self.admin = AdminServer(self, self.config.global_.admin)
+            cfg = self.config.global_.admin
+            self.admin = AdminServer(self, cfg, self.ops.inherited.pop(f"admin/{cfg.bind}", None))
             self._admin_task = asyncio.create_task(self.admin.start())
 
     async def _stop_fleet_services(self) -> None:
@@ -449,6 +453,12 @@ class Supervisor:
         (fastlb.runtime.reload); a bad file changes nothing and says why."""
         return reload_config(self, sd_notify)
 
+    def service_sockets(self) -> list[dict]:
+        """The HTTP services' listening sockets for a handover (runtime/takeover.py): /metrics and
+        the admin API, as table entries with worker -1."""
+        admin = self.admin.service_sockets() if self.admin is not None else []
+        return self.ops.service_sockets() + admin
+
     def upgrade(self, reason: str = "upgrade") -> str | None:
         """SIGUSR2, `fastlb upgrade` or a reload that needs new sockets: restart in place without
         refusing a connection (runtime/takeover.py).  Returns None, or why it did not start one."""
@@ -482,6 +492,10 @@ class Supervisor:
         log.info("%s: stop accepting, letting connections finish (up to %.1fs)", name, self.shutdown_timeout)
         if successor is None:
             sd_notify("STOPPING=1")
+        else:  # the successor serves /metrics and the admin API on the sockets it was handed
+            self.ops.stop_serving()
+            if self.admin is not None:
+                self.ops.spawn(self.admin.stop())
         self.listeners.close()
         self.region.set_stopping()
         for pid in list(self.pids):

@@ -5,7 +5,8 @@ Before a new `fastlb serve` opens anything, `prepare()` looks at what already ru
 * The control socket answers: another fastlb runs.  Without `--takeover` that is a refusal (one
   line naming its pid).  With `--takeover` it is a live takeover: the new process asks for the
   listening sockets (`{"cmd": "handover"}`, answered with the descriptors over SCM_RIGHTS and a
-  table saying which is which), starts its own workers on them, replaces the control socket path,
+  table saying which is which; the /metrics and admin API sockets too, as worker -1), starts its
+  own workers on them, replaces the control socket path,
   and then sends `{"cmd": "shutdown"}` on the same connection: the old instance stops accepting and
   drains its connections up to its shutdown_timeout.
 * The runtime file (runtime/runfile.py) names a dead control process whose workers still run
@@ -61,6 +62,8 @@ class Predecessor:
     pid: int = 0  # the old control process
     sockets: dict[Key, socket.socket] = field(default_factory=dict)
     shared: set[str] = field(default_factory=set)  # bind addresses the predecessor holds
+    # the HTTP services' listening sockets ("metrics/ADDR", "admin/ADDR"), worker -1 in the table
+    services: dict[str, socket.socket] = field(default_factory=dict)
     _conn: socket.socket | None = None  # live: the handover connection, kept for "shutdown"
     _orphans: list[tuple[int, int]] = field(default_factory=list)  # (pid, pidfd)
 
@@ -105,9 +108,10 @@ class Predecessor:
         for _, pidfd in self._orphans:
             os.close(pidfd)
         self._orphans = []
-        for s in self.sockets.values():
+        for s in [*self.sockets.values(), *self.services.values()]:
             s.close()
         self.sockets.clear()
+        self.services.clear()
 
 
 def prepare(config: Config, takeover: bool) -> Predecessor:
@@ -173,11 +177,15 @@ def _live_handover(path: str, pid: int) -> Predecessor:
             os.close(fd)
         raise TakeoverError(f"takeover: fastlb pid {pid} refused the handover: {reply.get('error')}")
     pred = Predecessor(kind="live", pid=int(reply.get("pid", pid)), _conn=s)
-    for entry, fd in zip(reply.get("listeners", []), fds, strict=False):
+    entries = reply.get("listeners", [])
+    for entry, fd in zip(entries, fds, strict=False):
         sock = socket.socket(fileno=fd)
+        if int(entry["worker"]) < 0:  # an HTTP service's socket (metrics, admin API)
+            pred.services[str(entry["bind"])] = sock
+            continue
         pred.sockets[(str(entry["bind"]), int(entry["worker"]))] = sock
         pred.shared.add(str(entry["bind"]))
-    for fd in fds[len(pred.sockets) :]:
+    for fd in fds[len(entries) :]:
         os.close(fd)
     log.info("takeover: received %d listening sockets from fastlb pid %d", len(pred.sockets), pred.pid)
     return pred
@@ -257,7 +265,7 @@ def answer(sup: Any, req: dict[str, Any], writer: Any) -> dict[str, Any] | None:
     service's main process now.  Returns the reply for anything else to send, or None."""
     cmd = req.get("cmd")
     if cmd == "handover":
-        table = sup.listeners.table()
+        table = sup.listeners.table() + sup.service_sockets()
         fds = [t["fd"] for t in table]
         reply = {"ok": True, "pid": os.getpid(), "listeners": table, "fds": len(fds)}
         sock = writer.get_extra_info("socket")
