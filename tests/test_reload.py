@@ -12,6 +12,7 @@ import subprocess
 import urllib.request
 
 import psutil
+import pytest
 
 from fastlb.control import ControlClient
 from support.backends import server
@@ -19,6 +20,8 @@ from support.clients import cli, cli_process, count_backends
 from support.fastlb import FastLB, read_config, write_config
 from support.helpers import free_port, wait_closed, wait_until
 from support.load import Load
+from support.redis import AVAILABLE as REDIS
+from support.redis import redis_cli, redis_server
 
 
 def start(backends, fastlb, **kw):
@@ -376,3 +379,43 @@ def test_a_takeover_that_fails_leaves_the_running_instance_and_says_why(backends
     assert st["pid"] == lb.pid and st["upgrade"]["reason"] == "reload", st["upgrade"]
     assert "already in use" in st["upgrade"]["error"]
     assert sum(count_backends(lb.addr, 10).values()) == 10
+
+
+@pytest.mark.skipif(not REDIS, reason="redis-server is not installed")
+def test_a_takeover_reload_under_redis_benchmark_loses_no_request(fastlb, tmp_path):
+    """fastlb in front of a real redis-server, redis-benchmark (SET then GET, persistent connections)
+    through it, and a reload that adds a listener - a takeover - in the middle: every request
+    answered, no error; the new listener serves redis-cli."""
+    with redis_server(tmp_path) as port:
+        lb = fastlb([("redis", f"127.0.0.1:{port}", None)], workers=1)
+        bench = subprocess.Popen(
+            ["redis-benchmark", "-h", "127.0.0.1", "-p", str(lb.port), "-n", "40000", "-c", "8"]
+            + ["-t", "set,get", "-r", "1000", "--csv"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: listener_accepted(lb) >= 8, 20, "redis-benchmark's connections")
+            extra = free_port()
+            doc = read_config(lb)
+            doc["listeners"]["extra"] = {"bind": f"127.0.0.1:{extra}", "pool": "web"}
+            write_config(lb, doc)
+            r = cli("reload", "--socket", str(lb.dir / "control.sock"), timeout=90)
+            assert r.returncode == 0, r.stdout + r.stderr
+            adopt_successor(lb, int(re.search(r"^taken over: pid \d+ -> (\d+)$", r.stdout, re.M)[1]))
+            out, _ = bench.communicate(timeout=120)
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.communicate()
+        assert bench.returncode == 0, out
+        rows = {line.split(",")[0].strip('"') for line in out.splitlines()[1:]}
+        assert rows == {"SET", "GET"} and "rror" not in out, out
+        assert redis_cli(extra, "PING") == "PONG"
+        assert int(redis_cli(lb.port, "DBSIZE")) > 0
+
+
+def listener_accepted(lb) -> int:
+    return ControlClient(str(lb.dir / "control.sock")).status()["listeners"][0]["accepted"]

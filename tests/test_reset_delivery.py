@@ -8,10 +8,8 @@ it must too."""
 from __future__ import annotations
 
 import fcntl
-import shutil
 import socket
 import struct
-import subprocess
 import termios
 import threading
 
@@ -21,13 +19,13 @@ from support.backends import server
 from support.helpers import (
     Deadline,
     MiB,
-    connect_refused,
-    free_port,
     stream_chunks,
     stream_sha256,
     wait_until,
 )
 from support.protocols import control
+from support.redis import AVAILABLE as REDIS
+from support.redis import redis_server
 
 ANSWER = b"-ERR Protocol error: unbalanced quotes in request\r\n"
 
@@ -104,33 +102,13 @@ def test_client_bytes_before_its_reset_reach_the_backend(backends, fastlb):
     wait_until(lambda: control(lb).status()["listeners"][0]["active"] == 0, 5, "connections closed")
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+@pytest.mark.skipif(not REDIS, reason="redis-server is not installed")
 def test_redis_protocol_desync_answer_arrives_through_fastlb(fastlb, tmp_path):
     """Redis's `unit/protocol` "Protocol desync regression test" scenario against a real
     redis-server through fastlb: a client sends a malformed request start (each of NUL, "*" NUL,
     "$" NUL), then junk until a write fails; it must then read redis's
     "-ERR Protocol error" line (redis answers, then closes with the junk unread: a reset)."""
-    port = free_port()
-    log = open(tmp_path / "redis.log", "wb")  # noqa: SIM115
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until(lambda: not connect_refused(("127.0.0.1", port)), 10, "redis-server listening")
+    with redis_server(tmp_path) as port:
         lb = fastlb([("redis", f"127.0.0.1:{port}", None)], workers=2)
         failures = []
         for run in range(4):
@@ -139,10 +117,6 @@ def test_redis_protocol_desync_answer_arrives_through_fastlb(fastlb, tmp_path):
                 if b"Protocol error" not in line:
                     failures.append((run, seq, line))
         assert failures == [], f"{len(failures)} of 12 desync runs did not read the error: {failures[:3]}"
-    finally:
-        redis.kill()
-        redis.wait(5)
-        log.close()
 
 
 def desync(addr: tuple[str, int], seq: bytes) -> bytes:
