@@ -419,3 +419,21 @@ def test_a_takeover_reload_under_redis_benchmark_loses_no_request(fastlb, tmp_pa
 
 def listener_accepted(lb) -> int:
     return ControlClient(str(lb.dir / "control.sock")).status()["listeners"][0]["accepted"]
+
+
+def test_a_shorter_idle_timeout_reaches_connections_already_open(backends, fastlb):
+    """Connections opened under idle_timeout = 5m: a reload to 1s closes them about 1 s after their
+    last byte, not at the old deadline (nor only when the timer wheel's 41 s span comes round)."""
+    b, lb, sock = start(backends, fastlb)
+    conns = [socket.create_connection(lb.addr, timeout=5) for _ in range(4)]
+    for s in conns:
+        assert s.recv(64) in (b"a\n", b"b\n")
+    doc = read_config(lb)
+    doc["listeners"]["web"]["idle_timeout"] = "1s"
+    write_config(lb, doc)
+    r = cli("reload", "--socket", sock)
+    assert r.returncode == 0 and "  applied: listeners.web.idle_timeout: 300s -> 1s" in r.stdout, r.stdout
+    for s in conns:
+        how, waited = wait_closed(s, 8)
+        assert how in ("eof", "reset") and waited < 8, (how, waited)
+        s.close()

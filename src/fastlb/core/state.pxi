@@ -146,6 +146,7 @@ ctypedef struct Listener:
     uint32_t max_flows
     uint32_t udp_pktinfo
     uint32_t udp_ovfl_seen  # the listening socket's kernel drop count last read (SO_RXQ_OVFL)
+    bint retime             # a reload shortened a timeout: move established timers (core/reload.pxi)
 
 
 ctypedef struct Worker:
