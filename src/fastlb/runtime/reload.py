@@ -109,9 +109,14 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
             log.warning("reload: ignored: %s", line)
     if needs_restart and takeover:
         result.update(_takeover(sup, needs_restart))
-    if needs_restart and "successor" not in result:
-        log.warning("reload: NOT applied, these need a %s: %s", RESTART_HINT, "; ".join(needs_restart))
-    log.info("reloaded %s: %d changes applied, %d need a restart", path, len(applied), len(needs_restart))
+    if "successor" in result:
+        log.info(
+            "reloaded %s: %d changes applied, %d by the takeover", path, len(applied), len(needs_restart)
+        )
+    else:
+        if needs_restart:
+            log.warning("reload: NOT applied, these need a %s: %s", RESTART_HINT, "; ".join(needs_restart))
+        log.info("reloaded %s: %d changes applied, %d need a restart", path, len(applied), len(needs_restart))
     sup.ops.record_reload(result)
     if "successor" in result:
         state = f"pid {result['successor']} takes over to apply {len(result['takeover'])} changes"
