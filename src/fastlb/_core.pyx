@@ -84,6 +84,12 @@ def run_worker(
     return rc
 
 
+def orphan_expired():
+    """Did the last run_worker() end because orphan_timeout passed (its control process died and
+    no new fastlb took over)?  fastlb.worker then withdraws the announced routes."""
+    return bool(ORPH_expired)
+
+
 def pick_benchmark(uintptr_t region_addr, int pool, long iterations):
     """Call lb_pick() `iterations` times on `pool` from C (no Python per pick); return ns per pick.
 

@@ -323,6 +323,31 @@ def reload(config_file: str | None, socket_path: str | None, timeout: float) -> 
     sys.exit(3 if r.get("needs_restart") else 0)
 
 
+@main.command("drain-instance")
+@_control_options
+def drain_instance(config_file: str | None, socket_path: str | None) -> None:
+    """Take this instance out of the fleet without stopping it: withdraw every announced address
+    (announce = true); it keeps serving what still reaches it.  `undrain-instance` undoes it."""
+    _instance_command("drain-instance", config_file, socket_path)
+
+
+@main.command("undrain-instance")
+@_control_options
+def undrain_instance(config_file: str | None, socket_path: str | None) -> None:
+    """Announce this instance's addresses again (each once usable for announce_rise)."""
+    _instance_command("undrain-instance", config_file, socket_path)
+
+
+def _instance_command(cmd: str, config_file: str | None, socket_path: str | None) -> None:
+    r = _run_control(lambda: _client(config_file, socket_path).request({"cmd": cmd}))
+    if not r.get("announce"):
+        click.echo(f"{cmd}: {r.get('note', 'nothing announced')}")
+        return
+    for a in r["announce"]:
+        state = "announced" if a["announced"] else "withdrawn"
+        click.echo(f"{a['address']}: {state} ({a['reason']})")
+
+
 @main.command()
 @_control_options
 @click.option("--interval", type=click.FloatRange(0.2, 60), default=1.0, help="Seconds between refreshes.")

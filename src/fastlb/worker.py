@@ -12,7 +12,9 @@ argv (after BOOT's own first argument, the directory that holds the fastlb packa
 
 The worker watches control_pid through a pidfd (core/orphan.pxi): when the control process dies it
 keeps serving with the last published state and drains orphan_timeout seconds later (or when a new
-fastlb takes over and sends SIGTERM).
+fastlb takes over and sends SIGTERM).  Drained by orphan_timeout, its last act is to withdraw the
+announced routes (fastlb.fleet.announce: FASTLB_ORPHAN_WITHDRAW names them), in a normal
+interpreter it execs: this one never imports the netlink library.
 """
 
 from __future__ import annotations
@@ -77,4 +79,28 @@ def main(argv: list[str]) -> int:
     if rc < 0:
         print(f"fastlb: worker {index}: data plane stopped: {os.strerror(-rc)}", file=sys.stderr, flush=True)
         return 1
+    spec = os.environ.get("FASTLB_ORPHAN_WITHDRAW", "").split()
+    if _core.orphan_expired() and len(spec) > 2:
+        table, protocol, *hosts = spec
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=package_parent)
+        argv = [
+            sys.executable,
+            "-m",
+            "fastlb.fleet.announce",
+            "withdraw",
+            "--table",
+            table,
+            "--protocol",
+            protocol,
+        ]
+        try:
+            os.execve(sys.executable, argv + hosts, env)
+        except OSError as exc:
+            print(
+                f"fastlb: worker {index}: cannot withdraw {' '.join(hosts)}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
     return 0

@@ -7,6 +7,12 @@ import re
 import sys
 import tomllib
 
+from fastlb.config.announce import (
+    ANNOUNCE_GLOBAL_KEYS,
+    ANNOUNCE_LISTENER_KEYS,
+    listener_announce,
+    parse_announce,
+)
 from fastlb.config.fleet import ADMIN_KEYS, parse_admin, parse_discover
 from fastlb.config.model import (
     ALGORITHM_ALIASES,
@@ -100,7 +106,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     root.only(("global", "listeners", "pools", "rollouts"))
     global_ = _global(root.data.get("global", {}), file)
     short_form: set[str] = set()
-    listeners = _listeners(root, file, short_form)
+    listeners = _listeners(root, file, short_form, global_.announce.default)
     pools = _pools(root, file)
     check_route_pools(listeners, pools, file, short_form)
     rollouts = parse_rollouts(root, file, listeners, pools)
@@ -148,6 +154,7 @@ _GLOBAL_KEYS = (
     *ACCESS_LOG_KEYS,
     "metrics",
     "reload_takeover",
+    *ANNOUNCE_GLOBAL_KEYS,
 )
 _LISTENER_KEYS = (
     "bind",
@@ -160,6 +167,7 @@ _LISTENER_KEYS = (
     *_ROUTE_LISTENER_KEYS,
     "protocol",
     *UDP_LISTENER_KEYS,
+    *ANNOUNCE_LISTENER_KEYS,
 )
 MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
@@ -218,6 +226,7 @@ def _global(data: object, file: str) -> GlobalConfig:
         worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
         metrics=_metrics_address(t, file),
         reload_takeover=t.get_bool("reload_takeover", d.reload_takeover),
+        announce=parse_announce(t),
     )
 
 
@@ -237,7 +246,9 @@ def _metrics_address(t: _Table, file: str) -> Address | None:
     return parse_address(value, t.key("metrics"), file)
 
 
-def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, ListenerConfig]:
+def _listeners(
+    root: _Table, file: str, short_form: set[str], announce: bool = False
+) -> dict[str, ListenerConfig]:
     if "listeners" not in root.data:
         raise ConfigError(
             file, "listeners", "no listeners defined; add a [listeners.NAME] table with bind and pool"
@@ -278,6 +289,7 @@ def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, Liste
             **udp,
             routes=routes,
             **listener_prelude(t, routes or d.routes),
+            announce=listener_announce(t, bind, announce),
         )
         check_udp_routes(t, udp["protocol"], listeners[name].needs_sni)
     return listeners

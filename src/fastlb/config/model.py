@@ -227,6 +227,7 @@ class ListenerConfig:
     proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header
     sni_timeout: float = 5.0  # how long the prelude (PROXY header, ClientHello) may take
     sni_policy: str = "default"  # key sni_no_match (alias sni_policy): no server name: "default" | "reject"
+    announce: bool = False  # keep a /32 or /128 route for the bind address (fleet/announce.py)
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -242,6 +243,18 @@ class ListenerConfig:
     def sni_no_match(self) -> str:
         """The config key's name for sni_policy."""
         return self.sni_policy
+
+
+@dataclass(frozen=True)
+class AnnounceConfig:
+    """[global] announce_*: how the control process announces listener addresses (fleet/announce.py)
+    as routes in a kernel table that a routing daemon (BIRD, FRR) exports by BGP."""
+
+    default: bool = False  # [global] announce: every listener announces unless it says otherwise
+    table: int = 200  # announce_table: the kernel routing table of the routes
+    protocol: int = 4  # announce_protocol: rtm_protocol the routes carry (a daemon filters on it)
+    rise: float = 2.0  # announce_rise: usable this long before (re-)announcing
+    withdraw_delay: float = 5.0  # announce_withdraw_delay: keep accepting after a withdrawal on stop
 
 
 @dataclass(frozen=True)
@@ -261,6 +274,7 @@ class GlobalConfig:
     # a reload with changes the running process cannot apply (listeners added, removed or re-bound,
     # workers, pools added or removed, ...) starts `fastlb serve --takeover` to apply them
     reload_takeover: bool = True
+    announce: AnnounceConfig = AnnounceConfig()
 
 
 @dataclass(frozen=True)

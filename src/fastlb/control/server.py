@@ -10,6 +10,7 @@ import json
 from typing import Any, Protocol
 
 from fastlb.control import MAX_REQUEST, MAX_WEIGHT, ControlError
+from fastlb.fleet.announce import INSTANCE_COMMANDS, instance_request
 
 
 class _Slot(Protocol):
@@ -135,10 +136,13 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
             return _set_split(sup, req)
         if cmd == "reload":
             return sup.reload()
+        if cmd in INSTANCE_COMMANDS:  # drain-instance, undrain-instance (fleet/announce.py)
+            return {"ok": True, **instance_request(sup, cmd)}
         if cmd in DEPLOY_COMMANDS:
             return {"ok": True, **sup.deploy.request(cmd, req)}
         raise ControlError(
-            f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split, reload)"
+            f"unknown command {_show(cmd)} (status, set-weight, drain, enable, disable, set-split, reload, "
+            "drain-instance, undrain-instance)"
         )
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}

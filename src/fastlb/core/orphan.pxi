@@ -10,6 +10,7 @@ cdef uint64_t SPECIAL_PARENT = 0xFFFFFFFEULL   # epoll tag of the control proces
 cdef int ORPH_fd = -1                # pidfd of the control process, -1 once it died (or none)
 cdef uint64_t ORPH_timeout_ms = 0    # orphan_timeout
 cdef uint64_t ORPH_deadline_ms = 0   # when an orphan begins to drain; 0: not orphaned
+cdef bint ORPH_expired = 0           # the drain was begun by orphan_timeout (not by a SIGTERM)
 
 
 cdef int orphan_watch(int control_pid, uint64_t timeout_ms) noexcept nogil:
@@ -68,7 +69,9 @@ cdef void orphan_begin() noexcept nogil:
 
 cdef inline void orphan_check(uint32_t shutdown_ms) noexcept nogil:
     """Once per loop turn: an orphan whose orphan_timeout passed drains and exits like on SIGTERM."""
+    global ORPH_expired
     if ORPH_deadline_ms != 0 and W.now_ms >= ORPH_deadline_ms and not W.stopping:
+        ORPH_expired = 1
         begin_drain(shutdown_ms)
 
 

@@ -189,6 +189,7 @@ class FastlbCollector:
         yield from self._listeners(st)
         yield from self._pools(st)
         yield from self._workers(st)
+        yield from announce_metrics(st)
 
     def _access_log(self, st: dict[str, Any]) -> Iterator[Metric]:
         """The access log's records written and dropped (a worker's ring was full), when it is on."""
@@ -341,6 +342,25 @@ class FastlbCollector:
             for s in WORKER_STATE_NAMES.values():
                 state.add_metric([*values, s], 1 if w["state"] == s else 0)
         yield from (age, state)
+
+
+def announce_metrics(st: dict[str, Any]) -> Iterator[Metric]:
+    """VIP announcement (fleet/announce.py): is each address announced, withdrawals by reason."""
+    rows = st.get("announce") or []
+    if not rows:
+        return
+    up = GaugeMetricFamily(
+        "fastlb_announced", "1 while the address's route is announced.", labels=["address"]
+    )
+    gone = CounterMetricFamily(
+        "fastlb_announce_withdrawals", "Routes withdrawn, by reason.", labels=["address", "reason"]
+    )
+    for a in rows:
+        up.add_metric([a["address"]], 1 if a["announced"] else 0)
+        for reason, n in sorted(a.get("withdrawals", {}).items()):
+            gone.add_metric([a["address"], reason], n)
+    yield up
+    yield gone
 
 
 def render(source: MetricsSource) -> bytes:

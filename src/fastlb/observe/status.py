@@ -87,6 +87,7 @@ def format_status(st: dict[str, Any]) -> str:
         from fastlb.deploy.view import format_deploy
 
         lines.extend(format_deploy(st["deploy"]))
+    lines.extend(_announce_lines(st.get("announce") or []))
     alive = sum(1 for w in st["workers"] if w["state"] == "running")
     lines.append(f"workers: {alive}/{len(st['workers'])} running, generation {st['generation']}")
     return "\n".join(lines)
@@ -103,6 +104,18 @@ def _udp_line(li: dict[str, Any]) -> str:
     if drops:
         text += ", dropped " + " ".join(f"{k}={v}" for k, v in drops.items())
     return text
+
+
+def _announce_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per announced address (fleet/announce.py): announced or not, since when, why."""
+    import time
+
+    lines = []
+    for a in rows:
+        state = "announced" if a["announced"] else "withdrawn"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["since"]))
+        lines.append(f"announce {a['address']}: {state} since {since} ({a['reason']})")
+    return lines
 
 
 def format_reload(r: dict[str, Any]) -> str:

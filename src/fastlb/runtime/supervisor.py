@@ -28,6 +28,7 @@ from fastlb._shm import Region
 from fastlb.config import Config
 from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
+from fastlb.fleet.announce import orphan_withdraw_env
 from fastlb.observe.document import backend_extras, listener_settings, worker_status
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
@@ -47,6 +48,7 @@ from fastlb.shm import ADMIN_NAMES, HEALTH_NAMES, check_layout, sockaddr_bytes
 
 if TYPE_CHECKING:
     from fastlb.fleet.admin import AdminServer
+    from fastlb.fleet.announce import Announcer
     from fastlb.fleet.discovery import Discovery
     from fastlb.observe.accesslog import AccessLog
 
@@ -124,6 +126,7 @@ class Supervisor:
         self.access_log: AccessLog | None = None
         self.admin: AdminServer | None = None
         self.ops = OpsServices(config)
+        self.announce: Announcer | None = None  # VIP routes (fleet/announce.py), once ready
 
     # --- shared memory -----------------------------------------------------------------------
 
@@ -243,6 +246,7 @@ class Supervisor:
         for fd in (region_fd, *fds):
             os.set_inheritable(fd, True)
         g = self.config.global_
+        orphan_withdraw_env(self.config)  # orphan_timeout withdraws the routes (fastlb.worker)
         argv = worker.command(
             index, region_fd, fds, self.shutdown_timeout, g.orphan_timeout, self.control_pid
         )
@@ -340,6 +344,7 @@ class Supervisor:
         self.checker = HealthChecker(targets, self._on_check_transition)
         tasks.append(asyncio.create_task(self.checker.run()))
         self._start_fleet_services()
+        self._start_announce()
         self.ops.close_inherited()
         if not self.stopping:
             listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
@@ -352,6 +357,8 @@ class Supervisor:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._stop_fleet_services()
+        if self.announce is not None:
+            self.announce.close()
         if self.access_log is not None:
             await self.access_log.stop()  # after the workers: their last connections are logged too
         if self.control is not None:
@@ -366,7 +373,7 @@ class Supervisor:
         (a control request, a reload, a health transition) or, as a safety net, TICK_IDLE_MAX."""
         assert self._tick_wake is not None
         while True:
-            busy = self.backends.needs_tick()
+            busy = self.backends.needs_tick() or (self.announce is not None and self.announce.needs_tick())
             try:
                 async with asyncio.timeout(TICK_INTERVAL if busy else TICK_IDLE_MAX):
                     await self._tick_wake.wait()
@@ -376,6 +383,8 @@ class Supervisor:
             try:
                 self.backends.tick()
                 self.dataplane.check()
+                if self.announce is not None:
+                    self.announce.tick()
             except Exception:
                 log.exception("periodic backend update failed")
             self.watchdog.check()
@@ -420,6 +429,18 @@ class Supervisor:
             cfg = self.config.global_.admin
             self.admin = AdminServer(self, cfg, self.ops.inherited.pop(f"admin/{cfg.bind}", None))
             self._admin_task = asyncio.create_task(self.admin.start())
+
+    # --- VIP announcement (fleet/announce.py) ------------------------------------------------
+
+    def _start_announce(self) -> None:
+        """Routes for the listeners with announce = true; imported only when one has it."""
+        if self.stopping or not any(lc.announce for lc in self.config.listeners.values()):
+            return
+        from fastlb.fleet.announce import Announcer
+
+        self.announce = Announcer(self)
+        self.announce.start()
+        self.announce.tick()
 
     async def _stop_fleet_services(self) -> None:
         if self.discovery is not None:
@@ -481,6 +502,8 @@ class Supervisor:
         successor: the pid of the fastlb that took over; systemd is told it is the main process."""
         if self.stopping:
             return
+        if self.announce is not None and self.announce.delay_stop(self.begin_shutdown, sig, successor):
+            return  # routes withdrawn first: called again after announce_withdraw_delay
         self.stopping = True
         self.deploy.stop(handed_over=successor is not None)  # rollouts hold; a successor owns the state file
         asyncio.get_running_loop().call_later(self.shutdown_timeout + 5.0, self._kill_stragglers)
@@ -652,6 +675,7 @@ class Supervisor:
             "pools": pools,
             "workers": workers,
             **self.ops.status(),
+            "announce": self.announce.status() if self.announce is not None else [],
         }
 
     def connect_histogram(self, pool: str, backend: str) -> list[int] | None:
