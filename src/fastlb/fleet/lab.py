@@ -6,6 +6,14 @@ several fastlb instances that share one virtual address, with real backends behi
                                                      └── lb3 ns: fastlb, VIP on lo ──┘      │
                                                                          backend ns: servers
 
+Two ways to make the router's route to the VIP.  `Lab(bgp=True)`, the real thing: the router runs
+BIRD 2 with one eBGP session per balancer and `merge paths` (ECMP over the sessions); each balancer
+runs BIRD too (its kernel protocol imports ANNOUNCE_TABLE, one session to the router) and its
+fastlb announces the VIP there (`announce = true`, fleet/announce.py).  BGP hold time 3 s.  The BIRD
+configs are generated here (bird_router_conf, bird_lb_conf) and each daemon runs in the foreground
+with its own -c CONF -s SOCK -P PIDFILE, never the system service.  `Lab()` writes the ECMP route
+by hand instead (`set_nexthops`).
+
 Every address below lives only inside the namespaces this module creates (and deletes).  The router
 hashes on the L4 5-tuple (`fib_multipath_hash_policy = 1`), so one client address's connections
 from different ports reach different instances; with the same config (Maglev on source_ip) every
@@ -41,6 +49,11 @@ ADMIN_PORT = 9091
 BACKEND_HOST = "10.77.50.2"
 CLIENT_NET = "10.77.100"  # client source addresses CLIENT_NET.1 ...
 TOKEN = "fleet-lab-token-0123456789abcdef"
+ANNOUNCE_TABLE = 200
+ANNOUNCE_PROTOCOL = 201  # the rtm_protocol of fastlb's routes; each balancer's BIRD imports only these
+ROUTER_AS, FLEET_AS = 65000, 65001
+HOLD_TIME = 3  # seconds (BIRD's minimum): a dead balancer's BIRD is noticed this late
+WITHDRAW_DELAY = "2s"  # announce_withdraw_delay in the lab: BGP converges here in milliseconds
 
 
 def _run(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -64,6 +77,7 @@ class Lab:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="flb-fleet-")))
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     created: list[str] = field(default_factory=list)
+    bgp: bool = False  # BIRD on the router and the balancers, fastlb announcing (see the top)
 
     def ns(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -91,7 +105,13 @@ class Lab:
         _run("ip", "route", "add", f"{CLIENT_NET}.0/24", "via", "10.77.0.2", ns=r)
         _run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=r)
         _run("sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1", ns=r)
-        self.set_nexthops(list(range(1, self.n_lbs + 1)))
+        if self.bgp:
+            self.pin_flows()
+            self.start_bird("r")
+            for k in range(1, self.n_lbs + 1):
+                self.start_bird(f"lb{k}")
+        else:
+            self.set_nexthops(list(range(1, self.n_lbs + 1)))
         return self
 
     def _link(self, a: str, a_addr: str, b: str, b_addr: str) -> None:
@@ -114,6 +134,65 @@ class Lab:
             hops += ["nexthop", "via", f"10.77.{10 + k}.2"]
         _run("ip", "route", "replace", f"{VIP}/32", *hops, ns=self.ns("r"))
 
+    # --- BGP: BIRD on the router and on every balancer --------------------------------------------
+
+    def bird_conf(self, name: str) -> str:
+        return bird_router_conf(self.n_lbs) if name == "r" else bird_lb_conf(int(name[2:]))
+
+    def pin_flows(self) -> None:
+        """Keep an established connection on the balancer it started on, whatever the ECMP route
+        does later.  Linux hashes every packet afresh: when a nexthop leaves, flows of the others
+        move too (hash-threshold), and a moved connection is reset by the instance it lands on.
+        Routers that keep flows in place (resilient hashing, a stateful edge) do not; the lab's
+        router does it with conntrack: the first packet's outgoing link is saved in the
+        connection's mark, later packets are routed by the mark (table 100+K: the VIP via K)."""
+        r = self.ns("r")
+        saves = "".join(
+            f'    ct state new oifname "to-lb{k}" ct mark set {k}\n' for k in range(1, self.n_lbs + 1)
+        )
+        rules = (
+            "table ip pin {\n"
+            "  chain pre {\n    type filter hook prerouting priority mangle;\n"
+            "    ct state established,related meta mark set ct mark\n  }\n"
+            f"  chain post {{\n    type filter hook postrouting priority mangle;\n{saves}  }}\n}}\n"
+        )
+        conf = self.workdir / "pin.nft"
+        conf.write_text(rules)
+        _run("nft", "-f", str(conf), ns=r)
+        for k in range(1, self.n_lbs + 1):
+            _run("ip", "route", "add", f"{VIP}/32", "via", lb_address(k), "table", str(100 + k), ns=r)
+            _run("ip", "rule", "add", "fwmark", str(k), "lookup", str(100 + k), "pref", "100", ns=r)
+
+    def start_bird(self, name: str) -> None:
+        """BIRD in namespace `name` ("r" or "lbK"), in the foreground (-f: the Popen is the daemon,
+        so kill -9 reaches it), with this lab's config, control socket and pid file."""
+        conf = self.workdir / f"bird-{name}.conf"
+        conf.write_text(self.bird_conf(name))
+        argv = ["bird", "-f", "-c", str(conf), "-s", str(self.workdir / f"bird-{name}.ctl")]
+        argv += ["-P", str(self.workdir / f"bird-{name}.pid")]
+        self.procs[f"bird-{name}"] = self._popen(name, f"bird-{name}", argv)
+
+    def kill_bird(self, k: int) -> None:
+        """kill -9 of balancer k's BIRD (its BGP session dies without a word)."""
+        p = self.procs.pop(f"bird-lb{k}")
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+
+    def nexthops(self) -> set[int]:
+        """The balancers the router's kernel route to the VIP points at (read over netlink)."""
+        return router_nexthops(self.ns("r"))
+
+    def wait_nexthops(self, want: set[int], timeout: float) -> float:
+        """Seconds until the router's route is over exactly `want`; RuntimeError after timeout."""
+        t0 = time.monotonic()
+        while True:
+            got = self.nexthops()
+            if got == want:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"router nexthops {sorted(got)}, not {sorted(want)}, after {timeout}s")
+            time.sleep(0.05)
+
     # --- processes -----------------------------------------------------------------------------
 
     def config(self, k: int) -> str:
@@ -121,10 +200,18 @@ class Lab:
         entries = ", ".join(
             f'{{ name = "{b}", address = "{BACKEND_HOST}:{9000 + i}" }}' for i, b in enumerate(self.backends)
         )
+        announce = (
+            f"announce_table = {ANNOUNCE_TABLE}\nannounce_protocol = {ANNOUNCE_PROTOCOL}\n"
+            f'announce_withdraw_delay = "{WITHDRAW_DELAY}"\n'
+            if self.bgp
+            else ""
+        )
+        bind = f"{VIP}:{PORT}" if self.bgp else f"0.0.0.0:{PORT}"
         return (
-            f'[global]\nworkers = 1\ncontrol_socket = "{self.workdir}/lb{k}.sock"\nshutdown_timeout = "2s"\n'
-            f'admin = "{lb_address(k)}:{ADMIN_PORT}"\nadmin_token_file = "{self.workdir}/token"\n\n'
-            f'[listeners.web]\nbind = "0.0.0.0:{PORT}"\npool = "web"\n\n'
+            f'[global]\nworkers = 1\ncontrol_socket = "{self.workdir}/lb{k}.sock"\nshutdown_timeout = "5s"\n'
+            f'state_file = "{self.workdir}/lb{k}.state.json"\n'
+            f'admin = "{lb_address(k)}:{ADMIN_PORT}"\nadmin_token_file = "{self.workdir}/token"\n{announce}\n'
+            f'[listeners.web]\nbind = "{bind}"\npool = "web"\n{"announce = true" if self.bgp else ""}\n\n'
             f'[pools.web]\nalgorithm = "maglev"\nhash_key = "source_ip"\nbackends = [{entries}]\n'
         )
 
@@ -134,11 +221,7 @@ class Lab:
             "be", "backends", [sys.executable, "-m", "fastlb.fleet.lab", "backend", *self.backends]
         )
         for k in range(1, self.n_lbs + 1):
-            cfg = self.workdir / f"lb{k}.toml"
-            cfg.write_text(self.config(k))
-            self.procs[f"lb{k}"] = self._popen(
-                f"lb{k}", f"lb{k}", [sys.executable, "-m", "fastlb", "serve", "-c", str(cfg)]
-            )
+            self.start_lb(k)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if all(self.admin_ok(k) for k in range(1, self.n_lbs + 1)):
@@ -148,6 +231,14 @@ class Lab:
                     raise RuntimeError(f"{name} exited: {self.log(name)[-2000:]}")
             time.sleep(0.1)
         raise RuntimeError("the fleet did not come up in 30 s")
+
+    def start_lb(self, k: int, *extra: str) -> subprocess.Popen:
+        """`fastlb serve` of balancer k (extra: e.g. "--takeover"), logging to lbK.log."""
+        cfg = self.workdir / f"lb{k}.toml"
+        cfg.write_text(self.config(k))
+        p = self._popen(f"lb{k}", f"lb{k}", [sys.executable, "-m", "fastlb", "serve", "-c", str(cfg), *extra])
+        self.procs[f"lb{k}"] = p
+        return p
 
     def _popen(self, ns: str, log: str, argv: list[str]) -> subprocess.Popen:
         out = open(self.workdir / f"{log}.log", "ab")  # noqa: SIM115 - the child holds it
@@ -232,12 +323,70 @@ class Lab:
         self.created.clear()
 
 
+# --- BIRD configs and the router's table -------------------------------------------------------
+
+_BGP_TIMERS = (
+    f"  hold time {HOLD_TIME}; keepalive time 1;\n"
+    "  connect delay time 1; connect retry time 1; error wait time 1, 5;\n"
+)
+
+
+def bird_router_conf(n_lbs: int) -> str:
+    """The router: one eBGP session per balancer; `merge paths` makes the equal routes one ECMP
+    kernel route (the kernel hashes on L4: fib_multipath_hash_policy = 1)."""
+    sessions = "".join(
+        f"protocol bgp lb{k} from fleet {{\n  neighbor {lb_address(k)} as {FLEET_AS};\n"
+        f"  source address 10.77.{10 + k}.1;\n}}\n"
+        for k in range(1, n_lbs + 1)
+    )
+    return (
+        "# generated by fastlb.fleet.lab: the router\n"
+        "log stderr all;\nrouter id 10.77.0.1;\n"
+        "protocol device { scan time 1; }\n"
+        "protocol kernel {\n  ipv4 { import none; export all; };\n  merge paths on;\n}\n"
+        f"template bgp fleet {{\n  local as {ROUTER_AS};\n{_BGP_TIMERS}"
+        "  ipv4 { import all; export none; };\n}\n" + sessions
+    )
+
+
+def bird_lb_conf(k: int) -> str:
+    """Balancer k: the kernel protocol learns fastlb's routes (table ANNOUNCE_TABLE, protocol
+    ANNOUNCE_PROTOCOL) and the one BGP session exports them with itself as the next hop."""
+    return (
+        f"# generated by fastlb.fleet.lab: balancer {k}\n"
+        f"log stderr all;\nrouter id {lb_address(k)};\n"
+        "protocol device { scan time 1; }\n"
+        f"protocol kernel {{\n  kernel table {ANNOUNCE_TABLE};\n  learn;\n  scan time 1;\n"
+        f"  ipv4 {{ import where krt_source = {ANNOUNCE_PROTOCOL}; export none; }};\n}}\n"
+        f"protocol bgp uplink {{\n  local {lb_address(k)} as {FLEET_AS};\n"
+        f"  neighbor 10.77.{10 + k}.1 as {ROUTER_AS};\n{_BGP_TIMERS}"
+        "  ipv4 { import none; export all; };\n}\n"
+    )
+
+
+def router_nexthops(ns: str) -> set[int]:
+    """Balancers (1-based) the VIP's route in namespace ns's main table goes through."""
+    from pyroute2 import NetNS
+
+    found: set[int] = set()
+    with NetNS(ns) as nl:
+        for msg in nl.get_routes(family=socket.AF_INET, table=254):
+            if msg.get_attr("RTA_DST") != VIP or msg["dst_len"] != 32:
+                continue
+            gws = [msg.get_attr("RTA_GATEWAY")]
+            for hop in msg.get_attr("RTA_MULTIPATH") or []:
+                gws.append(hop.get_attr("RTA_GATEWAY"))
+            found |= {int(gw.split(".")[2]) - 10 for gw in gws if gw}
+    return found
+
+
 # --- the processes that run inside the namespaces ------------------------------------------------
 
 
 def serve_backends(names: list[str]) -> None:
     """Backend i listens on BACKEND_HOST:9000+i and greets each connection with "NAME PEER\\n" (PEER:
-    the address fastlb connected from, i.e. which instance carried the flow), then closes."""
+    the address fastlb connected from, i.e. which instance carried the flow), then echoes what it
+    receives until the client closes (a probe closes after the greeting)."""
     sel = selectors.DefaultSelector()
     for i, name in enumerate(names):
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -247,10 +396,25 @@ def serve_backends(names: list[str]) -> None:
         sel.register(ls, selectors.EVENT_READ, name)
     while True:
         for key, _ in sel.select():
+            if key.data is None:  # an accepted connection: echo, or close on EOF / error
+                conn = key.fileobj
+                try:
+                    data = conn.recv(65536)
+                    if data:
+                        conn.sendall(data)
+                        continue
+                except OSError:
+                    pass
+                sel.unregister(conn)
+                conn.close()
+                continue
             conn, peer = key.fileobj.accept()
-            with contextlib.suppress(OSError):
+            try:
                 conn.sendall(f"{key.data} {peer[0]}\n".encode())
-            conn.close()
+            except OSError:
+                conn.close()
+                continue
+            sel.register(conn, selectors.EVENT_READ, None)
 
 
 def run_probe(target: str, per_source: int, sources: list[str]) -> None:
