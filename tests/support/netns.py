@@ -63,21 +63,8 @@ class Netns:
         return ["ip", "netns", "exec", self.name]
 
     def socket(self, family: int = socket.AF_INET6, kind: int = socket.SOCK_DGRAM) -> socket.socket:
-        """A socket of this namespace (a socket keeps the namespace it was made in): made by a
-        short-lived thread that joins the namespace (setns affects the calling thread only)."""
-
-        def make() -> socket.socket:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    e = ctypes.get_errno()
-                    raise OSError(e, f"setns {self.name}: {os.strerror(e)}")
-            finally:
-                os.close(fd)
-            return socket.socket(family, kind)
-
-        return Bg(make).result(10)
+        """A socket of this namespace (see socket_in)."""
+        return socket_in(self.name, family, kind)
 
     def delete(self) -> None:
         """Kill what still runs inside (by pid: only processes of this namespace), then delete it."""
@@ -89,3 +76,21 @@ class Netns:
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, timeout=30)
         self.created = False
+
+
+def socket_in(name: str, family: int = socket.AF_INET6, kind: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket of the named namespace (a socket keeps the namespace it was made in): made by a
+    short-lived thread that joins the namespace (setns affects the calling thread only)."""
+
+    def make() -> socket.socket:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"setns {name}: {os.strerror(e)}")
+        finally:
+            os.close(fd)
+        return socket.socket(family, kind)
+
+    return Bg(make).result(10)
