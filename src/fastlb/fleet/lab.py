@@ -460,21 +460,40 @@ def agreement(records: list[dict]) -> tuple[int, int]:
 
 
 def demo() -> int:
-    lab = Lab(prefix=f"fd{os.getpid() % 10000}")
+    lab = Lab(prefix=f"fd{os.getpid() % 10000}", bgp=True)
     try:
-        print("building namespaces: client, router (ECMP), 3 balancers, backends ...", flush=True)
+        print(
+            "building namespaces: client, router (BIRD), 3 balancers (BIRD + fastlb), backends ...",
+            flush=True,
+        )
         lab.build().start()
+        took = lab.wait_nexthops({1, 2, 3}, 30)
+        print(f"router: 3 nexthops for {VIP} over BGP, {took:.2f}s after the instances were ready")
         recs = lab.probe("vip", lab.sources(), 4)
         ok, n = agreement(recs)
         lbs = Counter(r.get("lb") for r in recs)
         print(f"{len(recs)} flows from {n} client addresses over instances {dict(sorted(lbs.items()))}")
         print(f"client addresses whose flows all reached the same backend: {ok} of {n}")
         before = {r["src"]: r["backend"] for r in recs if "backend" in r}
-        lab.set_nexthops([1, 2])
-        print("instance 3 leaves the ECMP route ...", flush=True)
+        admin3 = ("--admin", f"http://{lb_address(3)}:{ADMIN_PORT}")
+        lab.fastlb(*admin3, "drain-instance")
+        took = lab.wait_nexthops({1, 2}, 10)
+        print(f"fastlb drain-instance on instance 3: its nexthop left the router after {took:.3f}s")
         recs = lab.probe("vip", lab.sources(), 2)
         same = sum(1 for r in recs if before.get(r["src"]) == r.get("backend"))
         print(f"after: {same} of {len(recs)} flows reached the backend their address had before")
+        lab.fastlb(*admin3, "undrain-instance")
+        took = lab.wait_nexthops({1, 2, 3}, 10)
+        print(f"fastlb undrain-instance: back after {took:.2f}s (announce_rise 2s)")
+        bird = lab.procs["bird-lb2"]
+        bird.send_signal(signal.SIGSTOP)
+        took = lab.wait_nexthops({1, 3}, 10)
+        print(
+            f"instance 2's BIRD frozen (SIGSTOP): router dropped it after {took:.2f}s (hold time {HOLD_TIME}s)"
+        )
+        bird.send_signal(signal.SIGCONT)
+        took = lab.wait_nexthops({1, 2, 3}, 20)
+        print(f"... and took it back {took:.2f}s after SIGCONT")
         print(lab.fastlb("fleet", "-f", str(lab.hosts_file([1, 2, 3])), "status", check=False).stdout)
         return 0
     finally:
