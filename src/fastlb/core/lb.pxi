@@ -135,7 +135,8 @@ cdef uint32_t pick_round_robin(Conn *c, PoolView *v, uint32_t pi) noexcept nogil
 
 cdef uint32_t pick_smooth_wrr(Conn *c, PoolView *v) noexcept nogil:
     # nginx's smooth weighted round robin: every candidate gains its weight, the richest wins and
-    # pays the total.  5:3:2 gives a b a c a b a b a c - no bursts to the heavy backend.
+    # pays the total (ties to the first).  5:3:2 gives a b c a a b a c b a - no bursts to the heavy
+    # backend (tests/test_wrr_share.py checks this against the worker's real picks).
     cdef uint32_t j
     cdef int64_t best = -1, total = 0
     for j in range(v.n):
