@@ -81,3 +81,45 @@ def test_version_and_help() -> None:
         "demo",
     ):
         assert cmd in r.stdout
+
+
+def test_shared_memory_doc_names_the_headers_layout_version() -> None:
+    header = (ROOT / "src/fastlb/includes/shm_layout.h").read_text()
+    version = int(re.search(r"#define FLB_LAYOUT_VERSION (\d+)u", header).group(1))
+    assert version == _shm.LAYOUT_VERSION
+    text = (ROOT / "docs" / "shared-memory.md").read_text()
+    assert text.splitlines()[0] == f"# The shared-memory layout (version {version})"
+    assert re.search(rf"^\| layout_version \| u32 \| {version};", text, re.M), "layout_version row"
+
+
+def documented_keys(doc: str, heading: str) -> set[str]:
+    """The keys in the first column of every table under `heading`, up to the next `## ` heading."""
+    text = (ROOT / "docs" / doc).read_text()
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    rows = [line.split("|")[1] for line in text[start:end].splitlines() if line.startswith("| `")]
+    return {key for cell in rows for key in re.findall(r"`([a-z_]+)`", cell)}
+
+
+@pytest.mark.parametrize(
+    ("heading", "keys"),
+    [
+        ("## `[global]` (optional)", "_GLOBAL_KEYS"),
+        ("## `[listeners.NAME]` (at least 1, at most 64)", "_LISTENER_KEYS"),
+        ("## `[pools.NAME]` (at most 64; a pool no listener uses is allowed)", "_POOL_KEYS"),
+    ],
+)
+def test_config_reference_lists_every_key_the_loader_accepts(heading: str, keys: str) -> None:
+    from fastlb.config import loader
+
+    missing = set(getattr(loader, keys)) - documented_keys("config.md", heading)
+    assert not missing, f"docs/config.md {heading} does not list {sorted(missing)}"
+
+
+def test_fleet_doc_lists_every_discover_key() -> None:
+    from fastlb.config.fleet import DISCOVER_KEYS
+
+    text = (ROOT / "docs" / "fleet.md").read_text()
+    section = text[text.index("## DNS service discovery") : text.index("## The admin API")]
+    missing = [k for k in DISCOVER_KEYS if f"`{k}`" not in section]
+    assert not missing, f"docs/fleet.md's DNS service discovery does not name {missing}"
