@@ -23,17 +23,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from fastlb.deploy import DeployError
 from fastlb.deploy.gates import COUNTERS, CheckOutcome
+from fastlb.deploy.requests import handle
 from fastlb.deploy.rollout import Rollout, RolloutSpec
 
 log = logging.getLogger("fastlb")
 
 TICK = 0.1  # seconds: the shortest sleep of the rollout task (a judgement is due within it)
 FINISHED_KEPT = 20  # finished rollouts kept for `rollout status`
-
-
-class DeployError(Exception):
-    """A deployment request that cannot be done; str() is the one-line reason."""
 
 
 class Splits(Protocol):
@@ -542,8 +540,6 @@ class DeployManager:
 
     def request(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
         """A control-socket request (fastlb.deploy.requests); ControlError on a bad one."""
-        from fastlb.deploy.requests import handle
-
         return handle(self, cmd, req)
 
     def mark_routes(self, listener: str, routes: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,12 +15,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from fastlb.config import ConfigError
+from fastlb.config import Config, ConfigError
 from fastlb.config.rollouts import ROLLOUT_KEYS, parse_option
 from fastlb.control import ControlError
-from fastlb.deploy.engine import DeployError, DeployManager
+from fastlb.deploy import DeployError
 from fastlb.deploy.gates import Gates
 from fastlb.deploy.rollout import DEFAULT_INTERVAL, DEFAULT_STEPS, DEFAULT_THRESHOLD, RolloutSpec
 
@@ -34,6 +34,21 @@ COMMANDS = (
     "switch",
 )
 _NAME_MAX = 63
+
+
+class DeployManager(Protocol):
+    """What the requests need of fastlb.deploy.engine.DeployManager (which imports this module;
+    this one imports nothing of it)."""
+
+    config: Config
+
+    def default_from(self, listener: str, route: str, to_pool: str) -> str: ...
+    def start(self, spec: RolloutSpec, from_given: bool = True) -> dict[str, Any]: ...
+    def status(self, name: str | None = None) -> list[dict[str, Any]]: ...
+    def act(self, name: str | None, action: str) -> dict[str, Any]: ...
+    def switch(
+        self, listener: str, route: str, pool: str | None, drain_old: bool, back: bool
+    ) -> dict[str, Any]: ...
 
 
 def _str(req: dict[str, Any], key: str, required: bool = True) -> str | None:
