@@ -1,4 +1,4 @@
-"""Quality and build time of fastlb's Maglev and ring tables; prints Markdown (run: python bench/table_quality.py)."""
+"""Quality and build time of fastlb's Maglev and ring tables; prints Markdown (run: .venv/bin/python bench/table_quality.py)."""
 
 import bisect
 import os
