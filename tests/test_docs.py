@@ -123,3 +123,19 @@ def test_fleet_doc_lists_every_discover_key() -> None:
     section = text[text.index("## DNS service discovery") : text.index("## The admin API")]
     missing = [k for k in DISCOVER_KEYS if f"`{k}`" not in section]
     assert not missing, f"docs/fleet.md's DNS service discovery does not name {missing}"
+
+
+def test_documented_command_lines_name_an_interpreter_that_has_fastlb() -> None:
+    """A stock Debian host has no `python`, and its `python3` has no fastlb (nor pip, PEP 668): a
+    command line in the docs runs `.venv/bin/python ...`, `scripts/...` or `make ...`."""
+    docs = [*DOCS, ROOT / "bench" / "README.md", ROOT / "BENCHMARKS.md"]
+    # at the start of inline code, of a shell line, or after `$ `; not `python -I -S` (the workers'
+    # flags) nor a bare `pip install` (what Debian refuses)
+    bare = re.compile(r"(?:`|^|\$ )((?:python3?|pytest|pip3?) (?!-I |install`))", re.M)
+    found = [
+        f"{doc.relative_to(ROOT)}:{n}: {line.strip()}"
+        for doc in docs
+        for n, line in enumerate(doc.read_text().splitlines(), 1)
+        if bare.search(line)
+    ]
+    assert found == []
