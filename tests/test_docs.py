@@ -139,3 +139,15 @@ def test_documented_command_lines_name_an_interpreter_that_has_fastlb() -> None:
         if bare.search(line)
     ]
     assert found == []
+
+
+def test_fastlb_is_described_as_serving_tcp_and_udp() -> None:
+    what = "Layer-4 (TCP and UDP) load balancer"
+    r = subprocess.run([sys.executable, "-m", "fastlb", "--help"], capture_output=True, text=True)
+    assert f"fastlb: a {what} (" in r.stdout, r.stdout
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(rf'^description = "{re.escape(what)}: ', pyproject, re.M)
+    unit = (ROOT / "scripts" / "fastlb.service").read_text()
+    assert f"\nDescription=fastlb {what}\n" in unit
+    assert unit.startswith(f"# systemd unit for fastlb, the {what}.\n")
+    assert "TCP load balancer" not in r.stdout + pyproject + unit

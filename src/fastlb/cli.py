@@ -16,7 +16,7 @@ from fastlb._version import __version__
 @click.option("--cafile", type=click.Path(), help="CA certificate(s) to verify an https:// admin API.")
 @click.pass_context
 def main(ctx: click.Context, admin_url: str | None, token_file: str | None, cafile: str | None) -> None:
-    """fastlb: a Layer-4 TCP load balancer (Cython data plane, Python control plane)."""
+    """fastlb: a Layer-4 (TCP and UDP) load balancer (Cython data plane, Python control plane)."""
     ctx.obj = {"admin": admin_url, "token_file": token_file, "cafile": cafile}
 
 
@@ -44,9 +44,18 @@ def check_config(config_file: str) -> None:
         click.echo(f"fastlb: {exc}", err=True)
         sys.exit(2)
     n_backends = sum(len(p.backends) for p in cfg.pools.values())
-    click.echo(
-        f"{config_file}: OK ({len(cfg.listeners)} listeners, {len(cfg.pools)} pools, {n_backends} backends)"
+    # a pool with `discover` gets its backends only when fastlb runs: name where they come from
+    dns = [
+        f"{p.discover.name.rstrip('.')} ({'SRV' if p.discover.kind == 'srv' else 'A/AAAA'}, pool {p.name})"
+        for p in cfg.pools.values()
+        if p.discover is not None
+    ]
+    backends = (
+        f"{n_backends} static backends, backends from DNS: {', '.join(dns)}"
+        if dns
+        else f"{n_backends} backends"
     )
+    click.echo(f"{config_file}: OK ({len(cfg.listeners)} listeners, {len(cfg.pools)} pools, {backends})")
 
 
 def _setup_logging(level: str) -> None:
