@@ -160,6 +160,49 @@ def test_bad_canary_that_resets_before_the_first_byte_is_rolled_back_by_the_earl
     assert "> max 1.0% (stable 0.0%)" in first, first
 
 
+STEPS_20 = ["--steps", "20,50,100", "--interval", "1s"]
+
+
+def test_canary_that_resets_after_its_greeting_is_rolled_back_by_the_reset_gate(backends, fastlb):
+    """Issue 24, item 6: v2 greets, then resets every connection 50 ms later.  With the issue's
+    `--steps 20,50,100 --interval 1s` (default gates) it is rolled back by reset_rate, never promoted;
+    the backend's late_resets show in status."""
+    b, lb, client, sock = start(backends, fastlb, v2=server("v2a", "greet_reset"))
+    load = Load(lb.addr, concurrency=8).start()
+    try:
+        load.wait_count(100)
+        rollout(sock, "start", "web", "default", "--to", "v2", *STEPS_20)
+        v = wait_status(client, "failed", timeout=30)
+    finally:
+        load.stop()
+    assert route(client)["split"] == {"web": 100, "v2": 0}
+    assert all(h.get("share", 0) < 100 for h in v["history"]), v["history"]
+    fails = [h["reason"] for h in v["history"] if h.get("result") == "fail"]
+    assert fails and all("reset_rate: canary" in f for f in fails), fails
+    assert "> max 1.0% (stable 0.0%)" in fails[0], fails
+    assert backend(client, "v2", "v2a")["late_resets"] > 0
+    assert backend(client, "web", "v1a")["late_resets"] == 0
+    text = cli("rollout", "status", "--socket", sock).stdout
+    assert "reset_rate" in text and "FAILED" in text, text
+
+
+def test_healthy_canary_is_promoted_with_the_reset_gate_on(backends, fastlb):
+    """The same steps with a healthy v2: every judgement passes (reset_rate 0.0%), promoted."""
+    b, lb, client, sock = start(backends, fastlb)
+    load = Load(lb.addr, concurrency=8).start()
+    try:
+        load.wait_count(100)
+        rollout(sock, "start", "web", "default", "--to", "v2", *STEPS_20)
+        v = wait_status(client, "promoted")
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert [h["result"] for h in v["history"] if "result" in h] == ["pass", "pass"], v["history"]
+    figures = [h for h in v["history"] if h.get("result") == "pass"]
+    assert figures, v["history"]
+    assert route(client)["split"] == {"web": 0, "v2": 100}
+
+
 IDLE_TABLE = """
 [rollouts.idle]
 listener = "web"

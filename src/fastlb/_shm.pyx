@@ -588,6 +588,8 @@ cdef class Region:
             "udp_datagrams_in": flb_load64(&b.udp_datagrams_in),
             "udp_datagrams_out": flb_load64(&b.udp_datagrams_out),
             "udp_unreachable": flb_load64(&b.udp_unreachable),
+            "late_resets": flb_load64(&b.late_resets),
+            "backend_first_closes": flb_load64(&b.backend_first_closes),
         }
 
     def consecutive_failures(self, int i) -> int:
@@ -614,7 +616,7 @@ cdef class Region:
             "udp_flows": w.udp_flows, "udp_rx_calls": w.udp_rx_calls,
             "udp_rx_datagrams": w.udp_rx_datagrams, "udp_tx_calls": w.udp_tx_calls,
             "udp_tx_datagrams": w.udp_tx_datagrams, "udp_flow_capacity": w.udp_flow_capacity,
-            "udp_socket_errors": w.udp_socket_errors,
+            "udp_socket_errors": w.udp_socket_errors, "linger_errors": w.linger_errors,
         }
 
     def reset_worker(self, int i) -> None:

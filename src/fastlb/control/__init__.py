@@ -104,7 +104,7 @@ class ControlClient:
     ) -> dict[str, Any]:
         """Start a canary rollout of pool `to` on ROUTE of LISTENER (or rollout=NAME for a
         [rollouts.NAME] table).  options: from_ (or "from"), name, steps, interval, pause_at,
-        threshold, max_failure_rate, max_early_reset_rate, max_unhealthy, max_connect_time,
+        threshold, max_failure_rate, max_early_reset_rate, max_reset_rate, max_unhealthy, max_connect_time,
         min_connections, check, check_timeout, in the config file's forms ("30s", "1%")."""
         if "from_" in options:
             options["from"] = options.pop("from_")

@@ -70,9 +70,32 @@ cdef void addr_copies_refresh() noexcept nogil:
             W.addr_copy_len[i] = n
 
 
-cdef void conn_close(Conn *c, bint reset) noexcept nogil:
-    """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
+cdef void linger_set(Conn *c, int side, bint on) noexcept nogil:
+    """Arm (on: SO_LINGER {1, 0}) or clear ({0, 0}) the reset-on-close of c's socket on `side`
+    (SIDE_CLIENT / SIDE_BACKEND), keeping F_C_LINGER / F_B_LINGER in step.  Armed, a close() - ours,
+    or the kernel's when this process dies (kill -9) - resets the peer instead of sending a FIN, so a
+    cut transfer never looks complete (issue 24, item 5).  A failed setsockopt is counted in
+    worker.linger_errors and leaves the flag as it was; no other side effect."""
     cdef linger lg
+    cdef int fd = c.cfd if side == SIDE_CLIENT else c.bfd
+    cdef uint32_t flag = F_C_LINGER if side == SIDE_CLIENT else F_B_LINGER
+    if fd < 0:
+        return
+    lg.l_onoff = 1 if on else 0
+    lg.l_linger = 0
+    if setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0:
+        W.me.linger_errors += 1
+        return
+    if on:
+        c.flags |= flag
+    else:
+        c.flags &= ~flag
+
+
+cdef void conn_close(Conn *c, bint reset) noexcept nogil:
+    """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot.
+    An orderly close (reset 0) first clears the SO_LINGER {1, 0} an established pair carries, so the
+    close() sends the FIN after every queued byte; a reset arms it on a socket that lacks it."""
     cdef Listener *l = &W.listeners[c.listener]
     if c.state == CS_UDP_FLOW or c.state == CS_UDP_SPARE:
         udp_conn_close(c)               # core/udp.pxi: a flow or a spare socket
@@ -80,13 +103,16 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     if W.logring != NULL:
         log_conn(c, reset)
     if reset:
-        lg.l_onoff = 1
-        lg.l_linger = 0
-        if c.cfd >= 0:
-            setsockopt(c.cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
-        if c.bfd >= 0:
-            setsockopt(c.bfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        if not (c.flags & F_C_LINGER):
+            linger_set(c, SIDE_CLIENT, True)
+        if not (c.flags & F_B_LINGER):
+            linger_set(c, SIDE_BACKEND, True)
         W.me.resets += 1
+    else:
+        if c.flags & F_C_LINGER:
+            linger_set(c, SIDE_CLIENT, False)
+        if c.flags & F_B_LINGER:
+            linger_set(c, SIDE_BACKEND, False)
     close_fd(c.cfd)
     close_fd(c.bfd)
     c.cfd = -1
@@ -216,6 +242,8 @@ cdef void conn_connected(Conn *c) noexcept nogil:
     c.connect_us = <uint32_t>(dt if dt < 4294967295ULL else 4294967295ULL)
     c.term = 0                          # connected: how it ends is decided from here on
     c.state = CS_ESTABLISHED
+    if W.listeners[c.listener].linger:
+        linger_set(c, SIDE_BACKEND, True)   # a pair: if this worker dies, the backend is reset too
     c.active_ms = W.now_ms
     # the wheel holds c at its connect deadline; the idle deadline may come sooner
     if W.listeners[c.listener].idle_timeout_ms != 0:
@@ -428,6 +456,8 @@ cdef void conn_run(Conn *c) noexcept nogil:
             return
     if c.closer == 0 and c.flags & (F_C_EOF | F_B_EOF):
         c.closer = 1 if c.flags & F_C_EOF else 2
+        if c.closer == 2:
+            flb_add64(&b.backend_first_closes, 1)   # its FIN before the client's (bytes moved)
     if (c.flags & (F_B_SHUT | F_C_SHUT)) == (F_B_SHUT | F_C_SHUT) and c.c2b.bytes == 0 and c.b2c.bytes == 0:
         conn_close(c, False)            # both directions finished
         return

@@ -37,12 +37,15 @@ cdef void conn_early_close(Conn *c) noexcept nogil:
     cdef Listener *l = &W.listeners[c.listener]
     flb_add64(&b.early_closes, 1)
     flb_add64(&b.consecutive_failures, 1)
+    if c.flags & F_B_LINGER:
+        linger_set(c, SIDE_BACKEND, False)  # its FIN is answered by ours, as before
     close_fd(c.bfd)
     c.bfd = -1
     lb_drop(c.backend)
     c.backend = FLB_NONE
     pipe_put(&c.b2c)
-    c.flags &= ~(F_B_RD | F_B_WR | F_B_EOF | F_B_ERR | F_B_HUP | F_B_SHUT | F_B2C_BULK | F_B_DATA | F_B_OK)
+    c.flags &= ~(F_B_RD | F_B_WR | F_B_EOF | F_B_ERR | F_B_HUP | F_B_SHUT | F_B2C_BULK | F_B_DATA | F_B_OK
+                 | F_B_LINGER)
     if c.flags & F_C_ERR:
         c.term = FLB_TERM_CLIENT_RESET + 1
         conn_close(c, True)                 # the client is gone too: nothing to retry for
@@ -56,18 +59,21 @@ cdef void conn_early_close(Conn *c) noexcept nogil:
 cdef void conn_abort(Conn *c, int dead) noexcept nogil:
     """Established c saw an error or reset on side `dead` (SIDE_NONE: a local failure; reset at
     once).  Before the backend's first byte this is counted on the backend (`resets`), and with
-    nothing moved either way it is an early close (retried).  Otherwise c goes to CS_FLUSHING:
+    nothing moved either way it is an early close (retried); after it, in `late_resets`.  Otherwise c goes to CS_FLUSHING:
     what the dead side still holds is forwarded before both sides are reset."""
     cdef flb_backend_t *b = &W.backends[c.backend]
     if dead == SIDE_NONE:
         c.term = FLB_TERM_LOCAL_ERROR + 1
         conn_close(c, True)
         return
-    if dead == SIDE_BACKEND and not (c.flags & F_B_DATA) and not backend_holds_bytes(c):
-        flb_add64(&b.resets, 1)
-        if not (c.flags & F_C2B_SENT):
-            conn_early_close(c)
-            return
+    if dead == SIDE_BACKEND:
+        if (c.flags & F_B_DATA) or backend_holds_bytes(c):
+            flb_add64(&b.late_resets, 1)    # after its first byte: the crash-after-greeting case
+        else:
+            flb_add64(&b.resets, 1)
+            if not (c.flags & F_C2B_SENT):
+                conn_early_close(c)
+                return
     c.state = CS_FLUSHING
     # the live side must see a reset after the bytes, as it would directly: never a FIN
     if dead == SIDE_BACKEND:

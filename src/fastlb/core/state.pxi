@@ -38,6 +38,9 @@ cdef enum:
     F_FLUSH_B = 0x40000  # CS_FLUSHING: the backend is the dead side (its bytes go to the client)
     F_FLUSH_C = 0x80000  # CS_FLUSHING: the client is the dead side
     F_FLUSH_END = 0x100000 # CS_FLUSHING: the dead side is read to its end
+    F_C_LINGER = 0x200000  # the client socket has SO_LINGER {1, 0} (inherited from the listener):
+                           # if this process dies, the kernel resets it (core/conn.pxi linger_set)
+    F_B_LINGER = 0x400000  # the backend socket has SO_LINGER {1, 0} (set once it connected)
 
 cdef enum:
     MAX_TRIES = 11       # 1 + the largest `retries` the config accepts
@@ -147,6 +150,7 @@ ctypedef struct Listener:
     uint32_t udp_pktinfo
     uint32_t udp_ovfl_seen  # the listening socket's kernel drop count last read (SO_RXQ_OVFL)
     bint retime             # a reload shortened a timeout: move established timers (core/reload.pxi)
+    bint linger             # fd has SO_LINGER {1, 0}: accepted sockets inherit it (core/conn.pxi)
 
 
 ctypedef struct Worker:

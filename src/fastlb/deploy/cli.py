@@ -129,6 +129,11 @@ GATE_OPTIONS = (
         "max_early_reset_rate",
         'Resets/closes before any byte per attempt (default 1%; "off").',
     ),
+    (
+        "--max-reset-rate",
+        "max_reset_rate",
+        'Resets after the backend\'s first byte per connection (default 1%; "off").',
+    ),
     ("--max-unhealthy", "max_unhealthy", 'Share of canary backends down or ejected (default 0%; "off").'),
     ("--max-connect-time", "max_connect_time", 'Average connect time, e.g. "50ms" (default off).'),
     (

@@ -3,7 +3,7 @@
 
   {"cmd": "rollout-start", "listener": L, "route": R, "to": P, ["from": P], [options...]}
   {"cmd": "rollout-start", "rollout": NAME, [options...]}      a [rollouts.NAME] table; options override
-      options: name, steps, interval, pause_at, threshold, max_failure_rate, max_early_reset_rate,
+      options: name, steps, interval, pause_at, threshold, max_failure_rate, max_early_reset_rate, max_reset_rate,
       max_unhealthy, max_connect_time, min_connections, check, check_timeout - in the config file's
       forms ("30s", "1%", [5, 10, 100] or "5,10,100"; numbers are seconds / percent)
   {"cmd": "rollout-status", ["name": N]}  -> {"rollouts": [...]}
@@ -92,6 +92,7 @@ def spec_from_request(mgr: DeployManager, req: dict[str, Any]) -> RolloutSpec:
     gates = Gates(
         max_failure_rate=opts.get("max_failure_rate", d.max_failure_rate),
         max_early_reset_rate=opts.get("max_early_reset_rate", d.max_early_reset_rate),
+        max_reset_rate=opts.get("max_reset_rate", d.max_reset_rate),
         max_unhealthy=opts.get("max_unhealthy", d.max_unhealthy),
         max_connect_time=opts.get("max_connect_time", d.max_connect_time),
         min_connections=opts.get("min_connections", d.min_connections),

@@ -41,7 +41,7 @@
 #include <stdint.h>
 
 #define FLB_SHM_MAGIC      0x314D48534246534CULL   /* "LSFBSHM1" read as little-endian bytes */
-#define FLB_LAYOUT_VERSION 2u
+#define FLB_LAYOUT_VERSION 3u
 #define FLB_NAME_LEN       64
 #define FLB_ADDR_LEN       28                     /* sizeof(struct sockaddr_in6) */
 #define FLB_NONE           0xFFFFFFFFu            /* "no backend" in tables and picks */
@@ -307,7 +307,14 @@ typedef struct {
     uint64_t udp_unreachable;    /* ICMP errors seen on a flow's socket (also in connect_errors and
                                     consecutive_failures: passive ejection sees them) */
     uint64_t _ucpad[5];
-} flb_backend_t;                 /* 448 bytes */
+    /* issue 24: how established connections end on the backend's side (workers, atomic) */
+    uint64_t late_resets;        /* reset by the backend after its first byte (`resets` counts the
+                                    ones before it): the crash-after-greeting case */
+    uint64_t backend_first_closes; /* the backend's FIN came before the client's, after a byte
+                                    moved: a crash that leaves nothing unread, or a server-close
+                                    protocol (HTTP/1.0) by design */
+    uint64_t _rpad[6];
+} flb_backend_t;                 /* 512 bytes */
 
 typedef struct {
     int32_t  pid;
@@ -353,7 +360,10 @@ typedef struct {
     uint64_t udp_flow_capacity;  /* flows this worker's table can hold */
     uint64_t udp_socket_errors;  /* socket()/connect() for a flow failed (EMFILE, ENETUNREACH...) */
     uint64_t _upad;
-} flb_worker_t;                  /* 320 bytes */
+    /* issue 24 */
+    uint64_t linger_errors;      /* setsockopt(SO_LINGER) failed: that socket closes as it was armed */
+    uint64_t _gpad[7];
+} flb_worker_t;                  /* 384 bytes */
 
 /* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
  * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
@@ -466,7 +476,7 @@ _Static_assert(sizeof(flb_cidr_t) == 32, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
-_Static_assert(sizeof(flb_backend_t) == 448, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 320, "worker size");
+_Static_assert(sizeof(flb_backend_t) == 512, "backend size");
+_Static_assert(sizeof(flb_worker_t) == 384, "worker size");
 
 #endif

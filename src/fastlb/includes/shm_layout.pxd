@@ -207,6 +207,8 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_datagrams_in
         uint64_t udp_datagrams_out
         uint64_t udp_unreachable
+        uint64_t late_resets
+        uint64_t backend_first_closes
 
     ctypedef struct flb_worker_t:
         int32_t pid
@@ -243,6 +245,7 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_tx_datagrams
         uint64_t udp_flow_capacity
         uint64_t udp_socket_errors
+        uint64_t linger_errors
 
     cdef enum flb_term:
         FLB_TERM_CLIENT_CLOSE

@@ -55,6 +55,8 @@ def backend_extras(b: dict[str, Any], slot: Any, check: dict[str, Any] | None) -
     return {
         "attempts": b["attempts"],
         "early_closes": b["early_closes"],
+        "late_resets": b["late_resets"],
+        "backend_first_closes": b["backend_first_closes"],
         "connect_time_sum_us": b["connect_time_sum_us"],
         "ejections": slot.ejections,
         "drains": slot.drains,

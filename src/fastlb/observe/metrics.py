@@ -75,6 +75,13 @@ _BACKEND = [
         "Connections closed or reset by the backend before any byte moved.",
         True,
     ),
+    ("late_resets", "late_resets", "Connections the backend reset after its first byte.", True),
+    (
+        "backend_first_closes",
+        "backend_first_closes",
+        "Connections whose backend sent its FIN before the client's, after a byte moved.",
+        True,
+    ),
     ("ejections", "ejections", "Times passive ejection (outlier detection) took the backend out.", True),
     ("drains", "drains", "Times a drain of the backend began.", True),
     ("weight", "weight", "Configured weight (or the last set-weight).", False),
@@ -105,6 +112,7 @@ _WORKER = [
     ("flushed_resets", "flushed_resets", "Resets delivered after forwarding what the dead side sent.", True),
     ("seqlock_fallbacks", "seqlock_fallbacks", "Backend addresses read from the last good copy.", True),
     ("pipes_small", "pipes_small", "Pipes smaller than the default 64 KiB.", True),
+    ("linger_errors", "linger_errors", "setsockopt(SO_LINGER) failures (reset-on-death not set).", True),
 ]
 
 
