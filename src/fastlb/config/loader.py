@@ -39,6 +39,9 @@ from fastlb.config.model import (
     PoolConfig,
 )
 from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.protect import LISTENER_KEYS as _PROTECT_LISTENER_KEYS
+from fastlb.config.protect import POOL_KEYS as _PROTECT_POOL_KEYS
+from fastlb.config.protect import listener_protect_fields, pool_protect_fields
 from fastlb.config.rollouts import parse_rollouts
 from fastlb.config.routes import (
     LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
@@ -160,6 +163,7 @@ _LISTENER_KEYS = (
     *_ROUTE_LISTENER_KEYS,
     "protocol",
     *UDP_LISTENER_KEYS,
+    *_PROTECT_LISTENER_KEYS,
 )
 MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
@@ -176,6 +180,7 @@ _POOL_KEYS = (
     "outlier_detection",
     "discover",
     "send_proxy",
+    *_PROTECT_POOL_KEYS,
 )
 _BACKEND_KEYS = ("name", "address", "weight")
 _OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
@@ -278,6 +283,7 @@ def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, Liste
             **udp,
             routes=routes,
             **listener_prelude(t, routes or d.routes),
+            **listener_protect_fields(t),
         )
         check_udp_routes(t, udp["protocol"], listeners[name].needs_sni)
     return listeners
@@ -355,6 +361,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
         discover=discover,
         send_proxy=send_proxy,
+        **pool_protect_fields(t),
     )
 
 

@@ -140,6 +140,16 @@ class OutlierConfig:
 
 
 @dataclass(frozen=True)
+class KeepaliveConfig:
+    """TCP keepalive of one side (config/protect.py): client_keepalive on a listener,
+    backend_keepalive on a pool.  Whole seconds (the kernel counts TCP_KEEPIDLE/INTVL in seconds)."""
+
+    idle: int = 60  # TCP_KEEPIDLE: seconds without traffic before the first probe
+    interval: int = 10  # TCP_KEEPINTVL: seconds between unanswered probes
+    count: int = 6  # TCP_KEEPCNT: unanswered probes before the connection is reset
+
+
+@dataclass(frozen=True)
 class DiscoverConfig:
     """DNS service discovery for a pool (fastlb.fleet.discovery): SRV, or A/AAAA plus a port."""
 
@@ -178,6 +188,8 @@ class PoolConfig:
     outlier_detection: OutlierConfig = OutlierConfig()
     discover: DiscoverConfig | None = None
     send_proxy: str = "off"  # "off" | "v1" | "v2": PROXY header written to the backends first
+    backend_keepalive: KeepaliveConfig | None = None  # None: no keepalive on backend sockets
+    tcp_user_timeout: float = 0.0  # backend sockets' TCP_USER_TIMEOUT, seconds; 0 = the kernel's
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -227,6 +239,8 @@ class ListenerConfig:
     proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header
     sni_timeout: float = 5.0  # how long the prelude (PROXY header, ClientHello) may take
     sni_policy: str = "default"  # key sni_no_match (alias sni_policy): no server name: "default" | "reject"
+    client_keepalive: KeepaliveConfig | None = None  # None: no keepalive on accepted sockets
+    tcp_user_timeout: float = 0.0  # accepted sockets' TCP_USER_TIMEOUT, seconds; 0 = the kernel's
 
     def __post_init__(self) -> None:
         if not self.routes:

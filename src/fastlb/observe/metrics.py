@@ -105,6 +105,20 @@ _WORKER = [
     ("flushed_resets", "flushed_resets", "Resets delivered after forwarding what the dead side sent.", True),
     ("seqlock_fallbacks", "seqlock_fallbacks", "Backend addresses read from the last good copy.", True),
     ("pipes_small", "pipes_small", "Pipes smaller than the default 64 KiB.", True),
+    # issue 21: the kernel gave up on a peer (ETIMEDOUT: keepalive probes or tcp_user_timeout)
+    (
+        "clients_lost",
+        "clients_lost",
+        "Connections reset because the client stopped answering (keepalive, user timeout).",
+        True,
+    ),
+    (
+        "backends_lost",
+        "backends_lost",
+        "Connections reset because the backend stopped answering (keepalive, user timeout).",
+        True,
+    ),
+    ("sockopt_errors", "sockopt_errors", "Keepalive / user-timeout setsockopt calls that failed.", True),
 ]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from fastlb._shm import Region
 from fastlb.config import BackendConfig, Config, PoolConfig
+from fastlb.config.protect import keepalive_record
 from fastlb.runtime.health import CheckTarget, OutlierTracker
 from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import TablePublisher, table_capacity
@@ -503,6 +504,8 @@ _POOL_KEYS = (
     "drain_timeout",
     "health_check",
     "outlier_detection",
+    "backend_keepalive",  # issue 21: backend connects started from then on
+    "tcp_user_timeout",
 )
 
 
@@ -535,4 +538,5 @@ def _pool_settings(region: Region, ps: PoolState, new: PoolConfig) -> tuple[Pool
     if changed:
         log.info("pool %s: reload applied %s", old.name, ", ".join(changed))
     region.set_pool_runtime(ps.index, merged.algorithm, merged.hash_key, merged.retries, merged.all_down)
+    region.set_pool_keepalive(ps.index, *keepalive_record(merged.backend_keepalive, merged.tcp_user_timeout))
     return merged, applied, restart

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config
+from fastlb.config.protect import keepalive_record
 from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
-from fastlb.observe.document import backend_extras, listener_settings, worker_status
+from fastlb.observe.document import backend_extras, keepalive_settings, listener_settings, worker_status
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.control_socket import ControlServer, ControlSocketError
@@ -156,6 +157,7 @@ class Supervisor:
             region.set_pool(
                 ps.index, pc.name, pc.algorithm, pc.hash_key, pc.retries, ps.first, ps.n_slots, pc.all_down
             )
+            region.set_pool_keepalive(ps.index, *keepalive_record(pc.backend_keepalive, pc.tcp_user_timeout))
             for k, bc in enumerate(pc.backends):
                 slot = BackendSlot(ps.first + k, pc.name, bc.name, str(bc.address), bc.weight)
                 ps.slots[bc.name] = slot
@@ -173,6 +175,7 @@ class Supervisor:
                 round(lc.half_close_timeout * 1000),
                 **udp_listener_fields(lc),
             )
+            region.set_listener_keepalive(i, *keepalive_record(lc.client_keepalive, lc.tcp_user_timeout))
         return region
 
     # --- workers -----------------------------------------------------------------------------
@@ -588,6 +591,7 @@ class Supervisor:
                     "all_down_policy": ps.config.all_down,
                     "rise": ps.config.health_check.rise if ps.config.health_check else 0,
                     "slow_start": ps.config.slow_start,
+                    **keepalive_settings(p, "backend_keepalive"),
                     "backends": backends,
                     **(
                         {"discovery": self.discovery.pools[ps.config.name].status()}
