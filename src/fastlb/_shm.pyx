@@ -471,6 +471,10 @@ cdef class Region:
     def set_health(self, int i, str state) -> None:
         flb_store32(&self._backend(i).health, HEALTH[state])
 
+    def set_priority(self, int i, uint32_t priority) -> None:
+        """Backend i's priority group (lower first; FLB_PRIORITY_BACKUP for `backup = true`)."""
+        flb_store32(&self._backend(i).priority, priority)
+
     def set_in_use(self, int i, bint in_use) -> None:
         flb_store32(&self._backend(i).in_use, 1 if in_use else 0)
 
@@ -607,6 +611,7 @@ cdef class Region:
             "consecutive_failures": flb_load64(&b.consecutive_failures),
             "connect_time_ewma_us": flb_load64(&b.connect_time_ewma_us),
             "attempts": flb_load64(&b.attempts), "close_conns": flb_load32(&b.close_conns),
+            "priority": flb_load32(&b.priority),
             "connect_time_sum_us": flb_load64(&b.connect_time_sum_us),
             "early_closes": flb_load64(&b.early_closes),
             "hist_connect": [flb_load64(&b.hist_connect[k]) for k in range(FLB_HIST_BUCKETS)],

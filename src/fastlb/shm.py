@@ -43,7 +43,7 @@ EXPECTED_RECORD_SIZES = {
     "header": 192,
     "listener": 704,
     "pool": 320,
-    "backend": 448,
+    "backend": 512,
     "worker": 384,
     "cidr": 32,
     "route": 448,

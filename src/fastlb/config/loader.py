@@ -39,9 +39,15 @@ from fastlb.config.model import (
     PoolConfig,
 )
 from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.protect import BACKEND_KEYS as _PROTECT_BACKEND_KEYS
 from fastlb.config.protect import LISTENER_KEYS as _PROTECT_LISTENER_KEYS
 from fastlb.config.protect import POOL_KEYS as _PROTECT_POOL_KEYS
-from fastlb.config.protect import listener_protect_fields, pool_protect_fields
+from fastlb.config.protect import (
+    backend_priority,
+    listener_protect_fields,
+    pool_priorities,
+    pool_protect_fields,
+)
 from fastlb.config.rollouts import parse_rollouts
 from fastlb.config.routes import (
     LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
@@ -182,7 +188,7 @@ _POOL_KEYS = (
     "send_proxy",
     *_PROTECT_POOL_KEYS,
 )
-_BACKEND_KEYS = ("name", "address", "weight")
+_BACKEND_KEYS = ("name", "address", "weight", *_PROTECT_BACKEND_KEYS)
 _OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
 _HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
@@ -398,8 +404,8 @@ def _backends(pool: _Table, file: str, backends_before: int) -> tuple[BackendCon
             )
         addresses[address] = name
         weight = t.get_int("weight", 1, 0, MAX_WEIGHT)
-        backends.append(BackendConfig(name=name, address=address, weight=weight))
-    return tuple(backends)
+        backends.append(BackendConfig(name=name, address=address, weight=weight, **backend_priority(t)))
+    return pool_priorities(pool, tuple(backends))
 
 
 def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "off") -> HealthCheckConfig:

@@ -52,6 +52,8 @@ MAX_ROUTES = 64  # per listener
 MAX_SPLIT = 15  # FLB_MAX_SPLIT: pools in one route's split
 MAX_MATCH_ENTRIES = 1024  # source prefixes or sni patterns in one route (and proxy_protocol_from)
 MAX_SNI_BYTES = 253  # a DNS name
+MAX_PRIORITY = 65535  # a backend's priority group (an SRV record's priority field)
+BACKUP_PRIORITY = 65536  # FLB_PRIORITY_BACKUP: `backup = true`, after every numbered group
 
 
 def _default_workers() -> int:
@@ -109,6 +111,12 @@ class BackendConfig:
     name: str
     address: Address
     weight: int = 1  # 0..1000; 0 = no new connections
+    priority: int = 0  # priority group, lower first (0..65535; backup = BACKUP_PRIORITY): config/protect.py
+    backup: bool = False  # `backup = true`: the group after every other one
+
+    @property
+    def priority_name(self) -> str:
+        return "backup" if self.backup else str(self.priority)
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,7 @@ ctypedef struct Worker:
     # selection state (per worker)
     uint32_t *rr            # per pool round-robin cursor
     PoolView *views         # per pool: what may take new connections (rebuilt on publish)
+    PoolView *fviews        # per pool: the next priority group, for retries that tried all of views
     uint8_t *ok             # per backend: 1 if in its pool's view
     # routes (core/routes.pxi)
     flb_route_t *routes

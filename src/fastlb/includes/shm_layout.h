@@ -48,6 +48,7 @@
 #define FLB_HIST_BUCKETS   16                     /* connect-time histogram buckets per backend */
 #define FLB_MAX_SPLIT      15                     /* pools in one route's split */
 #define FLB_SNI_LEN        256                    /* a server-name pattern, lower case, NUL-padded */
+#define FLB_PRIORITY_BACKUP 65536u                /* backend.priority of `backup = true` (after every SRV priority) */
 
 /* Upper bounds (microseconds, inclusive) of the connect-time histogram buckets; the last is +Inf.
  * A worker increments exactly one bucket per established connection; readers accumulate them
@@ -322,7 +323,12 @@ typedef struct {
     uint64_t udp_unreachable;    /* ICMP errors seen on a flow's socket (also in connect_errors and
                                     consecutive_failures: passive ejection sees them) */
     uint64_t _ucpad[5];
-} flb_backend_t;                 /* 448 bytes */
+    /* protections (issue 21): configuration (control writes, single 32-bit store) - own cache line */
+    uint32_t priority;           /* priority group, lower first (backup = FLB_PRIORITY_BACKUP): a pick
+                                    uses only the lowest group with a usable backend; a retry that
+                                    has tried all of it goes on to the next group */
+    uint32_t _ppad[15];
+} flb_backend_t;                 /* 512 bytes */
 
 typedef struct {
     int32_t  pid;
@@ -490,7 +496,7 @@ _Static_assert(sizeof(flb_cidr_t) == 32, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
-_Static_assert(sizeof(flb_backend_t) == 448, "backend size");
+_Static_assert(sizeof(flb_backend_t) == 512, "backend size");
 _Static_assert(sizeof(flb_worker_t) == 384, "worker size");
 
 #endif

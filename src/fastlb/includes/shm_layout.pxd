@@ -12,6 +12,7 @@ cdef extern from "shm_layout.h" nogil:
         FLB_MAX_SPLIT
         FLB_SNI_LEN
     uint32_t FLB_NONE
+    uint32_t FLB_PRIORITY_BACKUP
 
     cdef enum flb_algorithm:
         FLB_ALG_ROUND_ROBIN
@@ -217,6 +218,7 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_datagrams_in
         uint64_t udp_datagrams_out
         uint64_t udp_unreachable
+        uint32_t priority
 
     ctypedef struct flb_worker_t:
         int32_t pid

@@ -68,5 +68,7 @@ def backend_extras(b: dict[str, Any], slot: Any, check: dict[str, Any] | None) -
         "connect_time_sum_us": b["connect_time_sum_us"],
         "ejections": slot.ejections,
         "drains": slot.drains,
+        "priority": slot.priority,
+        "backup": slot.backup,
         "check": check_status(check),
     }

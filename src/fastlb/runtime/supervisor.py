@@ -159,7 +159,15 @@ class Supervisor:
             )
             region.set_pool_keepalive(ps.index, *keepalive_record(pc.backend_keepalive, pc.tcp_user_timeout))
             for k, bc in enumerate(pc.backends):
-                slot = BackendSlot(ps.first + k, pc.name, bc.name, str(bc.address), bc.weight)
+                slot = BackendSlot(
+                    ps.first + k,
+                    pc.name,
+                    bc.name,
+                    str(bc.address),
+                    bc.weight,
+                    priority=bc.priority,
+                    backup=bc.backup,
+                )
                 ps.slots[bc.name] = slot
                 region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
         for i, lc in enumerate(cfg.listeners.values()):
@@ -592,6 +600,7 @@ class Supervisor:
                     "rise": ps.config.health_check.rise if ps.config.health_check else 0,
                     "slow_start": ps.config.slow_start,
                     **keepalive_settings(p, "backend_keepalive"),
+                    "active_priority": self.backends.active_priority(ps),
                     "backends": backends,
                     **(
                         {"discovery": self.discovery.pools[ps.config.name].status()}
