@@ -189,7 +189,12 @@ _POOL_KEYS = (
     *_PROTECT_POOL_KEYS,
 )
 _BACKEND_KEYS = ("name", "address", "weight", *_PROTECT_BACKEND_KEYS)
-_OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
+_OUTLIER_KEYS = (
+    "consecutive_failures",
+    "base_ejection_time",
+    "max_ejection_percent",
+    "successful_active_health_check_uneject_host",
+)
 _HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
     "tcp": (),
@@ -513,4 +518,7 @@ def _outlier(data: object, path: str, file: str) -> OutlierConfig:
         consecutive_failures=t.get_int("consecutive_failures", d.consecutive_failures, 0, MAX_THRESHOLD),
         base_ejection_time=t.get_duration("base_ejection_time", d.base_ejection_time, positive=True),
         max_ejection_percent=t.get_int("max_ejection_percent", d.max_ejection_percent, 0, 100),
+        successful_active_health_check_uneject_host=t.get_bool(
+            "successful_active_health_check_uneject_host", d.successful_active_health_check_uneject_host
+        ),
     )

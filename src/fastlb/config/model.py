@@ -145,6 +145,8 @@ class OutlierConfig:
     consecutive_failures: int = 5  # 0 = disabled
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 50  # 0..100
+    # a passing active health check ends an ejection at once (Envoy's name and default)
+    successful_active_health_check_uneject_host: bool = True
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,29 @@ class BackendManager:
             slot.slow_start_from = time.monotonic()
         self.publish_pool(ps)
 
+    def on_check_success(self, target: CheckTarget) -> None:
+        """A passing active check of an up backend: it ends the backend's outlier ejection at once
+        (outlier_detection.successful_active_health_check_uneject_host, default on) - else a
+        restarted backend whose checks pass would stay out for the whole ejection time."""
+        ps = self.pools.get(target.pool)
+        slot = ps.slots.get(target.backend) if ps else None
+        if slot is None or slot.removed or not slot.ejected or ps.outlier is None:
+            return
+        if not ps.config.outlier_detection.successful_active_health_check_uneject_host:
+            return
+        now = time.monotonic()
+        ps.outlier.uneject(slot.name, now)
+        slot.ejected = False
+        slot.slow_start_from = now
+        log.info("pool %s backend %s: active health check passed; ejection over", ps.config.name, slot.name)
+        self.publish_pool(ps)
+
+    def ejected_until(self, slot: BackendSlot) -> float | None:
+        """Unix time the backend's ejection ends (None while it is not ejected)."""
+        tracker = self.pools[slot.pool].outlier
+        until = tracker.ejected_until(slot.name) if tracker is not None and slot.ejected else None
+        return None if until is None else time.time() + (until - time.monotonic())
+
     # --- periodic work -----------------------------------------------------------------------------
 
     def needs_tick(self) -> bool:

@@ -348,7 +348,9 @@ class Supervisor:
         await self.ops.start(self)
         tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
-        self.checker = HealthChecker(targets, self._on_check_transition)
+        self.checker = HealthChecker(
+            targets, self._on_check_transition, on_success=self.backends.on_check_success
+        )
         tasks.append(asyncio.create_task(self.checker.run()))
         self._start_fleet_services()
         self.ops.close_inherited()
@@ -584,6 +586,7 @@ class Supervisor:
                         "removed": slot.removed,
                         "weight_source": self.backends.value_source(slot, "weight"),
                         "admin_source": self.backends.value_source(slot, "admin"),
+                        "ejected_until": self.backends.ejected_until(slot),
                         **backend_extras(b, slot, checks.get((ps.config.name, slot.name))),
                         **_check_counts(checks.get((ps.config.name, slot.name))),
                     }
