@@ -138,8 +138,10 @@ cdef void lb_refresh() noexcept nogil:
 cdef void view_build(PoolView *v, flb_pool_t *p, uint32_t panic, uint32_t prio, bint mark) noexcept nogil:
     """Fill v with pool p's usable backends of priority group prio (FLB_NONE: none - v is empty);
     mark: set W.ok for them (the hash tables' candidates).  Side effects only."""
-    cdef uint32_t idx, n = 0, wt
+    cdef uint32_t idx, n = 0, wt, full
     cdef uint64_t total = 0
+    cdef bint rr = p.algorithm == FLB_ALG_ROUND_ROBIN
+    v.ramp = 0
     if prio != FLB_NONE:
         for idx in range(p.first_backend, p.first_backend + scan_len(p)):
             if flb_load32(&W.backends[idx].priority) != prio or not be_ok(&W.backends[idx], panic):
@@ -149,6 +151,15 @@ cdef void view_build(PoolView *v, flb_pool_t *p, uint32_t panic, uint32_t prio, 
                 continue                  # changed since be_ok(): the next publish brings it back
             if mark:
                 W.ok[idx] = 1
+            if rr:
+                # round robin gives every backend the same share, a ramping one the part of it that
+                # its slow start has reached (issue 21, item 8)
+                full = flb_load32(&W.backends[idx].weight)
+                if full > wt:
+                    wt = <uint32_t>((<uint64_t>wt * 1000 + full - 1) // full)
+                    v.ramp = 1
+                else:
+                    wt = 1000
             total += wt
             v.idx[n] = idx
             v.w[n] = wt
@@ -359,6 +370,8 @@ cdef uint32_t lb_pick_group(Conn *c, uint32_t pi) noexcept nogil:
     if alg == FLB_ALG_WEIGHTED_ROUND_ROBIN:
         return pick_smooth_wrr(c, v)
     if alg == FLB_ALG_ROUND_ROBIN:
+        if v.ramp:
+            return pick_smooth_wrr(c, v)    # a slow start runs: shares by ramp progress
         return pick_round_robin(c, v, pi)
     if alg == FLB_ALG_LEAST_CONN:
         return pick_least_conn(c, v, pi)

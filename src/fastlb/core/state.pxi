@@ -108,6 +108,8 @@ ctypedef struct PoolView:
     uint64_t *cum           # prefix sums of w, for weighted random draws
     int64_t *cw             # smooth-WRR current weights
     uint64_t total          # sum of w
+    uint32_t ramp           # round_robin: 1 while a backend's effective weight is below its weight
+                            # (slow start): w then holds 1000 x eff_weight / weight, picked by smooth WRR
 
 
 ctypedef struct RouteView:
