@@ -52,7 +52,7 @@ def test_region_header_self_describes() -> None:
     r = _shm.Region(1, 1, 4, 2, [0])
     h = r.header()
     assert h["magic"] == _shm.MAGIC and h["layout_version"] == _shm.LAYOUT_VERSION
-    assert (h["listener_size"], h["pool_size"], h["backend_size"], h["worker_size"]) == (640, 256, 512, 384)
+    assert (h["listener_size"], h["pool_size"], h["backend_size"], h["worker_size"]) == (704, 320, 512, 384)
     assert (h["route_size"], h["cidr_size"], h["sni_size"]) == (448, 32, 320)
     assert (
         h["listeners_off"]

@@ -276,6 +276,27 @@ cdef class Region:
         flb_store32(&l.backlog, backlog)
         flb_store32(&l.half_close_timeout_ms, half_close_timeout_ms)
 
+    def set_listener_keepalive(self, int i, uint32_t idle_s, uint32_t interval_s, uint32_t count,
+                               uint32_t user_timeout_ms) -> None:
+        """client_keepalive (idle_s = 0: off) and tcp_user_timeout (0: the kernel's default) of
+        listener i: single 32-bit stores, before fork or by a reload (publish() afterwards); workers
+        apply them to connections they accept from then on."""
+        cdef flb_listener_t *l = self._listener(i)
+        flb_store32(&l.ka_interval_s, interval_s)
+        flb_store32(&l.ka_count, count)
+        flb_store32(&l.user_timeout_ms, user_timeout_ms)
+        flb_store32(&l.ka_idle_s, idle_s)
+
+    def set_pool_keepalive(self, int i, uint32_t idle_s, uint32_t interval_s, uint32_t count,
+                           uint32_t user_timeout_ms) -> None:
+        """backend_keepalive and tcp_user_timeout of pool i (as set_listener_keepalive), applied to
+        backend connects started from then on."""
+        cdef flb_pool_t *p = self._pool(i)
+        flb_store32(&p.ka_interval_s, interval_s)
+        flb_store32(&p.ka_count, count)
+        flb_store32(&p.user_timeout_ms, user_timeout_ms)
+        flb_store32(&p.ka_idle_s, idle_s)
+
     def set_listener_prelude(self, int i, int proxy_protocol, int proxy_from_first, int proxy_from_n,
                              bint needs_sni, int sni_timeout_ms, int sni_policy) -> None:
         """Preludes of listener i: the PROXY protocol it accepts (enum flb_proxy_protocol) from the
@@ -450,6 +471,10 @@ cdef class Region:
     def set_health(self, int i, str state) -> None:
         flb_store32(&self._backend(i).health, HEALTH[state])
 
+    def set_priority(self, int i, uint32_t priority) -> None:
+        """Backend i's priority group (lower first; FLB_PRIORITY_BACKUP for `backup = true`)."""
+        flb_store32(&self._backend(i).priority, priority)
+
     def set_in_use(self, int i, bint in_use) -> None:
         flb_store32(&self._backend(i).in_use, 1 if in_use else 0)
 
@@ -538,6 +563,8 @@ cdef class Region:
             "udp_drop_unexpected": flb_load64(&l.udp_drop_unexpected),
             "udp_drop_rcvbuf": flb_load64(&l.udp_drop_rcvbuf),
             "udp_drop_reply_rcvbuf": flb_load64(&l.udp_drop_reply_rcvbuf),
+            "ka_idle_s": flb_load32(&l.ka_idle_s), "ka_interval_s": flb_load32(&l.ka_interval_s),
+            "ka_count": flb_load32(&l.ka_count), "user_timeout_ms": flb_load32(&l.user_timeout_ms),
         }
 
     def route(self, int i) -> dict:
@@ -567,6 +594,8 @@ cdef class Region:
             "scan_len": flb_load32(&p.scan_len),
             "no_backend": flb_load64(&p.no_backend),
             "send_proxy": p.send_proxy,
+            "ka_idle_s": flb_load32(&p.ka_idle_s), "ka_interval_s": flb_load32(&p.ka_interval_s),
+            "ka_count": flb_load32(&p.ka_count), "user_timeout_ms": flb_load32(&p.user_timeout_ms),
         }
 
     def backend(self, int i) -> dict:
@@ -582,6 +611,7 @@ cdef class Region:
             "consecutive_failures": flb_load64(&b.consecutive_failures),
             "connect_time_ewma_us": flb_load64(&b.connect_time_ewma_us),
             "attempts": flb_load64(&b.attempts), "close_conns": flb_load32(&b.close_conns),
+            "priority": flb_load32(&b.priority),
             "connect_time_sum_us": flb_load64(&b.connect_time_sum_us),
             "early_closes": flb_load64(&b.early_closes),
             "hist_connect": [flb_load64(&b.hist_connect[k]) for k in range(FLB_HIST_BUCKETS)],
@@ -617,6 +647,8 @@ cdef class Region:
             "udp_rx_datagrams": w.udp_rx_datagrams, "udp_tx_calls": w.udp_tx_calls,
             "udp_tx_datagrams": w.udp_tx_datagrams, "udp_flow_capacity": w.udp_flow_capacity,
             "udp_socket_errors": w.udp_socket_errors, "linger_errors": w.linger_errors,
+            "clients_lost": w.clients_lost, "backends_lost": w.backends_lost,
+            "sockopt_errors": w.sockopt_errors,
         }
 
     def reset_worker(self, int i) -> None:

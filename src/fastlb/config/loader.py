@@ -39,6 +39,15 @@ from fastlb.config.model import (
     PoolConfig,
 )
 from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.protect import BACKEND_KEYS as _PROTECT_BACKEND_KEYS
+from fastlb.config.protect import LISTENER_KEYS as _PROTECT_LISTENER_KEYS
+from fastlb.config.protect import POOL_KEYS as _PROTECT_POOL_KEYS
+from fastlb.config.protect import (
+    backend_priority,
+    listener_protect_fields,
+    pool_priorities,
+    pool_protect_fields,
+)
 from fastlb.config.rollouts import parse_rollouts
 from fastlb.config.routes import (
     LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
@@ -160,6 +169,7 @@ _LISTENER_KEYS = (
     *_ROUTE_LISTENER_KEYS,
     "protocol",
     *UDP_LISTENER_KEYS,
+    *_PROTECT_LISTENER_KEYS,
 )
 MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
@@ -176,9 +186,15 @@ _POOL_KEYS = (
     "outlier_detection",
     "discover",
     "send_proxy",
+    *_PROTECT_POOL_KEYS,
 )
-_BACKEND_KEYS = ("name", "address", "weight")
-_OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
+_BACKEND_KEYS = ("name", "address", "weight", *_PROTECT_BACKEND_KEYS)
+_OUTLIER_KEYS = (
+    "consecutive_failures",
+    "base_ejection_time",
+    "max_ejection_percent",
+    "successful_active_health_check_uneject_host",
+)
 _HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
     "tcp": (),
@@ -278,6 +294,7 @@ def _listeners(root: _Table, file: str, short_form: set[str]) -> dict[str, Liste
             **udp,
             routes=routes,
             **listener_prelude(t, routes or d.routes),
+            **listener_protect_fields(t),
         )
         check_udp_routes(t, udp["protocol"], listeners[name].needs_sni)
     return listeners
@@ -355,6 +372,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
         discover=discover,
         send_proxy=send_proxy,
+        **pool_protect_fields(t),
     )
 
 
@@ -391,8 +409,8 @@ def _backends(pool: _Table, file: str, backends_before: int) -> tuple[BackendCon
             )
         addresses[address] = name
         weight = t.get_int("weight", 1, 0, MAX_WEIGHT)
-        backends.append(BackendConfig(name=name, address=address, weight=weight))
-    return tuple(backends)
+        backends.append(BackendConfig(name=name, address=address, weight=weight, **backend_priority(t)))
+    return pool_priorities(pool, tuple(backends))
 
 
 def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "off") -> HealthCheckConfig:
@@ -500,4 +518,7 @@ def _outlier(data: object, path: str, file: str) -> OutlierConfig:
         consecutive_failures=t.get_int("consecutive_failures", d.consecutive_failures, 0, MAX_THRESHOLD),
         base_ejection_time=t.get_duration("base_ejection_time", d.base_ejection_time, positive=True),
         max_ejection_percent=t.get_int("max_ejection_percent", d.max_ejection_percent, 0, 100),
+        successful_active_health_check_uneject_host=t.get_bool(
+            "successful_active_health_check_uneject_host", d.successful_active_health_check_uneject_host
+        ),
     )

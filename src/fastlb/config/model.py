@@ -52,6 +52,8 @@ MAX_ROUTES = 64  # per listener
 MAX_SPLIT = 15  # FLB_MAX_SPLIT: pools in one route's split
 MAX_MATCH_ENTRIES = 1024  # source prefixes or sni patterns in one route (and proxy_protocol_from)
 MAX_SNI_BYTES = 253  # a DNS name
+MAX_PRIORITY = 65535  # a backend's priority group (an SRV record's priority field)
+BACKUP_PRIORITY = 65536  # FLB_PRIORITY_BACKUP: `backup = true`, after every numbered group
 
 
 def _default_workers() -> int:
@@ -109,6 +111,12 @@ class BackendConfig:
     name: str
     address: Address
     weight: int = 1  # 0..1000; 0 = no new connections
+    priority: int = 0  # priority group, lower first (0..65535; backup = BACKUP_PRIORITY): config/protect.py
+    backup: bool = False  # `backup = true`: the group after every other one
+
+    @property
+    def priority_name(self) -> str:
+        return "backup" if self.backup else str(self.priority)
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,18 @@ class OutlierConfig:
     consecutive_failures: int = 5  # 0 = disabled
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 50  # 0..100
+    # a passing active health check ends an ejection at once (Envoy's name and default)
+    successful_active_health_check_uneject_host: bool = True
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    """TCP keepalive of one side (config/protect.py): client_keepalive on a listener,
+    backend_keepalive on a pool.  Whole seconds (the kernel counts TCP_KEEPIDLE/INTVL in seconds)."""
+
+    idle: int = 60  # TCP_KEEPIDLE: seconds without traffic before the first probe
+    interval: int = 10  # TCP_KEEPINTVL: seconds between unanswered probes
+    count: int = 6  # TCP_KEEPCNT: unanswered probes before the connection is reset
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,8 @@ class PoolConfig:
     outlier_detection: OutlierConfig = OutlierConfig()
     discover: DiscoverConfig | None = None
     send_proxy: str = "off"  # "off" | "v1" | "v2": PROXY header written to the backends first
+    backend_keepalive: KeepaliveConfig | None = None  # None: no keepalive on backend sockets
+    tcp_user_timeout: float = 0.0  # backend sockets' TCP_USER_TIMEOUT, seconds; 0 = the kernel's
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -227,6 +249,8 @@ class ListenerConfig:
     proxy_protocol_from: tuple[IPNetwork, ...] = ()  # senders trusted to send a PROXY header
     sni_timeout: float = 5.0  # how long the prelude (PROXY header, ClientHello) may take
     sni_policy: str = "default"  # key sni_no_match (alias sni_policy): no server name: "default" | "reject"
+    client_keepalive: KeepaliveConfig | None = None  # None: no keepalive on accepted sockets
+    tcp_user_timeout: float = 0.0  # accepted sockets' TCP_USER_TIMEOUT, seconds; 0 = the kernel's
 
     def __post_init__(self) -> None:
         if not self.routes:

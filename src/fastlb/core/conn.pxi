@@ -21,6 +21,52 @@ cdef inline void backend_succeeded(flb_backend_t *b) noexcept nogil:
         flb_store64(&b.consecutive_failures, 0)
 
 
+cdef int sock_keepalive(int fd, uint32_t idle_s, uint32_t intvl_s, uint32_t cnt,
+                        uint32_t uto_ms) noexcept nogil:
+    """Protections (issue 21): TCP keepalive on fd when idle_s > 0 (SO_KEEPALIVE, TCP_KEEPIDLE,
+    TCP_KEEPINTVL, TCP_KEEPCNT), and TCP_USER_TIMEOUT when uto_ms > 0.  Values come from the
+    listener's or pool's shared record (the config checked their ranges).  Returns 0, or -errno of
+    the first call that failed (counted in worker.sockopt_errors; the connection goes on with the
+    kernel's defaults for what failed)."""
+    cdef int one = 1, v, rc = 0
+    if idle_s > 0:
+        if setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0:
+            rc = -errno
+        v = <int>idle_s
+        if setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+        v = <int>intvl_s
+        if setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+        v = <int>cnt
+        if setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+    if uto_ms > 0:
+        v = <int>uto_ms
+        if setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+    if rc < 0:
+        W.me.sockopt_errors += 1
+    return rc
+
+
+cdef inline void sock_protect_client(int fd, flb_listener_t *ls) noexcept nogil:
+    """client_keepalive / tcp_user_timeout of listener record ls on accepted fd: two loads and no
+    call when neither is configured.  Side effects only."""
+    cdef uint32_t idle = flb_load32(&ls.ka_idle_s)
+    cdef uint32_t uto = flb_load32(&ls.user_timeout_ms)
+    if idle != 0 or uto != 0:
+        sock_keepalive(fd, idle, flb_load32(&ls.ka_interval_s), flb_load32(&ls.ka_count), uto)
+
+
+cdef inline void sock_protect_backend(int fd, flb_pool_t *p) noexcept nogil:
+    """backend_keepalive / tcp_user_timeout of pool record p on a new backend socket fd."""
+    cdef uint32_t idle = flb_load32(&p.ka_idle_s)
+    cdef uint32_t uto = flb_load32(&p.user_timeout_ms)
+    if idle != 0 or uto != 0:
+        sock_keepalive(fd, idle, flb_load32(&p.ka_interval_s), flb_load32(&p.ka_count), uto)
+
+
 cdef inline socklen_t addr_read(flb_backend_t *b, uint8_t *out) noexcept nogil:
     """Copy b's address under its seqlock, SEQLOCK_TRIES reads at most.  Returns its length, or 0
     when no read saw the same even seq before and after (a writer in progress, or one that died
@@ -173,6 +219,7 @@ cdef int conn_connect(Conn *c) noexcept nogil:
             c.term = FLB_TERM_LOCAL_ERROR + 1
             return -1
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        sock_protect_backend(fd, p)
         flb_add64(&b.attempts, 1)
         rc = connect(fd, <sockaddr *>addr, alen)
         e = errno

@@ -59,6 +59,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
+        sock_protect_client(fd, l.shm)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:

@@ -111,6 +111,8 @@ ctypedef struct PoolView:
     uint64_t *cum           # prefix sums of w, for weighted random draws
     int64_t *cw             # smooth-WRR current weights
     uint64_t total          # sum of w
+    uint32_t ramp           # round_robin: 1 while a backend's effective weight is below its weight
+                            # (slow start): w then holds 1000 x eff_weight / weight, picked by smooth WRR
 
 
 ctypedef struct RouteView:
@@ -194,6 +196,7 @@ ctypedef struct Worker:
     # selection state (per worker)
     uint32_t *rr            # per pool round-robin cursor
     PoolView *views         # per pool: what may take new connections (rebuilt on publish)
+    PoolView *fviews        # per pool: the next priority group, for retries that tried all of views
     uint8_t *ok             # per backend: 1 if in its pool's view
     # routes (core/routes.pxi)
     flb_route_t *routes

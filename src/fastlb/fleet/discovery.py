@@ -7,8 +7,10 @@ goes to the backend manager's ordinary lifecycle (added: slow start; vanished: d
 drain_timeout; weight changed: applied).  A failing or empty answer keeps the last good set: the
 pool is never emptied by DNS trouble (logged, and counted in `failures`).
 
-SRV: only the records of the lowest priority are used (higher priorities are backups, RFC 2782);
-their weight (0..65535) becomes the backend weight, clamped to 1..1000.  A target's address comes
+SRV: every record becomes a backend; its priority (RFC 2782: lower first, higher ones are backups)
+becomes the backend's priority group (new connections go to the lowest group with a usable backend,
+the same mechanism as `priority` / `backup = true` in the file), and its weight (0..65535) the
+backend weight, clamped to 1..1000.  A target listed under two priorities counts at the lower one.  A target's address comes
 from the answer's additional section or from an A (then AAAA) lookup; its first address is used.
 """
 
@@ -151,15 +153,12 @@ async def _resolve_srv(
     records = list(ans)
     if not records:
         raise dns.resolver.NoAnswer()
-    best = min(r.priority for r in records)
     additional: dict[str, list[str]] = {}
     for rrset in ans.response.additional:
         if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             additional.setdefault(rrset.name.to_text().lower(), []).extend(sorted(r.address for r in rrset))
     found: dict[str, BackendConfig] = {}
-    for r in records:
-        if r.priority != best:
-            continue
+    for r in sorted(records, key=lambda r: r.priority):
         target = r.target.to_text().lower()
         if target == ".":
             continue  # "service decidedly not available" (RFC 2782)
@@ -174,8 +173,10 @@ async def _resolve_srv(
         host = addrs[0]
         fam = 10 if ":" in host else 2
         name = backend_name(target, r.port)
+        if name in found:
+            continue  # already there at a lower (preferred) priority
         weight = max(1, min(MAX_WEIGHT, r.weight))
-        found[name] = BackendConfig(name, Address(host, r.port, fam), weight)
+        found[name] = BackendConfig(name, Address(host, r.port, fam), weight, priority=r.priority)
     if not found:
         raise DiscoveryError(f"{dc.name}: no SRV target with an address")
     return [found[k] for k in sorted(found)], ttl
@@ -240,14 +241,14 @@ class Discovery:
             log.info("discovery for pool %s: answering again", pd.pool)
         pd.last_error = None
         pd.last_ok = time.time()
-        if [(b.name, b.address, b.weight) for b in backends] != [
-            (b.name, b.address, b.weight) for b in pd.backends
+        if [(b.name, b.address, b.weight, b.priority) for b in backends] != [
+            (b.name, b.address, b.weight, b.priority) for b in pd.backends
         ]:
             log.info(
                 "discovery for pool %s: %s -> %s",
                 pd.pool,
                 ", ".join(b.name for b in pd.backends) or "none",
-                ", ".join(f"{b.name}={b.address}/{b.weight}" for b in backends),
+                ", ".join(f"{b.name}={b.address}/{b.weight}/priority {b.priority}" for b in backends),
             )
             pd.backends = backends
             self.apply(pd.pool, backends)

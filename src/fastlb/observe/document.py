@@ -29,7 +29,17 @@ def listener_settings(li: dict[str, Any]) -> dict[str, Any]:
         "idle_timeout_ms": li["idle_timeout_ms"],
         "max_connections": li["max_connections"],
         "backlog": li["backlog"],
+        **keepalive_settings(li, "client_keepalive"),
     }
+
+
+def keepalive_settings(rec: dict[str, Any], key: str) -> dict[str, Any]:
+    """TCP keepalive (`key`: client_keepalive of a listener, backend_keepalive of a pool; None = off)
+    and tcp_user_timeout_ms (0 = the kernel's default) as the workers apply them now (issue 21)."""
+    keepalive = None
+    if rec["ka_idle_s"]:
+        keepalive = {"idle_s": rec["ka_idle_s"], "interval_s": rec["ka_interval_s"], "count": rec["ka_count"]}
+    return {key: keepalive, "tcp_user_timeout_ms": rec["user_timeout_ms"]}
 
 
 def check_status(check: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -60,5 +70,7 @@ def backend_extras(b: dict[str, Any], slot: Any, check: dict[str, Any] | None) -
         "connect_time_sum_us": b["connect_time_sum_us"],
         "ejections": slot.ejections,
         "drains": slot.drains,
+        "priority": slot.priority,
+        "backup": slot.backup,
         "check": check_status(check),
     }

@@ -85,6 +85,7 @@ _BACKEND = [
     ("ejections", "ejections", "Times passive ejection (outlier detection) took the backend out.", True),
     ("drains", "drains", "Times a drain of the backend began.", True),
     ("weight", "weight", "Configured weight (or the last set-weight).", False),
+    ("priority", "priority", "Priority group, lower first (65536: backup = true).", False),
     ("effective_weight", "effective_weight", "Weight the workers use now (slow start, 0 = none).", False),
     ("consecutive_failures", "consecutive_failures", "Failed connects since the last success.", False),
 ]
@@ -113,6 +114,20 @@ _WORKER = [
     ("seqlock_fallbacks", "seqlock_fallbacks", "Backend addresses read from the last good copy.", True),
     ("pipes_small", "pipes_small", "Pipes smaller than the default 64 KiB.", True),
     ("linger_errors", "linger_errors", "setsockopt(SO_LINGER) failures (reset-on-death not set).", True),
+    # issue 21: the kernel gave up on a peer (ETIMEDOUT: keepalive probes or tcp_user_timeout)
+    (
+        "clients_lost",
+        "clients_lost",
+        "Connections reset because the client stopped answering (keepalive, user timeout).",
+        True,
+    ),
+    (
+        "backends_lost",
+        "backends_lost",
+        "Connections reset because the backend stopped answering (keepalive, user timeout).",
+        True,
+    ),
+    ("sockopt_errors", "sockopt_errors", "Keepalive / user-timeout setsockopt calls that failed.", True),
 ]
 
 
@@ -249,10 +264,16 @@ class FastlbCollector:
         panic = GaugeMetricFamily(
             "fastlb_pool_panic", "1 while every backend is down and all_down = panic.", labels=["pool"]
         )
+        active = GaugeMetricFamily(
+            "fastlb_pool_active_priority",
+            "The priority group taking new connections (-1: none usable).",
+            labels=["pool"],
+        )
         for p in st["pools"]:
             no_backend.add_metric([p["name"]], p["no_backend"])
             panic.add_metric([p["name"]], 1 if p["panic"] else 0)
-        yield from (no_backend, panic)
+            active.add_metric([p["name"]], -1 if p["active_priority"] is None else p["active_priority"])
+        yield from (no_backend, panic, active)
         # pool totals: sums over the pool's backends (removed ones included while they drain)
         pool_rows = []
         for p in st["pools"]:

@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastlb.config import Config, ConfigError, GlobalConfig, ListenerConfig, load_config
+from fastlb.config.protect import keepalive_record
 
 log = logging.getLogger("fastlb")
 
@@ -95,6 +96,10 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
             lc.max_connections,
             lc.backlog,
             round(getattr(lc, "half_close_timeout", 0.0) * 1000),
+        )
+        sup.region.set_listener_keepalive(
+            i,
+            *keepalive_record(getattr(lc, "client_keepalive", None), getattr(lc, "tcp_user_timeout", 0.0)),
         )
     sup.region.publish()
     if sup.checker is not None:
@@ -238,6 +243,8 @@ _LISTENER_APPLIED = (
     "half_close_timeout",
     "max_connections",
     "backlog",
+    "client_keepalive",  # issue 21: connections accepted from then on
+    "tcp_user_timeout",
 )
 # listener keys handled elsewhere: bind (above), routes and preludes (runtime/routes.py via _routes)
 _LISTENER_ELSEWHERE = (

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config
+from fastlb.config.protect import keepalive_record
 from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
-from fastlb.observe.document import backend_extras, listener_settings, worker_status
+from fastlb.observe.document import backend_extras, keepalive_settings, listener_settings, worker_status
 from fastlb.runtime import runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.control_socket import ControlServer, ControlSocketError
@@ -156,8 +157,17 @@ class Supervisor:
             region.set_pool(
                 ps.index, pc.name, pc.algorithm, pc.hash_key, pc.retries, ps.first, ps.n_slots, pc.all_down
             )
+            region.set_pool_keepalive(ps.index, *keepalive_record(pc.backend_keepalive, pc.tcp_user_timeout))
             for k, bc in enumerate(pc.backends):
-                slot = BackendSlot(ps.first + k, pc.name, bc.name, str(bc.address), bc.weight)
+                slot = BackendSlot(
+                    ps.first + k,
+                    pc.name,
+                    bc.name,
+                    str(bc.address),
+                    bc.weight,
+                    priority=bc.priority,
+                    backup=bc.backup,
+                )
                 ps.slots[bc.name] = slot
                 region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
         for i, lc in enumerate(cfg.listeners.values()):
@@ -173,6 +183,7 @@ class Supervisor:
                 round(lc.half_close_timeout * 1000),
                 **udp_listener_fields(lc),
             )
+            region.set_listener_keepalive(i, *keepalive_record(lc.client_keepalive, lc.tcp_user_timeout))
         return region
 
     # --- workers -----------------------------------------------------------------------------
@@ -337,7 +348,9 @@ class Supervisor:
         await self.ops.start(self)
         tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
-        self.checker = HealthChecker(targets, self._on_check_transition)
+        self.checker = HealthChecker(
+            targets, self._on_check_transition, on_success=self.backends.on_check_success
+        )
         tasks.append(asyncio.create_task(self.checker.run()))
         self._start_fleet_services()
         self.ops.close_inherited()
@@ -573,6 +586,7 @@ class Supervisor:
                         "removed": slot.removed,
                         "weight_source": self.backends.value_source(slot, "weight"),
                         "admin_source": self.backends.value_source(slot, "admin"),
+                        "ejected_until": self.backends.ejected_until(slot),
                         **backend_extras(b, slot, checks.get((ps.config.name, slot.name))),
                         **_check_counts(checks.get((ps.config.name, slot.name))),
                     }
@@ -588,6 +602,8 @@ class Supervisor:
                     "all_down_policy": ps.config.all_down,
                     "rise": ps.config.health_check.rise if ps.config.health_check else 0,
                     "slow_start": ps.config.slow_start,
+                    **keepalive_settings(p, "backend_keepalive"),
+                    "active_priority": self.backends.active_priority(ps),
                     "backends": backends,
                     **(
                         {"discovery": self.discovery.pools[ps.config.name].status()}
