@@ -126,6 +126,14 @@ class StateFile:
             return self._aside(f"cannot read it ({exc.strerror or exc})")
         finally:
             os.close(fd)
+        # trusted() held for the descriptor the document came from: its rollouts' commands may run
+        self.commands_trusted = self.use(data)
+        return self.commands_trusted
+
+    def use(self, data: bytes) -> bool:
+        """Take the runtime values from `data` (the file's bytes, read from a trusted file): True if
+        it was used; a damaged or foreign document is set aside (False).  Raises StateFileInUse
+        only (tests/test_statefile.py fuzzes it)."""
         doc, problem = decode(data)
         if problem is None:
             problem = _check(doc, self.config_file)
@@ -135,7 +143,6 @@ class StateFile:
         self.values, self.rollouts, self.rejected_rollouts, self.deploy, warnings = parse(doc)
         for key, why in warnings:
             log.warning("state file %s: %s skipped: %s", self.path, key, why)
-        self.commands_trusted = True  # trusted() held for the descriptor the document came from
         log.info(
             "state file %s: %d runtime values, %d rollouts (written by pid %s)",
             self.path,
