@@ -129,14 +129,18 @@ def _client(config_file: str | None, socket_path: str | None):  # -> ControlClie
     if opts.get("admin"):
         from fastlb.fleet.client import AdminClient
 
-        return AdminClient(opts["admin"], _token(opts.get("token_file")), cafile=opts.get("cafile"))
-    if socket_path:
-        return ControlClient(socket_path)
-    if config_file:
-        return ControlClient(_load_or_exit(config_file).global_.control_socket)
-    from fastlb.config import GlobalConfig
+        client = AdminClient(opts["admin"], _token(opts.get("token_file")), cafile=opts.get("cafile"))
+    elif socket_path:
+        client = ControlClient(socket_path)
+    elif config_file:
+        client = ControlClient(_load_or_exit(config_file).global_.control_socket)
+    else:
+        from fastlb.config import GlobalConfig
 
-    return ControlClient(GlobalConfig.control_socket)  # the default, /run/fastlb/control.sock
+        client = ControlClient(GlobalConfig.control_socket)  # the default, /run/fastlb/control.sock
+    # a change applied but not kept across a restart (the state file cannot be written): stderr
+    client.on_warning = lambda text: click.echo(f"fastlb: warning: {text}", err=True)
+    return client
 
 
 def _control_options(f):

@@ -37,6 +37,7 @@ from fastlb.config.model import (
     ListenerConfig,
     OutlierConfig,
     PoolConfig,
+    default_state_file,
 )
 from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
 from fastlb.config.protect import BACKEND_KEYS as _PROTECT_BACKEND_KEYS
@@ -216,7 +217,7 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
-    state_file = t.get_str("state_file", d.state_file)
+    state_file = t.get_str("state_file", default_state_file(sock))
     if not state_file.startswith("/") or "\0" in state_file:
         raise t.error("state_file", f"{_quote(state_file)} must be an absolute path (no NUL)")
     access_log = parse_access_log(t)

@@ -268,13 +268,33 @@ class ListenerConfig:
         return self.sni_policy
 
 
+STATE_DIRECTORY = "/var/lib/fastlb"  # the shipped unit's StateDirectory=fastlb
+
+
+def default_state_file(control_socket: str) -> str:
+    """`[global] state_file` when the file does not set it: one per control socket (two instances
+    on a host never share one), and /var/lib/fastlb/state.json for the default control socket (so
+    existing installs keep their state): e.g. /run/fastlb/edge.sock ->
+    /var/lib/fastlb/edge-<8 hex digits of the socket path's SHA-256>.state.json."""
+    if control_socket == GlobalConfig.control_socket:
+        return f"{STATE_DIRECTORY}/state.json"
+    import hashlib
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(control_socket)).removesuffix(".sock")
+    digest = hashlib.sha256(control_socket.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{STATE_DIRECTORY}/{(name or 'control')[:40]}-{digest}.state.json"
+
+
 @dataclass(frozen=True)
 class GlobalConfig:
     workers: int = field(default_factory=_default_workers)
     control_socket: str = "/run/fastlb/control.sock"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
-    state_file: str = "/var/lib/fastlb/state.json"  # runtime changes kept across reload/restart
+    # runtime changes kept across reload/restart; the loader derives it from control_socket
+    # (default_state_file) when the file does not set it
+    state_file: str = "/var/lib/fastlb/state.json"
     admin: AdminConfig | None = None
     access_log: str = "off"  # "off" | "stdout" | an absolute path
     access_log_format: str = "json"  # "json" | "text"

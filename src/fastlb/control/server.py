@@ -102,8 +102,22 @@ def _set_split(sup: ControlTarget, req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+CHANGES = ("set-weight", *ADMIN_FOR, "set-split", *(c for c in DEPLOY_COMMANDS if c != "rollout-status"))
+
+
 def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
-    """Apply one request line; never raises, never half-applies."""
+    """Apply one request line; never raises, never half-applies.  The reply of a runtime change
+    that will not survive a restart (the state file cannot be written) carries a "warning"."""
+    seen: list[str] = []
+    reply = _handle(sup, line, seen)
+    if reply.get("ok") and seen and seen[0] in CHANGES:
+        warning = getattr(sup, "persist_warning", lambda: None)()
+        if warning:
+            reply["warning"] = warning
+    return reply
+
+
+def _handle(sup: ControlTarget, line: bytes, seen: list[str]) -> dict[str, Any]:
     try:
         if len(line) > MAX_REQUEST:
             raise ControlError("request too long")
@@ -116,6 +130,7 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             raise ControlError("request must be a JSON object with a string 'cmd'")
         cmd = req["cmd"]
+        seen.append(cmd)
         if cmd == "status":
             return {"ok": True, "status": sup.status()}
         if cmd == "set-weight":

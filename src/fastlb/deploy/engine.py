@@ -147,17 +147,32 @@ class DeployManager:
         if routes is None:
             return
         self._settle_splits()
-        for name, rec in list(self.sup.state.rollouts.items()):
+        restored = list(self.sup.state.rollouts.items())
+        for name, (rec, why) in list(self.sup.state.rejected_rollouts.items()):  # skipped by the loader
+            self._untrusted(name, rec, why)
+        for name, rec in restored:
             try:
                 r = Rollout.from_dict(rec)
                 self._check_spec(r.spec)
-            except (ValueError, KeyError, TypeError, DeployError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, DeployError) as exc:
                 self._untrusted(name, rec, str(exc.args[0]) if exc.args else type(exc).__name__)
                 continue
             self.rollouts[name] = r
             if r.active:
                 r.resumed_after_restart(self.clock(), self._pair(r))
-                log.warning("rollout %s: resumed after a restart at %d%% (%s)", name, r.share, r.status)
+                if r.spec.gates.check and r.status == "progressing" and not self.sup.state.commands_trusted:
+                    # its command came from a file this fastlb cannot vouch for (issue 24 item 1)
+                    r.pause(self.clock())
+                    log.warning(
+                        "rollout %s: paused after a restart: its check command comes from the state file "
+                        "%s, which is not owned by this fastlb's uid or is writable by others; resume it "
+                        "(fastlb rollout resume %s) if the command is yours",
+                        name,
+                        self.sup.state.path,
+                        name,
+                    )
+                else:
+                    log.warning("rollout %s: resumed after a restart at %d%% (%s)", name, r.share, r.status)
                 self._apply(r)
                 self._save(r)
 
@@ -172,6 +187,7 @@ class DeployManager:
             return
         log.error("rollout %s: its saved state cannot be trusted (%s); rolling back", name, why)
         spec = rec.get("spec", {}) if isinstance(rec, dict) else {}
+        spec = spec if isinstance(spec, dict) else {}
         listener, route, to, frm = (spec.get(k) for k in ("listener", "route", "to", "from"))
         if all(isinstance(x, str) for x in (listener, route, to, frm)):
             with contextlib.suppress(DeployError):

@@ -51,9 +51,7 @@ class AdminClient(ControlClient):
             reply = json.loads(raw)
         except ValueError:
             raise ControlError(f"garbled reply from {self.url}") from None
-        if not reply.get("ok"):
-            raise ControlError(reply.get("error", "request refused"))
-        return reply
+        return self._checked(reply)
 
 
 def read_token_file(path: str) -> str:

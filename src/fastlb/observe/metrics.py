@@ -208,6 +208,14 @@ class FastlbCollector:
         for result in ("ok", "failed"):
             fam.add_metric([result], reload.get(f"{result}_total", 0))
         yield fam
+        sf = st.get("state_file")
+        if sf is not None:
+            yield GaugeMetricFamily(
+                "fastlb_state_file_writable",
+                "1 if the last write of the state file succeeded; 0: runtime changes are not kept "
+                "across a restart.",
+                1 if sf["writable"] else 0,
+            )
         yield from self._access_log(st)
         yield from self._listeners(st)
         yield from self._pools(st)

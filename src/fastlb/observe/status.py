@@ -72,8 +72,19 @@ def format_status(st: dict[str, Any]) -> str:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    sf = st.get("state_file") or {}
     if runtime:
-        lines.append("* set at runtime (kept in the state file), not the config file's value")
+        lines.append(
+            "* set at runtime (kept in the state file), not the config file's value"
+            if sf.get("writable", True)
+            else "* set at runtime, NOT kept across a restart (the state file cannot be written), "
+            "not the config file's value"
+        )
+    if not sf.get("writable", True):
+        lines.append(
+            f"state file {sf['path']}: cannot be written ({sf.get('error')}): runtime changes will "
+            "not survive a restart"
+        )
     for li in st["listeners"]:
         if li.get("protocol") == "udp":
             lines.append(_udp_line(li))

@@ -40,7 +40,7 @@ from fastlb.runtime.ops import OpsServices
 from fastlb.runtime.preludes import prelude_status
 from fastlb.runtime.reload import reload_config
 from fastlb.runtime.routes import RouteManager, route_layout
-from fastlb.runtime.statefile import StateFile
+from fastlb.runtime.statefile import StateFile, StateFileInUse
 from fastlb.runtime.tables import table_capacity
 from fastlb.runtime.udp import udp_listener_fields, udp_listener_status
 from fastlb.runtime.watchdog import Watchdog
@@ -112,8 +112,11 @@ class Supervisor:
         self.runfile_path = runfile.path_for(config.global_.control_socket)
         self.watchdog = Watchdog(self, config.global_.worker_stall_timeout)
         self.region = self._build_region()
-        self.state = StateFile(config.global_.state_file, config.file)
-        self.state.load()
+        self.state = StateFile(config.global_.state_file, config.file, config.global_.control_socket)
+        try:
+            self.state.load()
+        except StateFileInUse as exc:
+            raise StartupError(str(exc)) from None
         self.backends = BackendManager(self.region, self.pools, self.state)
         self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
         self.dataplane = DataPlaneWatch(self.region, self.n_workers)
@@ -389,6 +392,7 @@ class Supervisor:
             try:
                 self.backends.tick()
                 self.dataplane.check()
+                self.state.retry()
             except Exception:
                 log.exception("periodic backend update failed")
             self.watchdog.check()
@@ -535,6 +539,11 @@ class Supervisor:
         except ControlSocketError as exc:
             raise StartupError(str(exc)) from None
 
+    def persist_warning(self) -> str | None:
+        """For the reply of a runtime change (fastlb.control.server): None, or that the change
+        will not survive a restart because the state file cannot be written."""
+        return self.state.warning()
+
     def _control_request(self, line: bytes, writer: asyncio.StreamWriter) -> dict | None:
         """One request line from the control socket: its reply (written by the ControlServer)."""
         req = _takeover_request(line)
@@ -664,6 +673,7 @@ class Supervisor:
             "generation": r.generation,
             "deploy": self.deploy.status_view(),
             "config_file": self.config.file,
+            "state_file": self.state.status(),
             "listeners": listeners,
             "pools": pools,
             "workers": workers,
@@ -717,7 +727,12 @@ def serve(config: Config, workers: int | None = None, takeover_: bool = False) -
     except takeover.TakeoverError as exc:
         print(f"fastlb: {exc}", file=sys.stderr, flush=True)
         return 1
-    sup = Supervisor(config, workers, predecessor)
+    try:
+        sup = Supervisor(config, workers, predecessor)
+    except StartupError as exc:
+        log.error("%s", exc)
+        predecessor.abandon(str(exc))
+        return 1
     try:
         return asyncio.run(sup.run())
     except StartupError as exc:
