@@ -229,7 +229,10 @@ def test_a_foreground_serve_stays_the_parent_through_takeovers(backends, tmp_pat
         )
         time.sleep(0.5)  # observation window: the process the operator started must not exit
         assert proc.poll() is None, "".join(lines)[-3000:]
-        assert psutil.Process(proc.pid).name() == "fastlb serve"
+        keeper = psutil.Process(proc.pid)
+        wait_until(lambda: "fastlb.runtime.handover" in keeper.cmdline(), 10, "the keeper")
+        assert keeper.name() == "fastlb serve"
+        assert keeper.net_connections(kind="all") == [] and keeper.num_fds() <= 4  # no socket, no region
         succ = psutil.Process(first)
         assert succ.name() == "fastlb serve" and succ.ppid() == proc.pid
         wait_until(lambda: any(f"fastlb[{first}] INFO ready:" in x for x in lines), 10, "its log on the pipe")

@@ -242,7 +242,11 @@ class Discovery:
                     why,
                 )
 
-        waiting = [self.pools[p] for p in pools if p in self.pools and not self.pools[p].answered.is_set()]
+        waiting = [
+            pd
+            for pd in (self.pools[p] for p in pools if p in self.pools)
+            if not pd.answered.is_set() and pd.config.initial_timeout > 0  # 0: do not wait
+        ]
         if waiting:
             await asyncio.gather(*(one(pd) for pd in waiting))
 

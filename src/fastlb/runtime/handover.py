@@ -191,6 +191,16 @@ class Handover:
         self.sup.ops.upgrade_failed(pid, f"the new instance exited ({why})")
         self._run_pending_reload()
 
+    def forward(self, sig: signal.Signals | None) -> None:
+        """A SIGTERM/SIGINT while this process drains after a takeover in the foreground: it is
+        meant for the instance that serves now (this process becomes the keeper that forwards)."""
+        if sig is None or not (self.keep and self.handed_to):
+            return
+        pid = serving_pid(self.sup.runfile_path, self.handed_to)
+        log.info("%s: forwarding it to pid %d, which serves now", sig.name, pid)
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
     # --- a reload during a takeover ---
 
     def reload(self, run: Any) -> dict[str, Any]:
@@ -366,24 +376,26 @@ def become_keeper(successor: int, runfile_path: str) -> None:
     os.execv(argv[0], argv)
 
 
+def serving_pid(runfile_path: str, default: int) -> int:
+    """The control process that serves now (the runtime file names it), else default."""
+    from fastlb.runtime import runfile
+
+    rf = runfile.read(runfile_path)
+    return rf.control_pid if rf is not None and rf.control_alive() else default
+
+
 def keep(main: int, runfile_path: str) -> int:
     """The keeper's loop: wait for every child (the successors adopted as a subreaper), forward
     the operator's signals to whichever fastlb serves now, exit with the last one's exit code."""
-    from fastlb.runtime import runfile
-
     set_title()
     current = [main]
 
     def serving() -> int:
-        rf = runfile.read(runfile_path)
-        if rf is not None and rf.control_alive():
-            return rf.control_pid
-        return current[0]
+        return serving_pid(runfile_path, current[0])
 
     def forward(sig: int, _frame: object) -> None:
-        pid = serving()
         with contextlib.suppress(OSError):
-            os.kill(pid, sig)
+            os.kill(serving(), sig)
 
     for sig in KEEPER_SIGNALS:
         signal.signal(sig, forward)

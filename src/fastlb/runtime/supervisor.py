@@ -492,6 +492,7 @@ class Supervisor:
         successor holds them too), tell the workers to drain, exit when they are gone.
         successor: the pid of the fastlb that took over; systemd is told it is the main process."""
         if self.stopping:
+            self.handover.forward(sig)  # the foreground: a stop meant for whichever instance serves
             return
         self.stopping = True
         self.deploy.stop(handed_over=successor is not None)  # rollouts hold; a successor owns the state file
