@@ -122,9 +122,12 @@ class AdminServer:
         runner = self._runner
         if runner is None:
             return
+        from fastlb.runtime.handover import stop_accepting
+
         self._handing_over = True
         for site in list(runner.sites):
-            await site.stop()  # the listening socket closes here; the successor holds its own
+            await stop_accepting(getattr(site, "_server", None))  # the successor holds its own copy
+            await site.stop()
         server = runner.server
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace

@@ -323,6 +323,22 @@ class Handover:
                 await self._services
 
 
+async def stop_accepting(server: asyncio.AbstractServer | None) -> None:
+    """Stop accepting on an asyncio server without losing a connection it accepted already, then
+    close it.  asyncio accepts a burst of connections and makes their transports one loop turn
+    later; Server.close() in between makes those fail (`assert self._sockets is not None` in
+    Server._attach) and drops them unanswered (a reset, or a hang until the socket is collected).
+    So: stop watching the listening sockets first, let the accepted ones attach, then close."""
+    if server is None:
+        return
+    loop = asyncio.get_running_loop()
+    for s in server.sockets or ():
+        loop.remove_reader(s.fileno())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    server.close()
+
+
 async def _nothing() -> None:
     return None
 

@@ -90,10 +90,12 @@ class OpsServices:
     async def hand_over_metrics(self, grace: float) -> None:
         """Taken over: stop accepting scrapes (the successor serves the same socket from now on),
         and answer the ones already accepted (up to grace seconds) before this process lets go."""
+        from fastlb.runtime.handover import stop_accepting
+
         server, self._metrics = self._metrics, None
         if server is None:
             return
-        server.close()
+        await stop_accepting(server)
         deadline = time.monotonic() + grace
         # asyncio's Server counts its live connections (_active_count); each ends after its answer
         while getattr(server, "_active_count", 0) > 0 and time.monotonic() < deadline:

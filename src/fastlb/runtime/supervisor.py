@@ -424,6 +424,10 @@ class Supervisor:
         for name, pd in self.discovery.pools.items():
             inherited = handover.inherited_backends(self.predecessor.carried, name, pd.query)
             self.discovery.inherit(name, inherited, self.predecessor.pid)
+            if inherited:  # served before: full weight at once, as static backends at start
+                for slot in self.pools[name].slots.values():
+                    slot.slow_start_from = None
+                self.backends.publish_pool(self.pools[name])
         self.discovery.start()
         await self.discovery.wait_first(
             [n for n, p in self.config.pools.items() if p.discover and not p.backends]
