@@ -11,7 +11,17 @@ from fastlb.config.model import Address, AdminConfig, DiscoverConfig
 from fastlb.config.values import _describe, _quote, _Table, parse_address
 
 ADMIN_KEYS = ("admin", "admin_token_file", "admin_tls_cert", "admin_tls_key")
-DISCOVER_KEYS = ("srv", "a", "port", "resolvers", "min_interval", "max_interval", "max_backends")
+DISCOVER_KEYS = (
+    "srv",
+    "a",
+    "port",
+    "resolvers",
+    "min_interval",
+    "max_interval",
+    "max_backends",
+    "initial_timeout",
+)
+MAX_INITIAL_TIMEOUT = 300.0  # seconds a start may wait for its first DNS answer
 MAX_DISCOVERED = 256  # backend slots a discovered pool reserves at most
 _DNS_NAME_RE = re.compile(
     r"(?=.{1,253}\.?$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
@@ -96,6 +106,11 @@ def parse_discover(pool: _Table) -> DiscoverConfig | None:
     max_interval = t.get_duration("max_interval", 300.0, positive=True)
     if max_interval < min_interval:
         raise t.error("max_interval", f"is below min_interval ({min_interval:g}s)")
+    initial_timeout = t.get_duration("initial_timeout", 5.0)
+    if initial_timeout > MAX_INITIAL_TIMEOUT:
+        raise t.error(
+            "initial_timeout", f"is over {MAX_INITIAL_TIMEOUT:g}s (a start waits that long at most)"
+        )
     return DiscoverConfig(
         kind=kind,
         name=name.rstrip(".") + ".",
@@ -104,4 +119,5 @@ def parse_discover(pool: _Table) -> DiscoverConfig | None:
         min_interval=min_interval,
         max_interval=max_interval,
         max_backends=t.get_int("max_backends", 64, 1, MAX_DISCOVERED),
+        initial_timeout=initial_timeout,
     )

@@ -170,6 +170,7 @@ class DiscoverConfig:
     min_interval: float = 1.0  # re-resolve at the record's TTL, bounded by these
     max_interval: float = 300.0
     max_backends: int = 64  # backend slots reserved for what DNS returns
+    initial_timeout: float = 5.0  # no static backends: wait this long for the first answer at start
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class AdminServer:
         self.port: int | None = None
         self._inherited = inherited  # a predecessor's listening socket for this address (takeover)
         self._sock: socket.socket | None = None
+        self._handing_over = False  # taken over: answer what was accepted, with Connection: close
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REQUEST, middlewares=[self._guard])
@@ -112,6 +113,36 @@ class AdminServer:
             {"name": "admin", "bind": f"admin/{self.config.bind}", "worker": -1, "fd": self._sock.fileno()}
         ]
 
+    async def hand_over(self, grace: float) -> None:
+        """Taken over (the successor serves the same socket from now on): stop accepting, answer
+        every request already accepted (Connection: close) and close idle keep-alive connections,
+        waiting up to grace seconds for requests still on their way, then stop.  aiohttp's own
+        shutdown would close an accepted connection whose request has not been read yet: that
+        client would get no answer at all."""
+        runner = self._runner
+        if runner is None:
+            return
+        from fastlb.runtime.handover import stop_accepting
+
+        self._handing_over = True
+        for site in list(runner.sites):
+            await stop_accepting(getattr(site, "_server", None))  # the successor holds its own copy
+            await site.stop()
+        server = runner.server
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while server is not None and server.connections and loop.time() < deadline:
+            for conn in list(server.connections):
+                # served at least once, nothing in progress or queued: an idle keep-alive connection
+                if (
+                    getattr(conn, "_request_count", 0) > 0
+                    and not getattr(conn, "_request_in_progress", True)
+                    and not getattr(conn, "_messages", True)
+                ):
+                    conn.close()
+            await asyncio.sleep(0.02)
+        await self.stop()
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
@@ -132,7 +163,10 @@ class AdminServer:
             ):
                 return _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
         try:
-            return await handler(request)
+            response = await handler(request)
+            if self._handing_over:  # taken over: this is the connection's last answer here
+                response.force_close()
+            return response
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"request body over {MAX_REQUEST} bytes")
         except web.HTTPNotFound:

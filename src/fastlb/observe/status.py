@@ -119,6 +119,11 @@ def _udp_line(li: dict[str, Any]) -> str:
 def format_reload(r: dict[str, Any]) -> str:
     """`fastlb reload`'s output: what was applied in place, what a takeover applies, and what
     needs a restart."""
+    if r.get("deferred") or r.get("forwarded"):  # a takeover is under way (runtime/handover.py)
+        pid = r.get("successor") or r.get("forwarded")
+        return (
+            f"reload of {r['file']} left to pid {pid}, which is taking over: it re-reads the file once ready"
+        )
     lines = [f"reloaded {r['file']}: {len(r['applied'])} changes applied"]
     lines += [f"  applied: {a}" for a in r["applied"]]
     lines += [f"  ignored: {a}" for a in r.get("ignored", [])]
