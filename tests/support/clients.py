@@ -312,6 +312,13 @@ def cli_process(*args: str) -> subprocess.Popen:
     )
 
 
+def write_token_file(path, token: str, mode: int = 0o600):
+    """An admin API bearer token file (0600 unless told: the admin API refuses one others can read)."""
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    return path
+
+
 def backends_of(st: dict, pool: str = "web") -> dict[str, dict]:
     """name -> backend record of one pool in a status document."""
     p = next(p for p in st["pools"] if p["name"] == pool)

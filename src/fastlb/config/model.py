@@ -160,6 +160,14 @@ class AdminConfig:
     token_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    header_timeout: float = 10.0  # a connection's first request head must be in by then
+    keepalive_timeout: float = 30.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 256  # open at once; one more is accepted and closed at once
+
+    @property
+    def read_only(self) -> bool:
+        """No token: GET /v1/status, /v1/rollout-status and /metrics only; every change is 401."""
+        return self.token_file is None
 
 
 @dataclass(frozen=True)
