@@ -106,7 +106,9 @@ def test_cross_site_text_plain_post_never_changes_state(fastlb, backends, tmp_pa
     assert s == 403 and "cross-site" in json.loads(body)["error"]
     # even with the token a cross-site request is refused, and a body must be JSON-typed
     auth = ("-H", f"Authorization: Bearer {TOKEN}")
-    s, _ = curl_as(NOBODY, f"{url}/v1/set-weight", *auth, "-H", "Origin: http://evil.example", *JSON, "-d", weight0)
+    s, _ = curl_as(
+        NOBODY, f"{url}/v1/set-weight", *auth, "-H", "Origin: http://evil.example", *JSON, "-d", weight0
+    )
     assert s == 403
     s, body = curl_as(NOBODY, f"{url}/v1/set-weight", *auth, "-H", "Content-Type: text/plain", "-d", weight0)
     assert s == 415 and "application/json" in json.loads(body)["error"]
@@ -123,8 +125,14 @@ def test_token_file_others_can_read_is_refused(fastlb, backends, tmp_path):
     b = backends(server("a", "id"))
     port = free_port("127.0.0.1")
     token = write_token_file(tmp_path / "token", TOKEN, mode=0o644)
-    lb = fastlb([("a", b.address("a"), 1)], global_={"admin": f"127.0.0.1:{port}", "admin_token_file": str(token)})
-    wait_log(lb, r"admin API on 127\.0\.0\.1:\d+ not started: .*token: the token file is open to group or others", 10)
+    lb = fastlb(
+        [("a", b.address("a"), 1)], global_={"admin": f"127.0.0.1:{port}", "admin_token_file": str(token)}
+    )
+    wait_log(
+        lb,
+        r"admin API on 127\.0\.0\.1:\d+ not started: .*token: the token file is open to group or others",
+        10,
+    )
     assert not _reachable(port)
     r = cli("check-config", str(lb.config_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -155,7 +163,9 @@ def test_no_gate_command_through_the_admin_api(fastlb, backends, tmp_path):
         json.dumps({"listener": "web", "route": "default", "to": "v2", "check": f"id > {marker}"}),
         json.dumps({"rollout": "canary", "check": f"id > {marker}"}),  # overriding a table's check
         '{"listener": "web", "route": "default", "to": "v2", "\\u0063heck": "id > ' + str(marker) + '"}',
-        '{"check": "true", "listener": "web", "route": "default", "to": "v2", "check": "id > ' + str(marker) + '"}',
+        '{"check": "true", "listener": "web", "route": "default", "to": "v2", "check": "id > '
+        + str(marker)
+        + '"}',
     ]
     for body_ in bodies:
         s, body = curl_as(NOBODY, f"{url}/v1/rollout-start", *auth, "-d", body_)
@@ -247,7 +257,9 @@ def test_slow_clients_at_the_descriptor_limit_pin_nothing(fastlb, backends, tmp_
     t0 = time.monotonic()
     socks = _half_sent(port, 3000)
     try:
-        wait_until(lambda: sum(_closed(s) for s in socks) >= 3000 - 256, 10, "the excess to be closed at once")
+        wait_until(
+            lambda: sum(_closed(s) for s in socks) >= 3000 - 256, 10, "the excess to be closed at once"
+        )
         assert client.status()["pid"] == lb.pid  # the control socket answers
         assert _metrics_ok(mport)
         held = [s for s in socks if not _closed(s)]

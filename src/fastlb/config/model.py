@@ -269,6 +269,11 @@ class GlobalConfig:
     # a reload with changes the running process cannot apply (listeners added, removed or re-bound,
     # workers, pools added or removed, ...) starts `fastlb serve --takeover` to apply them
     reload_takeover: bool = True
+    # workers drop to these after their sockets are open (fastlb.worker.drop_privileges); the
+    # control process keeps its own (takeovers, binds on reload).  run_as: (uid or -1, gid or -1)
+    user: str | None = None
+    group: str | None = None
+    run_as: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
