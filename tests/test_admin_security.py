@@ -298,3 +298,84 @@ def test_accept_at_emfile_backs_off_and_logs_once(fastlb, backends, tmp_path):
         for s in socks:
             s.close()
     assert client.status()["pid"] == lb.pid
+
+
+def test_idle_and_half_sent_kept_alive_connections_are_closed(fastlb, backends, tmp_path):
+    """admin_keepalive_timeout closes an idle kept-alive connection, and one that sent half of its
+    second request head; admin_header_timeout one that never completed its first."""
+    lb, url, client = _admin(
+        fastlb,
+        backends,
+        tmp_path,
+        token=False,
+        extra_global={"admin_header_timeout": "1s", "admin_keepalive_timeout": "1s"},
+    )
+    port = int(url.rsplit(":", 1)[1])
+    request = b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    idle, half, never = (socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3))
+    try:
+        for c in (idle, half):
+            c.sendall(request)
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")  # kept alive (HTTP/1.1 default)
+        half.sendall(b"GET /v1/status HTTP/1.1\r\nHost: 12")
+        never.sendall(b"GET /v1/status HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        for c in (idle, half, never):
+            c.settimeout(10)
+            while c.recv(65536):  # the rest of a response, then EOF
+                pass
+        assert 0.5 < time.monotonic() - t0 < 5.0
+    finally:
+        for c in (idle, half, never):
+            c.close()
+    assert _status_ok(port)
+
+
+def test_metrics_listener_caps_its_connections(fastlb, backends, tmp_path):
+    """/metrics on its own address: 300 half-sent scrapes, 256 held at most (the rest closed at
+    once) and closed after 10 s; the control socket answers throughout."""
+    b = backends(server("a", "id"))
+    mport = free_port("127.0.0.1")
+    lb = fastlb([("a", b.address("a"), 1)], global_={"metrics": f"127.0.0.1:{mport}"})
+    wait_until(lambda: _metrics_ok(mport), 10, "/metrics to answer")
+    socks = _half_sent(mport, 300)
+    try:
+        wait_until(lambda: sum(_closed(s) for s in socks) >= 300 - 256, 10, "the excess to be closed at once")
+        held = [s for s in socks if not _closed(s)]
+        assert 0 < len(held) <= 256
+        assert ControlClient(str(lb.dir / "control.sock")).status()["pid"] == lb.pid
+        wait_until(lambda: all(_closed(s) for s in held), 15, "the half-open scrapes to be closed")
+        assert _metrics_ok(mport)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_tls_handshake_that_stalls_is_closed_after_the_header_timeout(fastlb, backends, tmp_path):
+    """Over TLS the header timeout covers the handshake: half a ClientHello, then nothing."""
+    from support.preludes import make_cert
+
+    cert, key = make_cert(tmp_path, "localhost")
+    lb, url, client = _admin(
+        fastlb,
+        backends,
+        tmp_path,
+        token=True,
+        extra_global={"admin_header_timeout": "1s", "admin_tls_cert": str(cert), "admin_tls_key": str(key)},
+    )
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's first bytes
+        t0 = time.monotonic()
+        assert c.recv(4096) == b""
+        assert 0.5 < time.monotonic() - t0 < 5.0
+    r = cli(
+        "--admin",
+        url.replace("http://127.0.0.1", "https://localhost"),
+        "--cafile",
+        str(cert),
+        "--token-file",
+        str(tmp_path / "token"),
+        "status",
+    )
+    assert r.returncode == 0, r.stderr
