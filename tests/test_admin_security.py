@@ -13,6 +13,7 @@ import socket
 import time
 
 from fastlb.control import ControlClient
+from fastlb.fleet.client import AdminClient
 from support.backends import server
 from support.clients import backends_of, cli, curl_as, write_token_file
 from support.helpers import free_port, wait_until
@@ -88,6 +89,7 @@ def test_token_less_admin_api_is_read_only_for_a_local_user(fastlb, backends, tm
     # the CLI reads through it without a token (status is a GET)
     r = cli("--admin", url, "status", "--json")
     assert r.returncode == 0 and backends_of(json.loads(r.stdout))["a"]["weight"] == 1, r.stderr
+    assert AdminClient(url).rollout_status() == []  # a GET too
     # a page that rebinds its DNS name to 127.0.0.1 cannot read it either
     s, _ = curl_as(NOBODY, f"{url}/v1/status", "-H", "Host: evil.example:80")
     assert s == 403

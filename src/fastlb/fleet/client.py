@@ -34,9 +34,12 @@ class AdminClient(ControlClient):
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        if cmd in ("status", "rollout-status") and set(body) <= {"name"}:
+        query_args = {k: v for k, v in body.items() if v is not None}
+        if cmd in ("status", "rollout-status") and all(
+            k == "name" and isinstance(v, str) for k, v in query_args.items()
+        ):
             # read-only: a GET, which an admin API without a token answers too
-            query = f"?{urllib.parse.urlencode(body)}" if body else ""
+            query = f"?{urllib.parse.urlencode(query_args)}" if query_args else ""
             http = urllib.request.Request(f"{self.url}/v1/{cmd}{query}", headers=headers, method="GET")
         else:
             http = urllib.request.Request(
