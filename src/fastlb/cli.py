@@ -43,6 +43,20 @@ def check_config(config_file: str) -> None:
     except ConfigError as exc:
         click.echo(f"fastlb: {exc}", err=True)
         sys.exit(2)
+    admin = cfg.global_.admin
+    if admin is not None and admin.token_file is not None:
+        from fastlb.config.fleet import read_admin_token
+
+        problem = None
+        try:  # its owner and mode, as `fastlb serve` (running as this user) will check them
+            read_admin_token(admin.token_file)
+        except OSError as exc:
+            problem = f"{admin.token_file}: {exc.strerror or exc}"
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
+            click.echo(f"fastlb: {config_file}: global.admin_token_file: {problem}", err=True)
+            sys.exit(2)
     n_backends = sum(len(p.backends) for p in cfg.pools.values())
     # a pool with `discover` gets its backends only when fastlb runs: name where they come from
     dns = [
@@ -56,6 +70,10 @@ def check_config(config_file: str) -> None:
         else f"{n_backends} backends"
     )
     click.echo(f"{config_file}: OK ({len(cfg.listeners)} listeners, {len(cfg.pools)} pools, {backends})")
+    if admin is not None:
+        from fastlb.config.fleet import describe_admin
+
+        click.echo(describe_admin(admin))
 
 
 def _setup_logging(level: str) -> None:

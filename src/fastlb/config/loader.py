@@ -158,6 +158,8 @@ _GLOBAL_KEYS = (
     *ACCESS_LOG_KEYS,
     "metrics",
     "reload_takeover",
+    "user",
+    "group",
 )
 _LISTENER_KEYS = (
     "bind",
@@ -235,7 +237,34 @@ def _global(data: object, file: str) -> GlobalConfig:
         worker_stall_timeout=_stall_timeout(t, d.worker_stall_timeout),
         metrics=_metrics_address(t, file),
         reload_takeover=t.get_bool("reload_takeover", d.reload_takeover),
+        **_run_as(t),
     )
+
+
+def _run_as(t: _Table) -> dict:
+    """[global] user / group: who the workers run as (resolved now: an unknown name is a config
+    error).  user alone also takes the user's primary group."""
+    import grp
+    import pwd
+
+    user = t.get_str("user", "") if "user" in t.data else None
+    group = t.get_str("group", "") if "group" in t.data else None
+    if user is None and group is None:
+        return {}
+    uid = gid = -1
+    if user is not None:
+        try:
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except (KeyError, ValueError, OverflowError):
+            raise t.error("user", f"unknown user {_quote(user)} (not in the user database)") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if group is not None:
+        try:
+            gr = grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
+        except (KeyError, ValueError, OverflowError):
+            raise t.error("group", f"unknown group {_quote(group)} (not in the group database)") from None
+        gid = gr.gr_gid
+    return {"user": user, "group": group, "run_as": (uid, gid)}
 
 
 def _stall_timeout(t: _Table, default: float) -> float:

@@ -181,6 +181,14 @@ class AdminConfig:
     token_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    header_timeout: float = 10.0  # a connection's first request head must be in by then
+    keepalive_timeout: float = 30.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 256  # open at once; one more is accepted and closed at once
+
+    @property
+    def read_only(self) -> bool:
+        """No token: GET /v1/status, /v1/rollout-status and /metrics only; every change is 401."""
+        return self.token_file is None
 
 
 @dataclass(frozen=True)
@@ -306,6 +314,11 @@ class GlobalConfig:
     # a reload with changes the running process cannot apply (listeners added, removed or re-bound,
     # workers, pools added or removed, ...) starts `fastlb serve --takeover` to apply them
     reload_takeover: bool = True
+    # workers drop to these after their sockets are open (fastlb.worker.drop_privileges); the
+    # control process keeps its own (takeovers, binds on reload).  run_as: (uid or -1, gid or -1)
+    user: str | None = None
+    group: str | None = None
+    run_as: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

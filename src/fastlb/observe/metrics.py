@@ -38,6 +38,7 @@ BACKEND_STATES = ("up", "down", "ejected", "drain", "maint")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_HEAD = 8192  # bytes of request line + headers a scrape may send
 REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request
+MAX_CONNECTIONS = 256  # scrapes open at once; one more is accepted and closed at once
 
 
 class MetricsSource(Protocol):
@@ -421,8 +422,27 @@ async def _serve(
         writer.close()
 
 
-async def start_metrics_server(source: MetricsSource, sock: socket.socket) -> asyncio.AbstractServer:
-    """Serve /metrics on the listening socket; one response per connection (Connection: close)."""
-    return await asyncio.start_server(
-        lambda r, w: _serve(lambda: render(source), r, w), sock=sock, limit=MAX_REQUEST_HEAD
-    )
+class MetricsServer:
+    """The /metrics listener: one response per connection (Connection: close), at most
+    MAX_CONNECTIONS open, the request head within REQUEST_TIMEOUT (fastlb.fleet.http_guard: the
+    same limits as the admin API's defaults, so slow scrapers never pin the control process)."""
+
+    def __init__(self, source: MetricsSource, sock: socket.socket) -> None:
+        from fastlb.fleet.http_guard import GuardedServer, HttpLimits
+
+        def protocol() -> asyncio.StreamReaderProtocol:
+            reader = asyncio.StreamReader(limit=MAX_REQUEST_HEAD)
+            return asyncio.StreamReaderProtocol(reader, lambda r, w: _serve(lambda: render(source), r, w))
+
+        self.guard = GuardedServer(sock, protocol, HttpLimits(REQUEST_TIMEOUT, MAX_CONNECTIONS), "metrics")
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (a takeover has handed a copy on)."""
+        self.guard.close(close_socket=True)
+
+
+async def start_metrics_server(source: MetricsSource, sock: socket.socket) -> MetricsServer:
+    """Serve /metrics on the listening socket."""
+    server = MetricsServer(source, sock)
+    server.guard.start()
+    return server

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastlb.config import Address, Config
 
 if TYPE_CHECKING:
-    from fastlb.observe.metrics import MetricsSource
+    from fastlb.observe.metrics import MetricsServer, MetricsSource
 
 log = logging.getLogger("fastlb")
 
@@ -43,7 +43,7 @@ class OpsServices:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._metrics: asyncio.AbstractServer | None = None
+        self._metrics: MetricsServer | None = None
         self._metrics_sock: socket.socket | None = None  # what a takeover's handover passes on
         self.inherited: dict[str, socket.socket] = {}  # from a predecessor (runtime/takeover.py)
         self._tasks: set[asyncio.Task] = set()

@@ -259,6 +259,9 @@ class Supervisor:
         argv = worker.command(
             index, region_fd, fds, self.shutdown_timeout, g.orphan_timeout, self.control_pid
         )
+        os.environ.pop(worker.RUN_AS_ENV, None)  # ([global] user/group) only ever from the config
+        if g.run_as is not None:  # the worker drops to them once its sockets are open (worker.py)
+            os.environ[worker.RUN_AS_ENV] = f"{g.run_as[0]}:{g.run_as[1]}"
         os.execv(argv[0], argv)
         return 70  # not reached: execv raises on failure
 
