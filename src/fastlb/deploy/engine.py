@@ -271,12 +271,15 @@ class DeployManager:
         if old is not None and old.active:
             raise DeployError(f"rollout {spec.name} is already running")
         base = self._split(spec.listener, spec.route)
+        self._check_canary(spec, base)
         self._unretire(spec.to_pool)
         r = Rollout.begin(
             spec, base, now, {"canary": self.counters(spec.to_pool), "stable": self.counters(spec.from_pool)}
         )
         self.rollouts[spec.name] = r
         self._apply(r)
+        if not r.active:  # a single step (--steps 100): promoted at once, the old pool drains
+            self._after(r)
         log.info(
             "rollout %s: started on %s/%s: %s -> %s, steps %s every %gs, threshold %d",
             spec.name,
@@ -291,6 +294,32 @@ class DeployManager:
         self._save(r)
         return r.view(now)
 
+    def _check_canary(self, spec: RolloutSpec, base: dict[str, int]) -> None:
+        """Refuse a rollout that would move traffic the wrong way: --to already has the whole split
+        (the rollout would hand 95% to the other pool), or --to has no backend that can take a
+        connection (not removed, weight > 0, healthy, in service or drained by fastlb itself, which
+        the start puts back)."""
+        where = f"{spec.listener}/{spec.route}"
+        if {p for p, w in base.items() if w > 0} == {spec.to_pool}:
+            raise DeployError(
+                f"{where}: pool {spec.to_pool} already has the whole split ({_fmt(norm(base))}): "
+                "nothing to roll out"
+            )
+        retired = self.retired.get(spec.to_pool) or []
+        usable = [
+            s
+            for s in self.sup.pools[spec.to_pool].slots.values()
+            if not s.removed
+            and s.weight > 0
+            and s.health == "up"
+            and (s.admin == "ready" or (s.admin == "drain" and s.name in retired))
+        ]
+        if not usable:
+            raise DeployError(
+                f"{where}: pool {spec.to_pool} has no usable backend (none in service, healthy and with a "
+                "weight above 0): nothing to roll out to"
+            )
+
     def default_from(self, listener: str, route: str, to_pool: str) -> str:
         """--from left out: the pool with the largest weight in the route's split, other than --to."""
         split = self._split(listener, route)
@@ -304,8 +333,12 @@ class DeployManager:
             active = [r for r in self.rollouts.values() if r.active]
             if len(active) == 1:
                 return active[0]
+            if active:
+                raise DeployError("name the rollout: " + ", ".join(r.spec.name for r in active))
+            last = list(self.rollouts.values())[-1:]
             raise DeployError(
-                "name the rollout: " + (", ".join(self.rollouts) if self.rollouts else "no rollouts")
+                "no rollout is running"
+                + (f" (the last one, {last[0].spec.name}, is {last[0].status})" if last else "")
             )
         r = self.rollouts.get(name)
         if r is None:
