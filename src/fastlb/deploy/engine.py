@@ -221,13 +221,15 @@ class DeployManager:
 
     def after_reload(self, new: Any) -> list[str]:
         """After the routes applied the file's splits: runtime splits by the rule, then every active
-        rollout's split again (it owns its route).  Returns what it re-applied, for the reload's
-        report."""
+        rollout's split again (it owns its route).  Returns the file's split changes a running
+        rollout kept from being applied, for the reload's report (the reload itself names the
+        splits that changed)."""
         self._reloading = False
-        self.config = new
+        old_config, self.config = self.config, new
         if getattr(self.sup, "routes", None) is None:
             return []
-        notes = self._settle_splits()
+        self._settle_splits()
+        notes: list[str] = []
         for r in self.rollouts.values():
             if not r.active:
                 continue
@@ -239,9 +241,11 @@ class DeployManager:
                 continue
             if norm(self._split(r.spec.listener, r.spec.route)) != norm(r.split()):
                 log.info("rollout %s: reload: its split %s applied again", r.spec.name, _fmt(r.split()))
+            filed = file_split(new, r.spec.listener, r.spec.route)
+            if filed is not None and filed != file_split(old_config, r.spec.listener, r.spec.route):
                 notes.append(
-                    f"listeners.{r.spec.listener}.routes.{r.spec.route}.split: {_fmt(r.split())} "
-                    f"(rollout {r.spec.name} running)"
+                    f"listeners.{r.spec.listener}.routes.{r.spec.route}.split: the file's {_fmt(filed)} "
+                    f"waits: rollout {r.spec.name} is running and keeps {_fmt(r.split())}"
                 )
             self._apply(r)
         return notes
