@@ -65,7 +65,9 @@ def main(argv: list[str]) -> int:
     except OSError:
         pass
     address = _core.map_region(region_fd, os.fstat(region_fd).st_size)
-    os.close(region_fd)
+    # region_fd stays open (close-on-exec): after a kill -9 of the control process, `fastlb status`
+    # reads the orphans' state through /proc/PID/fd/REGION_FD (fastlb.observe.orphans)
+    os.set_inheritable(region_fd, False)
     rc = _core.run_worker(address, index, listen_fds, shutdown_timeout, orphan_timeout, control_pid)
     if rc == -3:
         print(
