@@ -434,3 +434,37 @@ def test_runtime_split_survives_sighup_and_restart_until_the_file_changes_it(bac
     wait_log(lb, "reloaded", 10, since=mark)
     rt = route(client)
     assert (rt["split"], rt["split_source"]) == ({"web": 80, "v2": 20}, "file")
+
+
+def test_rollout_cli_refuses_a_pointless_start_says_when_none_runs_and_promotes_in_one_step(backends, fastlb):
+    """Issue 19 item 7: --to with the whole split, or with no usable backend, is refused in one
+    line (the split unchanged); `--steps 100` promotes at once without a traceback and drains the
+    old pool; pause without a running rollout says so at once."""
+    b, lb, client, sock = start(backends, fastlb)
+
+    def refused(*args: str) -> str:
+        before = route(client)["split"]
+        r = cli("rollout", *args, "--socket", sock)
+        assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+        assert route(client)["split"] == before
+        return r.stderr
+
+    assert refused("start", "web", "default", "--to", "web", "--from", "v2") == (
+        "fastlb: web/default: pool web already has the whole split (web=100): nothing to roll out\n"
+    )
+    assert refused("pause") == "fastlb: no rollout is running\n"
+    assert cli("disable", "v2", "v2a", "--socket", sock).returncode == 0
+    assert refused("start", "web", "default", "--to", "v2") == (
+        "fastlb: web/default: pool v2 has no usable backend (none in service, healthy and with a "
+        "weight above 0): nothing to roll out to\n"
+    )
+    assert cli("enable", "v2", "v2a", "--socket", sock).returncode == 0
+    r = cli("rollout", "start", "web", "default", "--to", "v2", "--steps", "100", "--socket", sock)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert r.stdout == "rollout web-default: promoted at 100% (split web=0 v2=100)\n"
+    assert route(client)["split"] == {"web": 0, "v2": 100}
+    assert backend(client, "web", "v1a")["admin"] == "drain"  # the old pool drains, as the reason says
+    assert refused("pause") == "fastlb: no rollout is running (the last one, web-default, is promoted)\n"
+    assert refused("start", "web", "default", "--to", "v2").startswith(
+        "fastlb: web/default: pool v2 already has the whole split (v2=100)"
+    )

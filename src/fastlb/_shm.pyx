@@ -765,3 +765,39 @@ cdef void _client_text(flb_logrec_t *r, char *addr, char *out, bint as_json) noe
             snprintf(out, 80, '"[%s]:%u"' if as_json else "[%s]:%u", addr, <unsigned int>port)
             return
     snprintf(out, 80, "%s", "null" if as_json else "-")
+
+
+def orphan_workers(int fd) -> list:
+    """The worker records of another process's region, read-only through fd (a descriptor of its
+    memfd, e.g. /proc/WORKER/fd/N opened by `fastlb status` when the control process is gone:
+    fastlb.observe.orphans).  Only what that report needs: pid, state, heartbeat_ms, active,
+    accepted, orphaned_since_ms, control_pid.  Raises OSError when it cannot be mapped and
+    ValueError when it is not a region of this layout version."""
+    cdef uint64_t size = os.fstat(fd).st_size
+    cdef char *base
+    cdef flb_header_t *hdr
+    cdef flb_worker_t *w
+    cdef uint32_t i
+    if size < sizeof(flb_header_t):
+        raise ValueError("not a fastlb shared region (too small)")
+    base = <char *>mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
+    if <void *>base == <void *>-1:
+        raise OSError("mmap of the shared region failed")
+    try:
+        hdr = <flb_header_t *>base
+        if flb_load64(&hdr.magic) != FLB_SHM_MAGIC or hdr.layout_version != FLB_LAYOUT_VERSION:
+            raise ValueError("not a fastlb shared region of this layout version")
+        if hdr.worker_size != sizeof(flb_worker_t) or \
+                hdr.workers_off + <uint64_t>hdr.n_workers * sizeof(flb_worker_t) > size:
+            raise ValueError("the shared region's worker records do not fit")
+        out = []
+        for i in range(hdr.n_workers):
+            w = &(<flb_worker_t *>(base + hdr.workers_off))[i]
+            out.append({
+                "index": i, "pid": w.pid, "state": w.state, "heartbeat_ms": flb_load64(&w.heartbeat_ms),
+                "active": w.active, "accepted": w.accepted,
+                "orphaned_since_ms": flb_load64(&w.orphaned_since_ms), "control_pid": w.control_pid,
+            })
+        return out
+    finally:
+        munmap(base, size)

@@ -191,10 +191,29 @@ def status(config_file: str | None, socket_path: str | None, as_json: bool) -> N
     """Show pools, backends, states, weights and counters of a running fastlb."""
     import json
 
+    from fastlb.control import ControlError
     from fastlb.observe.status import format_status
 
-    st = _run_control(lambda: _client(config_file, socket_path).status())
+    client = _client(config_file, socket_path)
+    try:
+        st = client.status()
+    except ControlError as exc:
+        click.echo(f"fastlb: {exc}", err=True)
+        _explain_unreachable(getattr(client, "path", None), as_json)
+        sys.exit(1)
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+def _explain_unreachable(control_socket: str | None, as_json: bool) -> None:
+    """After "cannot reach": a control process that is gone while its workers still serve, from the
+    runtime file and their shared region (fastlb.observe.orphans)."""
+    import json
+
+    from fastlb.observe.orphans import format_orphans, orphan_report
+
+    rep = orphan_report(control_socket) if control_socket else None
+    if rep is not None:
+        click.echo(json.dumps(rep, indent=2) if as_json else format_orphans(rep))
 
 
 @main.command("set-weight", context_settings={"ignore_unknown_options": True})

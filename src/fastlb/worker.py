@@ -90,7 +90,9 @@ def main(argv: list[str]) -> int:
     except OSError:
         pass
     address = _core.map_region(region_fd, os.fstat(region_fd).st_size)
-    os.close(region_fd)
+    # region_fd stays open (close-on-exec): after a kill -9 of the control process, `fastlb status`
+    # reads the orphans' state through /proc/PID/fd/REGION_FD (fastlb.observe.orphans)
+    os.set_inheritable(region_fd, False)
     run_as = os.environ.pop(RUN_AS_ENV, None)
     if run_as:
         try:

@@ -74,3 +74,18 @@ def backend_extras(b: dict[str, Any], slot: Any, check: dict[str, Any] | None) -
         "backup": slot.backup,
         "check": check_status(check),
     }
+
+
+def refused(li: dict[str, Any]) -> dict[str, Any]:
+    """A listener's `rejected` (every connection it refused) and `rejected_by`, from its
+    shared-memory record: connections closed without a backend (the data plane's own `rejected`:
+    no route, `sni_no_match = "reject"`, no pool of the split usable, no eligible backend, retries
+    exhausted) plus the PROXY-protocol refusals, which are reset before any route is picked
+    (untrusted senders; missing, malformed or cut-short headers).  max_connections refuses none:
+    connections beyond it wait in the kernel's backlog (`paused_full` counts the pauses)."""
+    by = {
+        "no_backend": li["rejected"],
+        "proxy_refused": li.get("proxy_refused", 0),
+        "proxy_errors": li.get("proxy_errors", 0),
+    }
+    return {"rejected": sum(by.values()), "rejected_by": by}

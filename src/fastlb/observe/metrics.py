@@ -55,7 +55,7 @@ _LISTENER = [
     (
         "rejected",
         "connections_rejected",
-        "Connections closed without a backend (none eligible, retries exhausted).",
+        "Connections refused: without a backend (no route, none eligible, retries exhausted) or PROXY refusals.",
         True,
     ),
     ("paused_full", "max_connections_pauses", "Times a worker stopped accepting at max_connections.", True),

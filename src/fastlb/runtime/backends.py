@@ -521,6 +521,12 @@ class BackendManager:
             if name not in new.pools
         ]
         now = time.monotonic()
+        weights = {
+            (s.pool, s.name): s.weight
+            for ps in self.pools.values()
+            for s in ps.slots.values()
+            if not s.removed
+        }
         for name, pc in new.pools.items():
             ps = self.pools.get(name)
             if ps is None:
@@ -541,6 +547,13 @@ class BackendManager:
                 members = list(pc.backends) + self.extra_backends(name)
                 ps.outlier.set_pool_size(len(members), [b.name for b in members])
         self.restore_state()
+        # a weight the file changed wins over a runtime value (restore_state's rule): a change too
+        for ps in self.pools.values():
+            for slot in ps.slots.values():
+                was = weights.get((slot.pool, slot.name))
+                line = f"pools.{slot.pool}.backends.{slot.name}.weight: {was} -> {slot.weight}"
+                if was is not None and was != slot.weight and not slot.removed and line not in applied:
+                    applied.append(line + " (the file's new value replaces the runtime one)")
         self.publish_all()
         return applied, needs_restart
 

@@ -28,7 +28,13 @@ from fastlb.config import Config
 from fastlb.config.protect import keepalive_record
 from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
-from fastlb.observe.document import backend_extras, keepalive_settings, listener_settings, worker_status
+from fastlb.observe.document import (
+    backend_extras,
+    keepalive_settings,
+    listener_settings,
+    refused,
+    worker_status,
+)
 from fastlb.runtime import handover, runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.control_socket import ControlServer, ControlSocketError
@@ -649,7 +655,7 @@ class Supervisor:
                     "pool": lc.pool,
                     "active": li["active"],
                     "accepted": li["accepted"],
-                    "rejected": li["rejected"],
+                    **refused(li),
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
                     **listener_settings(li),
