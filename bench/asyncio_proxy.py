@@ -4,7 +4,7 @@ Round robin over the backends of each listener, bytes copied both ways, a half-c
 write_eof(), both sockets closed when either side is done or fails.  No uvloop, no tuning beyond a
 listen backlog: this is the "obvious" program, so the comparison says what fastlb buys over it.
 
-    python bench/asyncio_proxy.py --route 127.0.0.1:8000=127.0.0.1:9001,127.0.0.1:9002 [--workers 2]
+    .venv/bin/python bench/asyncio_proxy.py --route 127.0.0.1:8000=127.0.0.1:9001,127.0.0.1:9002 [--workers 2]
 
 With --workers N > 1 the parent forks N children that each listen with SO_REUSEPORT (what a Python user
 does to use more than one core) and stays to stop them on SIGTERM/SIGINT.

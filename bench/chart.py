@@ -1,6 +1,6 @@
 """The ratio chart of the comparison benchmark: every target against HAProxy, from a compare.py summary.
 
-    python bench/chart.py [bench/results/latest.json] [bench/results/ratios.png]
+    .venv/bin/python bench/chart.py [bench/results/latest.json] [bench/results/ratios.png]
 
 Rows: raw rate ÷ HAProxy's in the same round (memory: HAProxy's KiB per idle connection ÷ the target's, so
 higher is better everywhere); work per balancer CPU-second ÷ HAProxy's; raw rate ÷ the direct connection's

@@ -8,8 +8,8 @@ CPU quota, while the load generators and backends run on the other CPU.  Targets
 the summary gives medians with min/max, the balancer's own CPU time per run, work per balancer CPU-second
 and ratios to HAProxy and to the direct connection from the same round.  bench/README.md has the method.
 
-    python bench/compare.py run [--quick] [--rounds 3] [--duration 5] [--workers 1,2] [--targets ...]
-    python bench/compare.py report RESULTS.json        # regenerate BENCHMARKS.md and the chart only
+    .venv/bin/python bench/compare.py run [--quick] [--rounds 3] [--duration 5] [--workers 1,2] [--targets ...]
+    .venv/bin/python bench/compare.py report RESULTS.json        # regenerate BENCHMARKS.md and the chart only
 
 This file is the command line and the orchestration; the parts live beside it: targets/ (how each
 balancer is started), workloads/ (what is measured, against which backends), suite.py (running
@@ -37,15 +37,22 @@ from settings import Settings  # noqa: E402
 from stats import evaluate_goals, summarize  # noqa: E402
 from suite import run_suite  # noqa: E402
 from targets import TARGETS  # noqa: E402
+from targets.fastlb import fastlb_argv  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 from workloads.idle import echo_server, hold_idle  # noqa: E402
 
 
-def fastlb_available() -> bool:
+def fastlb_unavailable() -> str | None:
+    """None when the fastlb under test runs (`fastlb serve --help`), else why not, in one line."""
+    argv = [*fastlb_argv(), "serve", "--help"]
     try:
-        return subprocess.run(["fastlb", "serve", "--help"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{' '.join(argv)}: {exc}"
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"{' '.join(argv)}: exit {r.returncode}: {last}"
+    return None
 
 
 def csv(kind, allowed=None):
@@ -118,12 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"--idle-conns {s.idle_conns}: one-process balancers need 2 fds per connection under a 20,000 limit"
         )
-    if "fastlb" in s.targets and not fastlb_available():
-        if args.targets:
-            log("fastlb serve is not available (pip install -e . ?)")
+    wants_fastlb = [t for t in s.targets if t.startswith("fastlb")]
+    if wants_fastlb:
+        # a target that cannot run is an error before anything is measured, never a silent skip
+        why = fastlb_unavailable()
+        if why:
+            others = ",".join(t for t in s.targets if t not in wants_fastlb)
+            log(
+                f"fastlb does not run ({why}): build it (scripts/venv .venv) or point FASTLB_BIN at it;"
+                f" to measure without it: --targets {others}"
+            )
             return 2
-        log("fastlb serve is not available yet: benchmarking the other targets only")
-        s.targets = tuple(t for t in s.targets if t != "fastlb")
+        log(f"fastlb under test: {' '.join(fastlb_argv())}")
     if os.cpu_count() and max(s.balancer_cpu, s.load_cpu) >= os.cpu_count():
         log("need 2 CPUs (balancer and load on different CPUs)")
         return 2

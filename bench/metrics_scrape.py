@@ -3,7 +3,7 @@
 fastlb (1 worker) forwards an iperf3 stream to an iperf3 server on loopback, with `[global] metrics`
 on.  Rounds alternate without scrapes and with a scraper fetching /metrics back to back (far more
 often than any Prometheus would) or once a second; each round reports the stream's throughput and the worker's CPU
-time per GiB forwarded.  Usage: python bench/metrics_scrape.py [--rounds 3] [--seconds 5]
+time per GiB forwarded.  Usage: .venv/bin/python bench/metrics_scrape.py [--rounds 3] [--seconds 5]
 """
 
 from __future__ import annotations

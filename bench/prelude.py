@@ -1,6 +1,6 @@
 """The cost of connection preludes: connections/s per balancer CPU-second, fastlb and HAProxy.
 
-    python bench/prelude.py [--rounds 3] [--duration 5] [--concurrency 64] [--quick]
+    .venv/bin/python bench/prelude.py [--rounds 3] [--duration 5] [--concurrency 64] [--quick]
 
 Workload: a new connection per request.  The client (bench/prelude_load.c, compiled here) keeps
 --concurrency connections in flight: connect, send a real TLS ClientHello (server name

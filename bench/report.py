@@ -290,8 +290,8 @@ def render_markdown(summary: dict, chart_rel: str | None) -> str:
 # Feature benchmarks: each writes its own Markdown (method and table) into bench/results/; BENCHMARKS.md
 # carries them after the comparison, in this order, with their headings one level down.
 FEATURES = (
-    ("prelude.md", "python bench/prelude.py"),
-    ("udp.md", "python bench/udp.py run"),
+    ("prelude.md", ".venv/bin/python bench/prelude.py"),
+    ("udp.md", ".venv/bin/python bench/udp.py run"),
     ("accesslog.md", "scripts/bench --targets fastlb,fastlb-log --workloads close,keepalive"),
 )
 
@@ -325,7 +325,7 @@ def render_micro(path: Path = MICRO) -> list[str]:
         "## Micro-benchmarks (pytest-benchmark)",
         "",
         f"_`scripts/bench micro` on {data.get('datetime', '?')[:19]}Z at {commit[:7]}: "
-        "`pytest bench/test_bench_pick.py bench/test_bench_tables.py bench/test_bench_route.py --benchmark-json "
+        "`.venv/bin/python -m pytest bench/test_bench_pick.py bench/test_bench_tables.py bench/test_bench_route.py --benchmark-json "
         "bench/results/micro.json`; the balancer comparison above does not depend on it._",
         "",
     ]
@@ -376,18 +376,34 @@ def render_micro(path: Path = MICRO) -> list[str]:
 
 
 def publish(summary: dict, run_dir: Path | None, publish_top: bool) -> None:
-    """Write the summary JSON, the chart and the Markdown into run_dir (one run's own copy) and, when
-    publish_top, the repository's copies: bench/results/latest.json, bench/results/ratios.png, BENCHMARKS.md."""
+    """Write the summary JSON and the Markdown into run_dir (one run's own copy) and, when publish_top,
+    the repository's copies: bench/results/latest.json, BENCHMARKS.md; then the chart (ratios.png) beside
+    each, only when matplotlib is importable (else one line says there is none, and the Markdown does
+    not show one): a missing plotting library never costs the measurements."""
     sys.path.insert(0, str(HERE))
-    import chart  # bench/chart.py; imports matplotlib
-
+    try:
+        import chart  # bench/chart.py; imports matplotlib
+    except ImportError as exc:
+        chart = None
+        why = exc
     if run_dir is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        chart.render(summary, run_dir / "ratios.png")
-        (run_dir / "BENCHMARKS.md").write_text(render_markdown(summary, "ratios.png"))
+        (run_dir / "BENCHMARKS.md").write_text(render_markdown(summary, "ratios.png" if chart else None))
     if publish_top:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "latest.json").write_text(json.dumps(summary, indent=1) + "\n")
-        chart.render(summary, RESULTS / "ratios.png")
-        (ROOT / "BENCHMARKS.md").write_text(render_markdown(summary, "bench/results/ratios.png"))
-        log(f"published BENCHMARKS.md, {RESULTS / 'latest.json'}, {RESULTS / 'ratios.png'}")
+        (ROOT / "BENCHMARKS.md").write_text(
+            render_markdown(summary, "bench/results/ratios.png" if chart else None)
+        )
+    if chart is None:
+        log(f"no ratio chart ({why}): the JSON and BENCHMARKS.md are written; pip install matplotlib for it")
+    else:
+        if run_dir is not None:
+            chart.render(summary, run_dir / "ratios.png")
+        if publish_top:
+            chart.render(summary, RESULTS / "ratios.png")
+    if publish_top:
+        log(
+            f"published BENCHMARKS.md, {RESULTS / 'latest.json'}"
+            + (f", {RESULTS / 'ratios.png'}" if chart else "")
+        )

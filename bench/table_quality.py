@@ -1,4 +1,4 @@
-"""Quality and build time of fastlb's Maglev and ring tables; prints Markdown (run: python bench/table_quality.py)."""
+"""Quality and build time of fastlb's Maglev and ring tables; prints Markdown (run: .venv/bin/python bench/table_quality.py)."""
 
 import bisect
 import os
@@ -7,8 +7,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-
-import Cython
+from importlib import metadata
 
 from fastlb import _maglev as mg
 
@@ -105,11 +104,20 @@ def cpu_model():
         return platform.processor() or "unknown CPU"
 
 
+def cython_version() -> str:
+    """Cython's version if this interpreter has it (a venv from `scripts/venv` built fastlb in an
+    isolated build environment and does not)."""
+    try:
+        return f"Cython {metadata.version('Cython')}"
+    except metadata.PackageNotFoundError:
+        return "Cython not in this environment"
+
+
 def main():
     print("## fastlb consistent-hash tables: quality and build time\n")
     print(
         f"{cpu_model()}, {os.cpu_count()} CPUs (shared), Linux {platform.release()}, "
-        f"Python {platform.python_version()}, Cython {Cython.__version__}. "
+        f"Python {platform.python_version()}, {cython_version()}. "
         f"Equal weights; Maglev M={M}; ring {VNODES} points per backend. Build time: median of {ROUNDS} "
         f"builds from Python. Moved: mean over {REMOVALS} removals of one backend (every backend when N <= {REMOVALS}), "
         "Maglev exactly by slots, ring exactly by arc length.\n"

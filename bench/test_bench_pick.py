@@ -8,7 +8,7 @@ C with CLOCK_MONOTONIC: no Python per pick.  Each pick hashes a new key (as a ne
 every backend is up, ready and idle (no active connections, no connect-time history).
 
     pytest bench/test_bench_pick.py --benchmark-json pick.json   # ns/pick is in each entry's extra_info
-    python bench/test_bench_pick.py                               # a Markdown table
+    .venv/bin/python bench/test_bench_pick.py                               # a Markdown table
 
 Not part of the test run (tests/ is the test path).
 """

@@ -7,7 +7,7 @@ no Python per call.  The lookup is what a worker adds per connection on top of t
 (bench/test_bench_pick.py); the SNI peek itself (reading the ClientHello) is the prelude's cost.
 
     pytest bench/test_bench_route.py --benchmark-json route.json   # ns/lookup in extra_info
-    python bench/test_bench_route.py                                 # a Markdown table
+    .venv/bin/python bench/test_bench_route.py                                 # a Markdown table
 
 Not part of the test run (tests/ is the test path).
 """

@@ -168,3 +168,14 @@ def installed_root(tmp_path_factory, debian_wheel):
     assert r.returncode == 0, r.stdout + r.stderr
     add_system_units(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def debian_venv(tmp_path_factory, debian_wheel):
+    """A venv made as README command 1 makes one (scripts/venv, Debian's python3), holding the
+    session's wheel: the only place fastlb is installed, for tests of how scripts find it."""
+    from support.install import make_venv
+
+    venv = tmp_path_factory.mktemp("venv") / "venv"
+    make_venv(venv, debian_wheel)
+    return venv

@@ -1,5 +1,6 @@
-"""The remote admin API: the control socket's operations over HTTP JSON, with a bearer token off
-loopback, TLS, and errors as JSON; `fastlb --admin URL ...` and `fastlb fleet -f hosts ...`."""
+"""The remote admin API: the control socket's operations over HTTP JSON, with a bearer token (always
+for a change: without one the API is read-only), TLS, and errors as JSON; `fastlb --admin URL ...`
+and `fastlb fleet -f hosts ...`.  Its security limits: tests/test_admin_security.py."""
 
 from __future__ import annotations
 
@@ -13,20 +14,19 @@ import time
 import pytest
 
 from support.backends import server
-from support.clients import backends_of, cli
+from support.clients import backends_of, cli, write_token_file
 from support.helpers import free_port, wait_until
 
 TOKEN = "s3cret-token-for-the-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
-def _admin_lb(fastlb, backends, tmp_path, *, bind_host="127.0.0.1", token=False, tls=None):
+def _admin_lb(fastlb, backends, tmp_path, *, bind_host="127.0.0.1", token=True, tls=None):
     b = backends(server("a", "id"), server("b", "id"))
     port = free_port("127.0.0.1")
     g = {"admin": f"{bind_host}:{port}"}
     if token:
-        path = tmp_path / "token"
-        path.write_text(TOKEN + "\n")
-        g["admin_token_file"] = str(path)
+        g["admin_token_file"] = str(write_token_file(tmp_path / "token", TOKEN))
     if tls:
         g["admin_tls_cert"], g["admin_tls_key"] = tls
     lb = fastlb([("a", b.address("a"), 1), ("b", b.address("b"), 1)], global_=g)
@@ -44,7 +44,7 @@ def _reachable(port: int) -> bool:
     return True
 
 
-def _call(port, method, path, body=None, headers=None, raw: bytes | None = None, context=None):
+def _call(port, method, path, body=None, headers=AUTH, raw: bytes | None = None, context=None):
     if context is not None:
         conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
     else:
@@ -96,7 +96,7 @@ def test_metrics_on_the_admin_port(fastlb, backends, tmp_path):
         global_={"admin": f"127.0.0.1:{port}", "metrics": f"127.0.0.1:{free_port('127.0.0.1')}"},
     )
     wait_until(lambda: _reachable(port), 10, "the admin API to listen")
-    s, body = _call(port, "GET", "/metrics")
+    s, body = _call(port, "GET", "/metrics", headers={})  # read-only without a token
     assert s == 200 and b"fastlb_backend_connections_total" in body
 
 
@@ -104,7 +104,8 @@ def test_slow_client_does_not_hold_up_others(fastlb, backends, tmp_path):
     lb, url, port = _admin_lb(fastlb, backends, tmp_path)
     slow = socket.create_connection(("127.0.0.1", port), timeout=10)
     slow.sendall(
-        b"POST /v1/set-weight HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"
+        b"POST /v1/set-weight HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\n\r\n{{".encode()
     )  # and then nothing
     t0 = time.monotonic()
     assert _call(port, "GET", "/v1/status")[0] == 200
@@ -117,7 +118,7 @@ def test_slow_client_does_not_hold_up_others(fastlb, backends, tmp_path):
 
 def test_token_required_off_loopback(fastlb, backends, tmp_path):
     lb, url, port = _admin_lb(fastlb, backends, tmp_path, bind_host="0.0.0.0", token=True)
-    s, r = _call(port, "GET", "/v1/status")
+    s, r = _call(port, "GET", "/v1/status", headers={})
     assert s == 401 and "token" in r["error"]
     assert (
         _call(port, "GET", "/v1/status", headers={"Authorization": "Bearer wrong-token-xxxxxxxxxxxx"})[0]
@@ -183,6 +184,8 @@ def test_tls(fastlb, backends, tmp_path):
     assert s == 200 and r["ok"]
     with pytest.raises((ssl.SSLError, ConnectionError)):  # a client without the CA does not trust it
         _call(port, "GET", "/v1/status", context=ssl.create_default_context())
+    r = cli("--admin", url.replace("https:", "http:"), "--token-file", str(tmp_path / "token"), "status")
+    assert r.returncode == 1 and "looks like TLS" in r.stderr and "https://" in r.stderr, r.stderr
     r = cli("--admin", url, "--token-file", str(tmp_path / "token"), "--cafile", cert, "drain", "web", "a")
     assert r.returncode == 0 and "ready -> drain" in r.stdout, r.stderr
 
@@ -191,28 +194,32 @@ def test_fleet_command_reaches_every_instance(fastlb, backends, tmp_path):
     urls = []
     lbs = []
     b = backends(server("a", "id"), server("b", "id"))
+    tf = str(write_token_file(tmp_path / "token", TOKEN))
     for _ in range(3):
         port = free_port("127.0.0.1")
         lb = fastlb(
-            [("a", b.address("a"), 1), ("b", b.address("b"), 1)], global_={"admin": f"127.0.0.1:{port}"}
+            [("a", b.address("a"), 1), ("b", b.address("b"), 1)],
+            global_={"admin": f"127.0.0.1:{port}", "admin_token_file": tf},
         )
         wait_until(lambda p=port: _reachable(p), 10, "the admin API to listen")
         urls.append(f"http://127.0.0.1:{port}")
         lbs.append(lb)
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("# the fleet\n" + "\n".join(urls) + "\n\n")
-    r = cli("fleet", "-f", str(hosts), "set-weight", "web", "a", "0")
+    r = cli("fleet", "-f", str(hosts), "set-weight", "web", "a", "0")  # no token: refused everywhere
+    assert r.returncode == 1 and r.stdout.count("bearer token") == 3, r.stdout + r.stderr
+    r = cli("--token-file", tf, "fleet", "-f", str(hosts), "set-weight", "web", "a", "0")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(": ok ") == 3 and "3 of 3 instances ok" in r.stdout
     for url in urls:
-        st = json.loads(cli("--admin", url, "status", "--json").stdout)
+        st = json.loads(cli("--admin", url, "--token-file", tf, "status", "--json").stdout)
         assert backends_of(st)["a"]["weight"] == 0
-    r = cli("fleet", "-f", str(hosts), "status")
+    r = cli("--token-file", tf, "fleet", "-f", str(hosts), "status")
     assert r.returncode == 0 and r.stdout.count("a=up/0") == 3
 
     # one instance gone: reported, exit 1, the others still changed
     lbs[1].stop()
-    r = cli("fleet", "-f", str(hosts), "drain", "web", "b")
+    r = cli("--token-file", tf, "fleet", "-f", str(hosts), "drain", "web", "b")
     assert r.returncode == 1 and "FAILED" in r.stdout and "2 of 3 instances ok" in r.stdout
-    r = cli("fleet", "-f", str(hosts), "set-weight", "web", "a")
+    r = cli("--token-file", tf, "fleet", "-f", str(hosts), "set-weight", "web", "a")
     assert r.returncode == 2

@@ -599,6 +599,22 @@ def test_cli_missing_file(tmp_path: Path, cli_env: dict[str, str]) -> None:
     assert proc.stderr == f"fastlb: {path}: (file): cannot read the file: No such file or directory\n"
 
 
+def test_cli_names_the_dns_names_of_discovered_pools(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    path = tmp_path / "dns.toml"
+    path.write_text(
+        '[listeners.web]\nbind = "127.0.0.1:8080"\npool = "redis"\n'
+        '[pools.redis]\ndiscover = { srv = "_redis._tcp.service.consul", resolvers = ["127.0.0.1:8600"] }\n'
+        '[pools.db]\ndiscover = { a = "db.internal", port = 5432 }\n'
+        'backends = [{ name = "replica", address = "10.0.0.9:5432" }]\n'
+    )
+    proc = _check_config(path, cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        f"{path}: OK (1 listeners, 2 pools, 1 static backends, backends from DNS:"
+        " _redis._tcp.service.consul (SRV, pool redis), db.internal (A/AAAA, pool db))\n"
+    )
+
+
 @pytest.mark.parametrize("name", ["example.toml", "full.toml"])
 def test_cli_accepts(cli_env: dict[str, str], name: str) -> None:
     proc = _check_config(CONFIGS / name, cli_env)

@@ -1,10 +1,12 @@
 """docs/deployments.md, "Automated deployments": every documented `fastlb` command line parses (it
 reaches the control socket: exit 1 "cannot reach fastlb", never a usage error, exit 2), and the
-documented [rollouts.NAME] table validates.  The behaviour behind them is tested end to end in
+documented [rollouts.NAME] table validates; the "Rolling updates" commands run against the section's
+config and print what the page shows.  The behaviour behind them is tested end to end in
 test_deploy_e2e.py, test_rolling_update.py and test_statefile.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -14,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from fastlb.config import parse_config
+from support.backends import server
+from support.fastlb import FastLB
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "deployments.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "deployments.md"
 
 
 def section() -> str:
@@ -65,3 +70,81 @@ def test_documented_rollouts_table_validates() -> None:
         0.01,
         0.05,
     )
+
+
+def rolling_section() -> str:
+    text = section()
+    start = text.index("## Rolling updates")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def documented_runs() -> list[tuple[list[str], list[str]]]:
+    """(argv, documented output lines) for each command of "Rolling updates"; a comment line is
+    output up to two spaces (a note follows them), and `...` stands for lines left out."""
+    runs: list[tuple[list[str], list[str]]] = []
+    for block in re.findall(r"```sh\n(.*?)```", rolling_section(), re.S):
+        for line in block.splitlines():
+            if not line.startswith("#"):
+                runs.append((shlex.split(line), []))
+            elif out := re.split(r"\s{2,}", line[2:].rstrip())[0]:
+                runs[-1][1].append(out)
+    return runs
+
+
+def normalised(lines: list[str]) -> list[str]:
+    """Lines with what differs from run to run written as the page writes it: the documented
+    10.0.0.X hosts run on their loopback twins 127.0.0.X, durations vary, and which fastlb ran."""
+    out = []
+    for line in lines:
+        line = re.sub(r"\b127\.0\.0\.(\d+)\b", r"10.0.0.\1", line)
+        line = re.sub(r"\bin \d+\.\d+s$", "in 41.2s", line)
+        line = re.sub(r"using fastlb \S+ from \S+ \(.*\)$", "using fastlb VERSION from PYTHON (WHY)", line)
+        out.append(line)
+    return out
+
+
+def test_rolling_update_commands_run_against_the_documented_config(tmp_path, backends) -> None:
+    runs = documented_runs()
+    assert [a[0] for a, _ in runs] == ["fastlb", "systemctl", "fastlb", "fastlb", "scripts/rolling-update"]
+    toml = re.search(r"```toml\n(.*?)```", section(), re.S).group(1)
+    names = re.findall(r'\{ name = "([^"]+)", address = "10\.0\.0\.(\d+):\d+" \}', toml)
+    b = backends(*(server(n, "id", host=f"127.0.0.{last}") for n, last in names))
+    for n, last in names:
+        toml = re.sub(rf'"10\.0\.0\.{last}:\d+"', f'"{b.address(n)}"', toml)
+    parse_config(toml)
+    bin_dir = tmp_path / "bin"  # `ssh HOST CMD` of the replace command: succeeds and says where it went
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\necho "$@" >>{tmp_path}/ssh.log\n')
+    (bin_dir / "ssh").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable)
+    lb = FastLB(tmp_path / "lb", [], workers=1, raw=toml)
+    try:
+        lb.start()
+        for argv, expected in runs:
+            if argv[0] == "systemctl":
+                continue
+            i = argv.index("-c")
+            argv[i : i + 2] = ["--socket", str(lb.dir / "control.sock")]
+            cmd = (
+                [sys.executable, "-m", "fastlb", *argv[1:]]
+                if argv[0] == "fastlb"
+                else [ROOT / argv[0], *argv[1:]]
+            )
+            r = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL
+            )
+            assert r.returncode == 0, (argv, r.stdout, r.stderr)
+            got = normalised(r.stderr.splitlines() + r.stdout.splitlines())
+            expected = normalised(expected)
+            if "..." in expected:
+                cut = expected.index("...")
+                head, tail = expected[:cut], expected[cut + 1 :]
+                assert got[:cut] == head and got[len(got) - len(tail) :] == tail, (argv, got)
+            else:
+                assert got == expected, (argv, got)
+    finally:
+        lb.stop()
+    assert (tmp_path / "ssh.log").read_text().splitlines() == [
+        "127.0.0.11 systemctl restart app",
+        "127.0.0.12 systemctl restart app",
+    ]

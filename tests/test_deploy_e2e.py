@@ -160,6 +160,49 @@ def test_bad_canary_that_resets_before_the_first_byte_is_rolled_back_by_the_earl
     assert "> max 1.0% (stable 0.0%)" in first, first
 
 
+STEPS_20 = ["--steps", "20,50,100", "--interval", "1s"]
+
+
+def test_canary_that_resets_after_its_greeting_is_rolled_back_by_the_reset_gate(backends, fastlb):
+    """Issue 24, item 6: v2 greets, then resets every connection 50 ms later.  With the issue's
+    `--steps 20,50,100 --interval 1s` (default gates) it is rolled back by reset_rate, never promoted;
+    the backend's late_resets show in status."""
+    b, lb, client, sock = start(backends, fastlb, v2=server("v2a", "greet_reset"))
+    load = Load(lb.addr, concurrency=8).start()
+    try:
+        load.wait_count(100)
+        rollout(sock, "start", "web", "default", "--to", "v2", *STEPS_20)
+        v = wait_status(client, "failed", timeout=30)
+    finally:
+        load.stop()
+    assert route(client)["split"] == {"web": 100, "v2": 0}
+    assert all(h.get("share", 0) < 100 for h in v["history"]), v["history"]
+    fails = [h["reason"] for h in v["history"] if h.get("result") == "fail"]
+    assert fails and all("reset_rate: canary" in f for f in fails), fails
+    assert "> max 1.0% (stable 0.0%)" in fails[0], fails
+    assert backend(client, "v2", "v2a")["late_resets"] > 0
+    assert backend(client, "web", "v1a")["late_resets"] == 0
+    text = cli("rollout", "status", "--socket", sock).stdout
+    assert "reset_rate" in text and "FAILED" in text, text
+
+
+def test_healthy_canary_is_promoted_with_the_reset_gate_on(backends, fastlb):
+    """The same steps with a healthy v2: every judgement passes (reset_rate 0.0%), promoted."""
+    b, lb, client, sock = start(backends, fastlb)
+    load = Load(lb.addr, concurrency=8).start()
+    try:
+        load.wait_count(100)
+        rollout(sock, "start", "web", "default", "--to", "v2", *STEPS_20)
+        v = wait_status(client, "promoted")
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert [h["result"] for h in v["history"] if "result" in h] == ["pass", "pass"], v["history"]
+    figures = [h for h in v["history"] if h.get("result") == "pass"]
+    assert figures, v["history"]
+    assert route(client)["split"] == {"web": 0, "v2": 100}
+
+
 IDLE_TABLE = """
 [rollouts.idle]
 listener = "web"
@@ -391,3 +434,37 @@ def test_runtime_split_survives_sighup_and_restart_until_the_file_changes_it(bac
     wait_log(lb, "reloaded", 10, since=mark)
     rt = route(client)
     assert (rt["split"], rt["split_source"]) == ({"web": 80, "v2": 20}, "file")
+
+
+def test_rollout_cli_refuses_a_pointless_start_says_when_none_runs_and_promotes_in_one_step(backends, fastlb):
+    """Issue 19 item 7: --to with the whole split, or with no usable backend, is refused in one
+    line (the split unchanged); `--steps 100` promotes at once without a traceback and drains the
+    old pool; pause without a running rollout says so at once."""
+    b, lb, client, sock = start(backends, fastlb)
+
+    def refused(*args: str) -> str:
+        before = route(client)["split"]
+        r = cli("rollout", *args, "--socket", sock)
+        assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+        assert route(client)["split"] == before
+        return r.stderr
+
+    assert refused("start", "web", "default", "--to", "web", "--from", "v2") == (
+        "fastlb: web/default: pool web already has the whole split (web=100): nothing to roll out\n"
+    )
+    assert refused("pause") == "fastlb: no rollout is running\n"
+    assert cli("disable", "v2", "v2a", "--socket", sock).returncode == 0
+    assert refused("start", "web", "default", "--to", "v2") == (
+        "fastlb: web/default: pool v2 has no usable backend (none in service, healthy and with a "
+        "weight above 0): nothing to roll out to\n"
+    )
+    assert cli("enable", "v2", "v2a", "--socket", sock).returncode == 0
+    r = cli("rollout", "start", "web", "default", "--to", "v2", "--steps", "100", "--socket", sock)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert r.stdout == "rollout web-default: promoted at 100% (split web=0 v2=100)\n"
+    assert route(client)["split"] == {"web": 0, "v2": 100}
+    assert backend(client, "web", "v1a")["admin"] == "drain"  # the old pool drains, as the reason says
+    assert refused("pause") == "fastlb: no rollout is running (the last one, web-default, is promoted)\n"
+    assert refused("start", "web", "default", "--to", "v2").startswith(
+        "fastlb: web/default: pool v2 already has the whole split (v2=100)"
+    )

@@ -23,6 +23,7 @@ class Slot:
     name: str
     admin: str = "ready"
     health: str = "up"
+    weight: int = 1
     removed: bool = False
 
 

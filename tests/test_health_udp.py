@@ -6,10 +6,13 @@ check_once() of runtime/health.py runs them; the DNS check is answered by a real
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+from pathlib import Path
 
 from fastlb import config
 from fastlb.runtime.health import CheckTarget, check_once
+from support.dns import Dnsmasq
 from support.udp import udp_server
 
 
@@ -69,3 +72,22 @@ def test_udp_send_expect(udp_servers):
     assert not res.ok and res.reason == "unexpected reply b't ping'"
     res = run(check_once(target(closed_udp_port(), type="udp_send_expect", send=b"x", expect=b"x")))
     assert not res.ok and res.reason in ("connection refused", "timeout")
+
+
+def test_the_documented_dns_check_query_passes_where_example_com_is_refused(tmp_path):
+    """docs/udp.md's dns check against an authoritative-only server (dnsmasq with only its own
+    records): the documented query passes; `example.com`, which the page warns about, is REFUSED."""
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    assert 'query = "example.com"' not in (docs / "config.md").read_text()
+    text = (docs / "udp.md").read_text()
+    section = text[text.index("## Health checks of DNS servers") :]
+    query = re.search(r'health_check = \{ type = "dns", query = "([^"]+)"', section).group(1)
+    assert "example.com" in section and query != "example.com"
+    d = Dnsmasq(tmp_path / "ns").start(a=[(query, "10.0.0.11")])
+    try:
+        res = run(check_once(target(d.port, type="dns", query=query)))
+        assert res.ok, res.reason
+        res = run(check_once(target(d.port, type="dns", query="example.com")))
+        assert not res.ok and res.reason == "DNS rcode REFUSED"
+    finally:
+        d.stop()

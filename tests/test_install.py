@@ -73,3 +73,17 @@ def test_scripts_install_layout(installed_root, debian_wheel):
     r = run_install(root, debian_wheel)
     assert r.returncode == 0, r.stdout + r.stderr
     assert config.read_text() == edited
+
+
+@pytest.mark.slow
+def test_scripts_install_with_destdir_names_the_staged_paths(tmp_path, debian_wheel):
+    root = tmp_path / "root"
+    r = run_install(root, debian_wheel)
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("scripts/install: ")]
+    assert said == [
+        f"scripts/install: wrote the example config to {root}/etc/fastlb/fastlb.toml: edit it",
+        f"scripts/install: staged under {root}: {root}/opt/fastlb, {root}/usr/local/bin/fastlb,"
+        f" {root}/etc/systemd/system/fastlb.service, {root}/etc/fastlb/fastlb.toml",
+    ]
+    assert (root / "etc/fastlb/fastlb.toml").is_file() and (root / "opt/fastlb/bin/fastlb").is_file()

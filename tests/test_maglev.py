@@ -12,7 +12,15 @@ from collections import Counter
 import pytest
 
 from fastlb import _maglev as mg
-from maglev_reference import NONE, SEED_KEY, SEED_OFFSET, SEED_RING, SEED_SKIP, flb_hash64, maglev_reference
+from support.maglev_reference import (
+    NONE,
+    SEED_KEY,
+    SEED_OFFSET,
+    SEED_RING,
+    SEED_SKIP,
+    flb_hash64,
+    maglev_reference,
+)
 
 M = 65537
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastlb import _prelude as P
+from support.preludes import V2_FAMILIES, v2_accepted_on_tcp, v2_header
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -326,3 +327,46 @@ def test_property_flipped_byte(pos: int, val: int) -> None:
 
 
 HELLO = client_hello("flip.example.com")
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 24, item 9: every family/transport byte of a v2 header, on a stream (TCP) listener
+
+
+@pytest.mark.parametrize("command", [0, 1], ids=["LOCAL", "PROXY"])
+def test_v2_every_family_transport_byte(command: int) -> None:
+    """All 256 values of byte 14, for LOCAL and PROXY: accepted exactly as the spec says for a TCP
+    listener (PROXY: UNSPEC, TCP4, TCP6, UNIX_STREAM; UDP4 0x12, UDP6, UNIX_DGRAM and every undefined
+    value are malformed; LOCAL ignores the byte).  Refused headers are refused from their first 16
+    bytes, before the body arrives."""
+    wrong = []
+    for fam in range(256):
+        hdr = v2_header(command, fam)
+        rc, info = P.parse_proxy(hdr + b"data")
+        want = v2_accepted_on_tcp(command, fam)
+        if want:
+            ok = rc == len(hdr) and (
+                info["family"] == {0x11: socket.AF_INET, 0x21: socket.AF_INET6}.get(fam, 0)
+                if command
+                else info["family"] == 0
+            )
+        else:
+            ok = rc == -errno.EINVAL and P.parse_proxy(hdr[:16])[0] == -errno.EINVAL
+        if not ok:
+            wrong.append(f"{V2_FAMILIES.get(fam, hex(fam))}: rc {rc}, want {'accept' if want else 'EINVAL'}")
+    assert not wrong, wrong
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.integers(0, 1), st.integers(0, 255), st.binary(max_size=260), st.binary(max_size=32))
+def test_property_v2_family_byte_decides(command: int, fam: int, body: bytes, tail: bytes) -> None:
+    """Any v2 header: a PROXY one whose family byte does not fit a TCP listener is never accepted,
+    whatever its body; an accepted one is exactly its announced length."""
+    hdr = v2_header(command, fam, body)
+    rc, info = P.parse_proxy(hdr + tail)
+    if not v2_accepted_on_tcp(command, fam):
+        assert rc == -errno.EINVAL
+    elif command == 0:
+        assert rc == len(hdr) and info["family"] == 0  # LOCAL: the body is skipped whole
+    else:
+        assert rc in (len(hdr), -errno.EINVAL)  # a short address block or bad TLVs are malformed

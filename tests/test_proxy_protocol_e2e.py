@@ -387,3 +387,22 @@ def test_maglev_hashes_the_proxy_source(fastlb, backends) -> None:
             seen.setdefault(src, set()).add(name)
     assert all(len(names) == 1 for names in seen.values()), seen  # affinity by the announced address
     assert len({next(iter(n)) for n in seen.values()}) >= 3  # and spread over the backends
+
+
+def test_v2_datagram_transport_on_a_tcp_listener_is_reset_and_counted(fastlb, rec) -> None:
+    """Issue 24, item 9: a trusted sender's v2 PROXY header announcing UDP4 (0x12), UDP6 or
+    UNIX_DGRAM, or an undefined family byte, is malformed on a TCP listener: reset, counted in
+    proxy_errors, never forwarded; TCP4 from the same sender still passes."""
+    be = rec()
+    lb = lb_proxy(fastlb, be.address)
+    bad = [0x12, 0x22, 0x32, 0x10, 0x01]
+    for fam in bad:
+        body = socket.inet_aton("10.1.2.3") + socket.inet_aton("10.9.9.9") + struct.pack("!HH", 4000, 53)
+        hdr = V2_SIG + bytes([0x21, fam]) + struct.pack("!H", 216) + body + b"\x00" * (216 - 12)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            exchange(lb.addr, hdr + b"payload")
+    p = wait_counter(lb, "proxy_errors", len(bad))
+    assert p["proxy_accepted"] == 0 and be.received == []
+    good = P.write_proxy(2, ("10.1.2.3", 4000), ("10.9.9.9", 53))
+    assert exchange(lb.addr, good + b"ok") == b"ok"
+    assert preludes(lb)["proxy_accepted"] == 1

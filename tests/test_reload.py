@@ -437,3 +437,44 @@ def test_a_shorter_idle_timeout_reaches_connections_already_open(backends, fastl
         how, waited = wait_closed(s, 8)
         assert how in ("eof", "reset") and waited < 8, (how, waited)
         s.close()
+
+
+def test_reload_names_every_change_it_applied_and_only_those(backends, fastlb):
+    """Issue 19 item 8: a weight the file changed wins over the runtime value and is named as
+    applied; a runtime split the reload keeps is not a change; settings that need a restart are
+    shown as the file writes them (no Python reprs)."""
+    b = backends(server("a", "id"), server("b", "id"))
+    admin, admin2 = free_port(), free_port()
+    lb = fastlb(
+        [("a", b.address("a"), 1)],
+        workers=1,
+        listener={"pool": None},
+        global_={"reload_takeover": False, "admin": f"127.0.0.1:{admin}"},
+        extra=f'[pools.v2]\nbackends = [{{ name = "b", address = "{b.address("b")}" }}]\n'
+        '[[listeners.web.routes]]\nname = "main"\n'
+        'backends = [{ pool = "web", weight = 100 }, { pool = "v2", weight = 0 }]\n',
+    )
+    sock = str(lb.dir / "control.sock")
+    assert cli("set-weight", "web", "a", "5", "--socket", sock).returncode == 0
+    assert cli("set-split", "web", "main", "web=50", "v2=50", "--socket", sock).returncode == 0
+    doc = read_config(lb)
+    doc["pools"]["web"]["backends"][0]["weight"] = 3  # the file changes it: the file's value wins
+    doc["global"]["admin"] = f"127.0.0.1:{admin2}"
+    write_config(lb, doc)
+    r = cli("reload", "--socket", sock)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        f"reloaded {lb.config_path}: 1 changes applied",
+        "  applied: pools.web.backends.a.weight: 5 -> 3 (the file's new value replaces the runtime one)",
+        "NOT applied, 1 changes need a restart (fastlb serve --takeover):",
+        f"  restart: global.admin: 127.0.0.1:{admin} -> 127.0.0.1:{admin2} (read at start)",
+    ]
+    st = ControlClient(sock).status()
+    assert st["pools"][0]["backends"][0]["weight"] == 3
+    assert st["listeners"][0]["routes"][0]["split"] == {"web": 50, "v2": 50}  # the runtime split stays
+    # the same file again: nothing applied, nothing said to be
+    r = cli("reload", "--socket", sock)
+    assert r.stdout.splitlines()[:2] == [
+        f"reloaded {lb.config_path}: 0 changes applied",
+        "NOT applied, 1 changes need a restart (fastlb serve --takeover):",
+    ], r.stdout

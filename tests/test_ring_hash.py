@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from fastlb import _maglev as mg
-from maglev_reference import NONE, SEED_KEY, SEED_RING, flb_hash64
+from support.maglev_reference import NONE, SEED_KEY, SEED_RING, flb_hash64
 
 SPACE = 1 << 32
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fastlb import __version__
 from support.clients import cli
 from support.helpers import Deadline, free_port, recv_line
 from support.protocols import backends_status, try_id_request
@@ -201,7 +202,10 @@ def test_rolling_update_stops_on_a_failing_command_and_leaves_that_backend_drain
         env=env,
     )
     assert r.returncode == 1
-    assert r.stderr.strip() == "rolling-update: FAILED: web/a: replace command exited 3; left drained"
+    assert r.stderr.splitlines() == [
+        f"scripts/rolling-update: using fastlb {__version__} from {sys.executable} (PYTHON)",
+        "rolling-update: FAILED: web/a: replace command exited 3; left drained",
+    ]
     assert {n: x["admin"] for n, x in backends_status(lb).items()} == {"a": "drain", "b": "ready"}
 
 

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import signal
 from collections import Counter
 
-from fastlb.runtime.statefile import StateFile
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastlb.runtime import statefile
+from fastlb.runtime.statefile import StateFile, StateFileInUse
 from support.backends import server
 from support.clients import cli, count_backends
+from support.fuzz import fuzz_settings, mutate, state_document
 from support.helpers import wait_until
 from support.protocols import backends_status, control, log_mark, wait_log
 
@@ -67,6 +75,176 @@ def test_corrupt_and_foreign_files_are_ignored(tmp_path, caplog) -> None:
         assert not st.load()
         assert why in caplog.text and "ignored" in caplog.text
         assert st.values == {}
+
+
+# --- damaged state files never stop a start (issue 24 item 4) -------------------------------------
+
+
+def write_doc(path, doc) -> None:
+    path.write_text(json.dumps(doc))
+    os.chmod(path, 0o600)
+
+
+def bad_entry_doc(config: str) -> dict:
+    doc = state_document(config)
+    doc["values"] = {
+        "weight:web/a": {"value": "abc", "file": 3},
+        "weight:web/b": {"value": -7, "file": 1},
+        "weight:web/c": {"value": 1e308, "file": 1},
+        "weight:web/d": {"value": None, "file": 1},
+        "weight:web/e": {"value": 5000, "file": 1},
+        "weight:web/f": {"value": 7, "file": 1},  # the one good entry
+        "admin:web/a": {"value": "bogus", "file": "ready"},
+        "split:web/default": {"value": {"v1": "x"}, "file": {"v1": 100}},
+        "weight:bad name/a": {"value": 1, "file": 1},
+    }
+    doc["rollouts"] = {"r": dict(doc["rollouts"]["r"], spec=5)}
+    doc["deploy"] = {"switches": {"web/default": 5}, "retired": {"v1": "a"}}
+    return doc
+
+
+def test_every_bad_entry_is_skipped_with_one_warning_naming_key_and_file(tmp_path, caplog) -> None:
+    path = tmp_path / "state.json"
+    config = str(tmp_path / "fastlb.toml")
+    write_doc(path, bad_entry_doc(config))
+    st = StateFile(str(path), config)
+    assert st.load()
+    assert st.values == {"weight:web/f": {"value": 7, "file": 1}}
+    assert st.rollouts == {} and list(st.rejected_rollouts) == ["r"]
+    assert st.deploy == {"switches": {}, "retired": {}}
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    keys = [
+        "values.weight:web/a",
+        "values.weight:web/b",
+        "values.weight:web/c",
+        "values.weight:web/d",
+        "values.weight:web/e",
+        "values.admin:web/a",
+        "values.split:web/default",
+        "values.weight:bad name/a",
+        "rollouts.r",
+        "deploy.switches.web/default",
+        "deploy.retired.v1",
+    ]
+    assert len(skipped) == len(keys)
+    for key, line in zip(keys, skipped, strict=True):
+        assert line.startswith(f"state file {path}: {key} skipped: "), line
+    assert "out of range 0..1000" in skipped[4] and "expected an integer" in skipped[0]
+
+
+def deep(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+DAMAGED = {
+    "not-json": lambda p: p.write_bytes(b'{"format": "fastlb-state", "values": {'),
+    "too-deep": lambda p: p.write_bytes(deep(200_000)),
+    "deep-inside": lambda p: p.write_bytes(
+        b'{"format": "fastlb-state", "version": 1, "values": {}, "x": ' + deep(900) + b"}"
+    ),
+    "too-large": lambda p: p.write_bytes(b" " * (statefile.MAX_BYTES + 1)),
+    "not-utf8": lambda p: p.write_bytes(b'{"\xff\xfe": 1}'.replace(b"\\", b"\\")),
+    "foreign": lambda p: p.write_text('{"hello": 1}'),
+    "a-directory": lambda p: p.mkdir(),
+    "a-fifo": lambda p: os.mkfifo(p),
+}
+UNTRUSTED = {"world-writable": (0o666, None), "group-writable": (0o620, None), "other-owner": (0o600, 65534)}
+
+
+@pytest.mark.parametrize("kind", [*DAMAGED, *UNTRUSTED])
+def test_damaged_or_untrusted_file_is_renamed_aside(tmp_path, caplog, kind) -> None:
+    path = tmp_path / "state.json"
+    config = str(tmp_path / "fastlb.toml")
+    if kind in DAMAGED:
+        DAMAGED[kind](path)
+        if path.is_file():
+            os.chmod(path, 0o600)
+    else:
+        mode, owner = UNTRUSTED[kind]
+        write_doc(path, state_document(config))
+        os.chmod(path, mode)
+        if owner is not None:
+            if os.geteuid() != 0:
+                pytest.skip("needs root to chown")
+            os.chown(path, owner, owner)
+    st = StateFile(str(path), config)
+    assert st.load() is False
+    assert st.values == {} and st.rollouts == {}
+    assert not os.path.lexists(path)
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("state.json.bad-")]
+    assert len(aside) == 1, aside
+    lines = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1 and f"renamed to {tmp_path / aside[0]}" in lines[0].getMessage()
+    assert "using the config file only" in lines[0].getMessage()
+    if kind in UNTRUSTED:
+        assert "not trusted" in lines[0].getMessage()
+
+
+def test_a_file_another_live_instance_owns_is_refused_a_successor_is_not(tmp_path) -> None:
+    path = tmp_path / "state.json"
+    config = str(tmp_path / "fastlb.toml")
+    mine = StateFile(str(path), config, "/run/a.sock")
+    assert mine.save()
+    assert json.loads(path.read_text())["control_socket"] == "/run/a.sock"
+    # the same control socket (a restart, a takeover successor): used
+    assert StateFile(str(path), config, "/run/a.sock").load()
+    # another instance while the writer (this process) is alive: refused, one line
+    doc = json.loads(path.read_text())
+    doc["pid"] = os.getppid()  # a live process other than us, with its own start time
+    doc["start_time"] = statefile.runfile.start_time(os.getppid())
+    write_doc(path, doc)
+    with pytest.raises(
+        StateFileInUse, match=r"belongs to the fastlb running as pid \d+ with control socket /run/a.sock"
+    ):
+        StateFile(str(path), config, "/run/b.sock").load()
+    # the writer is gone (same pid, another start time): the file is free
+    doc["start_time"] += 1
+    write_doc(path, doc)
+    assert StateFile(str(path), config, "/run/b.sock").load()
+
+
+DOCS_PER_EXAMPLE = 50
+
+
+def fuzz_one(tmp_path, seed: int, n: int = DOCS_PER_EXAMPLE) -> int:
+    """n mutated state documents through StateFile.use (decode, header check, entry checks): it
+    returns True or False and never raises; a kept value is one the config would accept."""
+    rng = random.Random(seed)
+    config = str(tmp_path / "fastlb.toml")
+    base = state_document(config)
+    for _ in range(n):
+        doc = mutate(base, rng, rng.randint(1, 6))
+        try:
+            data = json.dumps(doc).encode()
+        except (RecursionError, ValueError):
+            data = deep(rng.randint(1, 100_000))
+        if rng.random() < 0.1:
+            data = data[: rng.randint(0, len(data))]
+        st = StateFile(str(tmp_path / "none" / "state.json"), config, "/run/fastlb/control.sock")
+        logging.disable(logging.WARNING)
+        try:
+            st.use(data)
+        except StateFileInUse:
+            pass
+        finally:
+            logging.disable(logging.NOTSET)
+        for key, entry in st.values.items():
+            if key.startswith("weight:"):
+                assert type(entry["value"]) is int and 0 <= entry["value"] <= 1000, (key, entry)
+        json.dumps({"v": st.values, "r": st.rollouts, "d": st.deploy})  # it can be written back
+    return n
+
+
+@fuzz_settings(200)
+@given(seed=st.integers(0, 2**32))
+def test_fuzz_state_documents_never_raise(tmp_path_factory, seed) -> None:
+    fuzz_one(tmp_path_factory.getbasetemp(), seed)
+
+
+@pytest.mark.slow
+def test_fuzz_state_documents_long(tmp_path) -> None:
+    """>= 100,000 documents (2,000 seeds x 50) in one run."""
+    assert sum(fuzz_one(tmp_path, seed) for seed in range(2_000)) >= 100_000
 
 
 # --- end to end ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from support.backends import server
-from support.clients import count_backends
+from support.clients import cli, count_backends
 from support.helpers import Deadline, wait_until
 
 TMUX = shutil.which("tmux")
@@ -85,3 +85,49 @@ def test_top_shows_backends_and_rates_in_80x24_and_q_quits(backends, fastlb, tmp
         stop.set()
         tmux.kill()
         t.join(60)
+
+
+def test_top_shows_every_route_split_with_its_connections_and_the_rollout(backends, fastlb, tmp_path):
+    """Issue 19 item 5: a routed listener shows each pool of the split with its weight now and the
+    connections the route sent there (not "-> first pool"), and the rollout in progress."""
+    b = backends(server("v1a", "id"), server("v2a", "id"))
+    lb = fastlb(
+        [("v1a", b.address("v1a"), None)],
+        workers=1,
+        listener={"pool": None},
+        extra=f'[pools.v2]\nbackends = [{{ name = "v2a", address = "{b.address("v2a")}" }}]\n'
+        '[[listeners.web.routes]]\nname = "default"\n'
+        'backends = [{ pool = "web", weight = 100 }, { pool = "v2", weight = 0 }]\n',
+    )
+    sock = str(lb.dir / "control.sock")
+    r = cli("rollout", "start", "web", "default", "--to", "v2", "--interval", "5m", "--socket", sock)
+    assert r.returncode == 0, r.stderr
+    assert sum(count_backends(lb.addr, 40, concurrency=4).values()) == 40
+    tmux = Tmux(
+        str(tmp_path / "tmux.sock"),
+        [sys.executable, "-m", "fastlb", "top", "--socket", sock, "--interval", "0.5"],
+    )
+    try:
+        pattern = re.compile(r"^\s+default\*: web=95\((\d+)\) v2=5\((\d+)\)\s*$", re.M)
+        screen = wait_until(
+            lambda: (s := tmux.screen()) and pattern.search(s) and s,
+            20,
+            lambda: f"top shows the route's split; screen:\n{tmux.screen()}",
+        )
+        m = pattern.search(screen)
+        assert int(m.group(1)) + int(m.group(2)) == 40, screen
+        assert re.search(rf"^\s*web\s+127\.0\.0\.1:{lb.port}\s+0\s", screen, re.M), screen  # no "-> web"
+        assert "rollout web-default web/default web -> v2: progressing at 5%" in screen, screen
+    finally:
+        tmux.kill()
+
+
+def test_top_without_a_terminal_says_so_and_exits_1(backends, fastlb):
+    b = backends(server("a", "id"))
+    lb = fastlb([("a", b.address("a"), None)], workers=1)
+    r = cli("top", "--socket", str(lb.dir / "control.sock"), timeout=15)
+    assert (r.returncode, r.stdout) == (1, ""), (r.returncode, r.stdout)
+    assert r.stderr == (
+        "fastlb top: stdout is not a terminal (it draws a live view); "
+        "use `fastlb status` or `fastlb status --json` instead\n"
+    )

@@ -84,11 +84,25 @@ def test_round_robin_equal_shares(backends, fastlb):
     assert Counter(b.accepted()) == counts
 
 
-def test_readme_smooth_wrr_example_is_fastlbs_real_sequence(backends, fastlb):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_wrr_example() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
     m = re.search(r"^\| `weighted_round_robin` \| smooth WRR, as nginx \(5:3:2 -> ([a-c ]+)\)", readme, re.M)
     assert m, "README's algorithm table has no 5:3:2 example"
-    documented = m.group(1).split()
+    return m.group(1).split()
+
+
+def test_the_pickers_comment_gives_the_readmes_sequence():
+    source = (ROOT / "src/fastlb/core/lb.pxi").read_text()
+    m = re.search(r"5:3:2 gives ([a-c ]+?) -", source)
+    assert m, "pick_smooth_wrr's comment has no 5:3:2 example"
+    assert m.group(1).split() == readme_wrr_example()
+
+
+def test_readme_smooth_wrr_example_is_fastlbs_real_sequence(backends, fastlb):
+    documented = readme_wrr_example()
     assert documented == "a b c a a b a c b a".split()  # nginx's ngx_http_upstream_get_peer for 5:3:2
     b = backends(*(server(name, "id") for name in WEIGHTS))
     lb = fastlb([(name, b.address(name), w) for name, w in WEIGHTS.items()], workers=1)

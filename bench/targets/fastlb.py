@@ -1,11 +1,17 @@
 """fastlb (configs/fastlb.toml.tmpl): `fastlb serve --workers N`, round_robin pools, no health checks;
-readiness through sd_notify (NOTIFY_SOCKET pointing at a datagram socket of the driver, READY=1)."""
+readiness through sd_notify (NOTIFY_SOCKET pointing at a datagram socket of the driver, READY=1).
+
+Which fastlb: $FASTLB_BIN (scripts/bench sets it, from scripts/lib/find-fastlb.sh), else the `fastlb`
+beside the interpreter running the benchmark (a venv's bin/), else `python -m fastlb` with that
+interpreter; never whatever `fastlb` is first on PATH."""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import socket
+import sys
+from pathlib import Path
 
 from common import LOOPBACK, render_template, wait_notify
 
@@ -13,6 +19,16 @@ NAME = "fastlb"
 LABEL = "fastlb"
 ORDER = 50
 BALANCER = True
+
+
+def fastlb_argv() -> list[str]:
+    """The command that runs the fastlb under test (see the module docstring)."""
+    if os.environ.get("FASTLB_BIN"):
+        return [os.environ["FASTLB_BIN"]]
+    beside = Path(sys.executable).parent / "fastlb"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    return [sys.executable, "-m", "fastlb"]
 
 
 def command(suite, workers: int, ports: dict[str, int], run, env: dict[str, str]) -> list[str]:
@@ -36,7 +52,7 @@ def command(suite, workers: int, ports: dict[str, int], run, env: dict[str, str]
     notify.bind(str(notify_path))
     run.extra.append(notify)
     env["NOTIFY_SOCKET"] = str(notify_path)
-    return [shutil.which("fastlb") or "fastlb", "serve", "-c", str(cfg), "--workers", str(workers)]
+    return [*fastlb_argv(), "serve", "-c", str(cfg), "--workers", str(workers)]
 
 
 def ready(run) -> None:

@@ -1,4 +1,4 @@
-"""fastlb: a Layer-4 TCP load balancer with a Cython data plane and a Python control plane."""
+"""fastlb: a Layer-4 (TCP and UDP) load balancer with a Cython data plane and a Python control plane."""
 
 from fastlb._version import __version__
 

@@ -276,6 +276,27 @@ cdef class Region:
         flb_store32(&l.backlog, backlog)
         flb_store32(&l.half_close_timeout_ms, half_close_timeout_ms)
 
+    def set_listener_keepalive(self, int i, uint32_t idle_s, uint32_t interval_s, uint32_t count,
+                               uint32_t user_timeout_ms) -> None:
+        """client_keepalive (idle_s = 0: off) and tcp_user_timeout (0: the kernel's default) of
+        listener i: single 32-bit stores, before fork or by a reload (publish() afterwards); workers
+        apply them to connections they accept from then on."""
+        cdef flb_listener_t *l = self._listener(i)
+        flb_store32(&l.ka_interval_s, interval_s)
+        flb_store32(&l.ka_count, count)
+        flb_store32(&l.user_timeout_ms, user_timeout_ms)
+        flb_store32(&l.ka_idle_s, idle_s)
+
+    def set_pool_keepalive(self, int i, uint32_t idle_s, uint32_t interval_s, uint32_t count,
+                           uint32_t user_timeout_ms) -> None:
+        """backend_keepalive and tcp_user_timeout of pool i (as set_listener_keepalive), applied to
+        backend connects started from then on."""
+        cdef flb_pool_t *p = self._pool(i)
+        flb_store32(&p.ka_interval_s, interval_s)
+        flb_store32(&p.ka_count, count)
+        flb_store32(&p.user_timeout_ms, user_timeout_ms)
+        flb_store32(&p.ka_idle_s, idle_s)
+
     def set_listener_prelude(self, int i, int proxy_protocol, int proxy_from_first, int proxy_from_n,
                              bint needs_sni, int sni_timeout_ms, int sni_policy) -> None:
         """Preludes of listener i: the PROXY protocol it accepts (enum flb_proxy_protocol) from the
@@ -450,6 +471,10 @@ cdef class Region:
     def set_health(self, int i, str state) -> None:
         flb_store32(&self._backend(i).health, HEALTH[state])
 
+    def set_priority(self, int i, uint32_t priority) -> None:
+        """Backend i's priority group (lower first; FLB_PRIORITY_BACKUP for `backup = true`)."""
+        flb_store32(&self._backend(i).priority, priority)
+
     def set_in_use(self, int i, bint in_use) -> None:
         flb_store32(&self._backend(i).in_use, 1 if in_use else 0)
 
@@ -538,6 +563,8 @@ cdef class Region:
             "udp_drop_unexpected": flb_load64(&l.udp_drop_unexpected),
             "udp_drop_rcvbuf": flb_load64(&l.udp_drop_rcvbuf),
             "udp_drop_reply_rcvbuf": flb_load64(&l.udp_drop_reply_rcvbuf),
+            "ka_idle_s": flb_load32(&l.ka_idle_s), "ka_interval_s": flb_load32(&l.ka_interval_s),
+            "ka_count": flb_load32(&l.ka_count), "user_timeout_ms": flb_load32(&l.user_timeout_ms),
         }
 
     def route(self, int i) -> dict:
@@ -567,6 +594,8 @@ cdef class Region:
             "scan_len": flb_load32(&p.scan_len),
             "no_backend": flb_load64(&p.no_backend),
             "send_proxy": p.send_proxy,
+            "ka_idle_s": flb_load32(&p.ka_idle_s), "ka_interval_s": flb_load32(&p.ka_interval_s),
+            "ka_count": flb_load32(&p.ka_count), "user_timeout_ms": flb_load32(&p.user_timeout_ms),
         }
 
     def backend(self, int i) -> dict:
@@ -582,12 +611,15 @@ cdef class Region:
             "consecutive_failures": flb_load64(&b.consecutive_failures),
             "connect_time_ewma_us": flb_load64(&b.connect_time_ewma_us),
             "attempts": flb_load64(&b.attempts), "close_conns": flb_load32(&b.close_conns),
+            "priority": flb_load32(&b.priority),
             "connect_time_sum_us": flb_load64(&b.connect_time_sum_us),
             "early_closes": flb_load64(&b.early_closes),
             "hist_connect": [flb_load64(&b.hist_connect[k]) for k in range(FLB_HIST_BUCKETS)],
             "udp_datagrams_in": flb_load64(&b.udp_datagrams_in),
             "udp_datagrams_out": flb_load64(&b.udp_datagrams_out),
             "udp_unreachable": flb_load64(&b.udp_unreachable),
+            "late_resets": flb_load64(&b.late_resets),
+            "backend_first_closes": flb_load64(&b.backend_first_closes),
         }
 
     def consecutive_failures(self, int i) -> int:
@@ -614,7 +646,9 @@ cdef class Region:
             "udp_flows": w.udp_flows, "udp_rx_calls": w.udp_rx_calls,
             "udp_rx_datagrams": w.udp_rx_datagrams, "udp_tx_calls": w.udp_tx_calls,
             "udp_tx_datagrams": w.udp_tx_datagrams, "udp_flow_capacity": w.udp_flow_capacity,
-            "udp_socket_errors": w.udp_socket_errors,
+            "udp_socket_errors": w.udp_socket_errors, "linger_errors": w.linger_errors,
+            "clients_lost": w.clients_lost, "backends_lost": w.backends_lost,
+            "sockopt_errors": w.sockopt_errors,
         }
 
     def reset_worker(self, int i) -> None:
@@ -731,3 +765,39 @@ cdef void _client_text(flb_logrec_t *r, char *addr, char *out, bint as_json) noe
             snprintf(out, 80, '"[%s]:%u"' if as_json else "[%s]:%u", addr, <unsigned int>port)
             return
     snprintf(out, 80, "%s", "null" if as_json else "-")
+
+
+def orphan_workers(int fd) -> list:
+    """The worker records of another process's region, read-only through fd (a descriptor of its
+    memfd, e.g. /proc/WORKER/fd/N opened by `fastlb status` when the control process is gone:
+    fastlb.observe.orphans).  Only what that report needs: pid, state, heartbeat_ms, active,
+    accepted, orphaned_since_ms, control_pid.  Raises OSError when it cannot be mapped and
+    ValueError when it is not a region of this layout version."""
+    cdef uint64_t size = os.fstat(fd).st_size
+    cdef char *base
+    cdef flb_header_t *hdr
+    cdef flb_worker_t *w
+    cdef uint32_t i
+    if size < sizeof(flb_header_t):
+        raise ValueError("not a fastlb shared region (too small)")
+    base = <char *>mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
+    if <void *>base == <void *>-1:
+        raise OSError("mmap of the shared region failed")
+    try:
+        hdr = <flb_header_t *>base
+        if flb_load64(&hdr.magic) != FLB_SHM_MAGIC or hdr.layout_version != FLB_LAYOUT_VERSION:
+            raise ValueError("not a fastlb shared region of this layout version")
+        if hdr.worker_size != sizeof(flb_worker_t) or \
+                hdr.workers_off + <uint64_t>hdr.n_workers * sizeof(flb_worker_t) > size:
+            raise ValueError("the shared region's worker records do not fit")
+        out = []
+        for i in range(hdr.n_workers):
+            w = &(<flb_worker_t *>(base + hdr.workers_off))[i]
+            out.append({
+                "index": i, "pid": w.pid, "state": w.state, "heartbeat_ms": flb_load64(&w.heartbeat_ms),
+                "active": w.active, "accepted": w.accepted,
+                "orphaned_since_ms": flb_load64(&w.orphaned_since_ms), "control_pid": w.control_pid,
+            })
+        return out
+    finally:
+        munmap(base, size)

@@ -16,7 +16,7 @@ from fastlb._version import __version__
 @click.option("--cafile", type=click.Path(), help="CA certificate(s) to verify an https:// admin API.")
 @click.pass_context
 def main(ctx: click.Context, admin_url: str | None, token_file: str | None, cafile: str | None) -> None:
-    """fastlb: a Layer-4 TCP load balancer (Cython data plane, Python control plane)."""
+    """fastlb: a Layer-4 (TCP and UDP) load balancer (Cython data plane, Python control plane)."""
     ctx.obj = {"admin": admin_url, "token_file": token_file, "cafile": cafile}
 
 
@@ -43,10 +43,37 @@ def check_config(config_file: str) -> None:
     except ConfigError as exc:
         click.echo(f"fastlb: {exc}", err=True)
         sys.exit(2)
+    admin = cfg.global_.admin
+    if admin is not None and admin.token_file is not None:
+        from fastlb.config.fleet import read_admin_token
+
+        problem = None
+        try:  # its owner and mode, as `fastlb serve` (running as this user) will check them
+            read_admin_token(admin.token_file)
+        except OSError as exc:
+            problem = f"{admin.token_file}: {exc.strerror or exc}"
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
+            click.echo(f"fastlb: {config_file}: global.admin_token_file: {problem}", err=True)
+            sys.exit(2)
     n_backends = sum(len(p.backends) for p in cfg.pools.values())
-    click.echo(
-        f"{config_file}: OK ({len(cfg.listeners)} listeners, {len(cfg.pools)} pools, {n_backends} backends)"
+    # a pool with `discover` gets its backends only when fastlb runs: name where they come from
+    dns = [
+        f"{p.discover.name.rstrip('.')} ({'SRV' if p.discover.kind == 'srv' else 'A/AAAA'}, pool {p.name})"
+        for p in cfg.pools.values()
+        if p.discover is not None
+    ]
+    backends = (
+        f"{n_backends} static backends, backends from DNS: {', '.join(dns)}"
+        if dns
+        else f"{n_backends} backends"
     )
+    click.echo(f"{config_file}: OK ({len(cfg.listeners)} listeners, {len(cfg.pools)} pools, {backends})")
+    if admin is not None:
+        from fastlb.config.fleet import describe_admin
+
+        click.echo(describe_admin(admin))
 
 
 def _setup_logging(level: str) -> None:
@@ -120,14 +147,18 @@ def _client(config_file: str | None, socket_path: str | None):  # -> ControlClie
     if opts.get("admin"):
         from fastlb.fleet.client import AdminClient
 
-        return AdminClient(opts["admin"], _token(opts.get("token_file")), cafile=opts.get("cafile"))
-    if socket_path:
-        return ControlClient(socket_path)
-    if config_file:
-        return ControlClient(_load_or_exit(config_file).global_.control_socket)
-    from fastlb.config import GlobalConfig
+        client = AdminClient(opts["admin"], _token(opts.get("token_file")), cafile=opts.get("cafile"))
+    elif socket_path:
+        client = ControlClient(socket_path)
+    elif config_file:
+        client = ControlClient(_load_or_exit(config_file).global_.control_socket)
+    else:
+        from fastlb.config import GlobalConfig
 
-    return ControlClient(GlobalConfig.control_socket)  # the default, /run/fastlb/control.sock
+        client = ControlClient(GlobalConfig.control_socket)  # the default, /run/fastlb/control.sock
+    # a change applied but not kept across a restart (the state file cannot be written): stderr
+    client.on_warning = lambda text: click.echo(f"fastlb: warning: {text}", err=True)
+    return client
 
 
 def _control_options(f):
@@ -160,10 +191,29 @@ def status(config_file: str | None, socket_path: str | None, as_json: bool) -> N
     """Show pools, backends, states, weights and counters of a running fastlb."""
     import json
 
+    from fastlb.control import ControlError
     from fastlb.observe.status import format_status
 
-    st = _run_control(lambda: _client(config_file, socket_path).status())
+    client = _client(config_file, socket_path)
+    try:
+        st = client.status()
+    except ControlError as exc:
+        click.echo(f"fastlb: {exc}", err=True)
+        _explain_unreachable(getattr(client, "path", None), as_json)
+        sys.exit(1)
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+def _explain_unreachable(control_socket: str | None, as_json: bool) -> None:
+    """After "cannot reach": a control process that is gone while its workers still serve, from the
+    runtime file and their shared region (fastlb.observe.orphans)."""
+    import json
+
+    from fastlb.observe.orphans import format_orphans, orphan_report
+
+    rep = orphan_report(control_socket) if control_socket else None
+    if rep is not None:
+        click.echo(json.dumps(rep, indent=2) if as_json else format_orphans(rep))
 
 
 @main.command("set-weight", context_settings={"ignore_unknown_options": True})

@@ -41,10 +41,10 @@ WORKER_STATE_NAMES = {0: "starting", 1: "running", 2: "draining", 3: "exited"}  
 
 EXPECTED_RECORD_SIZES = {
     "header": 192,
-    "listener": 640,
-    "pool": 256,
-    "backend": 448,
-    "worker": 320,
+    "listener": 704,
+    "pool": 320,
+    "backend": 512,
+    "worker": 384,
     "cidr": 32,
     "route": 448,
     "sni": 320,

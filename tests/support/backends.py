@@ -17,6 +17,9 @@ Modes:
   blackhole          listen(0), queue pre-filled, never accept: further SYNs are dropped, so a connect
                      never completes (checked at start: "blackhole_ok")
   close_on_accept    accept, then close at once (FIN) without reading or sending
+  greet_reset        send b"NAME\\n" on accept, then `reset_delay` seconds (0.05) later close with a
+                     RST (SO_LINGER 0), whatever the client sent: a canary that crashes after its
+                     first bytes (issue 24)
   answer_reset       read `read_bytes` (16) bytes, send `answer`, close with the rest of the request
                      unread (so the kernel resets the connection right after the answer); report
   hold               read and discard everything, never send, never close (not even at EOF); report
@@ -53,7 +56,7 @@ from pathlib import Path
 CHUNK = 256 * 1024
 OUT_HIGH = 4 * 1024 * 1024  # echo: stop reading while this much is waiting to go back
 HASHED = {"blast", "half_close_answer", "sink", "reset", "answer_reset", "hold", "paced"}
-MODES = HASHED | {"echo", "id", "flaky", "blackhole", "close_on_accept"}
+MODES = HASHED | {"echo", "id", "flaky", "blackhole", "close_on_accept", "greet_reset"}
 
 # ================================================================================ server side
 
@@ -128,6 +131,7 @@ class Server:
         self.stdin_buf = b""
         self.running = True
         self.timed: set[Conn] = set()  # paced senders and delayed readers: woken by time
+        self.doomed: list[tuple[float, socket.socket]] = []  # greet_reset: (reset at, socket)
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -201,12 +205,28 @@ class Server:
             if srv["mode"] == "close_on_accept":
                 s.close()
                 continue
+            if srv["mode"] == "greet_reset":
+                try:
+                    s.send(name.encode() + b"\n")  # small: the socket buffer takes it whole
+                except OSError:
+                    pass
+                self.doomed.append((time.monotonic() + float(srv.get("reset_delay", 0.05)), s))
+                continue
             s.setblocking(False)
             self.active[name] += 1
             c = Conn(s, srv)
             if c.left or c.read_at > time.monotonic():
                 self.timed.add(c)
             self.update(c)
+
+    def reset_doomed(self) -> float | None:
+        """Reset the greet_reset connections that are due; the delay to the next one (None: none)."""
+        now = time.monotonic()
+        while self.doomed and self.doomed[0][0] <= now:
+            _, s = self.doomed.pop(0)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        return max(0.0, self.doomed[0][0] - now) if self.doomed else None
 
     def timers(self) -> float | None:
         """Feed the paced senders that are due, wake the delayed readers; the next wake-up delay."""
@@ -385,7 +405,8 @@ class Server:
         self.sel.register(0, selectors.EVENT_READ, "stdin")
         self.reply({"ports": self.ports, "blackhole_ok": self.blackhole_ok})
         while self.running:
-            for key, ev in self.sel.select(self.timers() if self.timed else None):
+            waits = [w for w in (self.timers() if self.timed else None, self.reset_doomed()) if w is not None]
+            for key, ev in self.sel.select(min(waits) if waits else None):
                 if key.data == "listen":
                     ls, srv = self.listeners[key.fd]
                     self.accept(ls, srv)

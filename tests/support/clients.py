@@ -312,6 +312,27 @@ def cli_process(*args: str) -> subprocess.Popen:
     )
 
 
+def curl_as(user: str, url: str, *args: str, timeout: float = 10.0) -> tuple[int, str]:
+    """`curl ARGS URL` run as another (unprivileged) local user through runuser: the HTTP status
+    (0: no answer) and the body."""
+    r = subprocess.run(
+        ["runuser", "-u", user, "--", "curl", "-sS", "-m", str(timeout), "-w", "\n%{http_code}", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 5,
+        stdin=subprocess.DEVNULL,
+    )
+    body, _, code = r.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def write_token_file(path, token: str, mode: int = 0o600):
+    """An admin API bearer token file (0600 unless told: the admin API refuses one others can read)."""
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    return path
+
+
 def backends_of(st: dict, pool: str = "web") -> dict[str, dict]:
     """name -> backend record of one pool in a status document."""
     p = next(p for p in st["pools"] if p["name"] == pool)

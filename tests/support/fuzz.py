@@ -383,3 +383,86 @@ __all__ = [
     "fuzz_settings",
     "toml_text",
 ]
+
+
+# --- state files (fastlb.runtime.statefile) ---------------------------------------------------------
+
+JSON_ODD = [
+    None, True, False, 0, -7, 5000, 1000, 1e308, -1e308, float("nan"), float("inf"), 2**70, 0.5, "abc", "",
+    "drain", "maint", "ready", "v1", "web/a", "\x00", "é" * 70, [], {}, [1], {"v1": 5000}, {"v1": "x"},
+    {"": 1}, 5, "5", [[[]]],
+]  # fmt: skip
+
+
+def state_document(config_file: str) -> dict[str, Any]:
+    """A valid state document as fastlb writes it: runtime weights, admin states, a split, one
+    running rollout with a check command, a switch and a retired pool."""
+    rollout = {
+        "version": 1,
+        "spec": {
+            "name": "r", "listener": "web", "route": "default", "to": "v2", "from": "v1",
+            "steps": [10, 50, 100], "interval": 1.0, "pause_at": [], "threshold": 2,
+            "gates": {"max_failure_rate": 0.01, "max_early_reset_rate": 0.01, "max_unhealthy": 0.0,
+                      "max_connect_time": None, "min_connections": 10, "check": "true", "check_timeout": 10.0},
+        },
+        "base": {"v1": 100}, "status": "progressing", "step": 1, "failures": 0, "started_at": 1000.0,
+        "updated_at": 1001.0, "next_at": 1002.0, "reason": "", "last": None,
+        "history": [{"time": 1000.0, "event": "start", "text": "started"}],
+    }  # fmt: skip
+    return {
+        "format": "fastlb-state",
+        "version": 1,
+        "config": config_file,
+        "written": 1000.0,
+        "pid": 1,
+        "start_time": 1,
+        "control_socket": "/run/fastlb/control.sock",
+        "values": {
+            "weight:web/a": {"value": 0, "file": 3},
+            "admin:web/b": {"value": "drain", "file": "ready"},
+            "split:web/default": {"value": {"v1": 50, "v2": 50}, "file": {"v1": 100}},
+        },
+        "rollouts": {"r": rollout},
+        "deploy": {
+            "switches": {
+                "web/default": {"listener": "web", "route": "default", "live": ["v2"], "old": ["v1"],
+                                "previous": {"v1": 100}, "drain_old": False, "at": 1000.0},
+            },
+            "retired": {"v1": ["a", "b"]},
+        },
+    }  # fmt: skip
+
+
+def mutate(doc: Any, rng: Any, n: int) -> Any:
+    """`doc` with n random nodes replaced (an odd JSON value, a deep nest, a node of itself) or
+    deleted: documents that pass most checks and fail a few.  rng: a random.Random."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(n):
+        paths: list[tuple[Any, Any]] = []
+        todo = [doc]
+        while todo:
+            node = todo.pop()
+            keys = (
+                list(node) if isinstance(node, dict) else range(len(node)) if isinstance(node, list) else []
+            )
+            for k in keys:
+                paths.append((node, k))
+                todo.append(node[k])
+        if not paths:
+            return rng.choice(JSON_ODD)
+        node, k = rng.choice(paths)
+        roll = rng.random()
+        if roll < 0.15 and isinstance(node, dict):
+            del node[k]
+        elif roll < 0.25:
+            deep: Any = rng.choice(JSON_ODD)
+            for _ in range(rng.choice((2, 70, 300))):
+                deep = [deep]
+            node[k] = deep
+        elif roll < 0.35 and isinstance(node, dict):
+            node[
+                rng.choice(["weight:web/a", "admin:x/y", "split:web/r", "weight:bad name/a", "rollouts", "x"])
+            ] = rng.choice(JSON_ODD)
+        else:
+            node[k] = rng.choice(JSON_ODD)
+    return doc

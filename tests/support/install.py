@@ -62,3 +62,39 @@ def add_system_units(root: Path) -> None:
     dst = root / SYSTEM_UNITS.relative_to("/")
     if not dst.exists():
         shutil.copytree(SYSTEM_UNITS, dst, symlinks=True)
+
+
+# PATH of a root shell on a stock Debian host (`su -`, cron, a unit's ExecStart): not even /usr/local/bin
+DEBIAN_ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """debian_env() with DEBIAN_ROOT_PATH and none of the variables that pick a fastlb (FASTLB_VENV,
+    FASTLB_BIN, ...): what a script sees on a fresh host, plus `extra`."""
+    env = {k: v for k, v in debian_env().items() if not k.startswith("FASTLB_")}
+    env.update(PATH=DEBIAN_ROOT_PATH, FASTLB_INSTALLED="/nonexistent/usr/local/bin/fastlb")
+    env.update(extra)
+    return env
+
+
+def make_venv(venv: Path, wheel: Path) -> None:
+    """README command 1's venv (scripts/venv with Debian's python3), from the session's wheel."""
+    r = subprocess.run(
+        [REPO / "scripts/venv", venv],
+        capture_output=True,
+        text=True,
+        env=debian_env(FASTLB_WHEEL=str(wheel)),
+        timeout=300,
+        cwd=REPO,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"scripts/venv failed:\n{r.stdout}{r.stderr}")
+
+
+def linked_checkout(where: Path) -> Path:
+    """A checkout of its own at `where` (scripts/ and bench/ linked to this one's), so a test can
+    give it a .venv, or none, without touching the real checkout's."""
+    where.mkdir(parents=True)
+    for name in ("scripts", "bench", "Makefile"):
+        (where / name).symlink_to(REPO / name)
+    return where.resolve()

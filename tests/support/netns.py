@@ -66,6 +66,35 @@ class Netns:
         """A socket of this namespace (see socket_in)."""
         return socket_in(self.name, family, kind)
 
+    def drop(self, address: str) -> None:
+        """Make `address` vanish without a FIN or a reset: an nftables rule drops every packet to or
+        from it as it arrives (the input hook: senders see nothing fail).  Skips the test when `nft`
+        is missing (Debian package nftables)."""
+        import pytest
+
+        if shutil.which("nft") is None:
+            pytest.skip("needs nft (Debian package nftables)")
+        family = "ip6" if ":" in address else "ip"
+        script = (
+            "table inet flbtest {\n"
+            "  chain input { type filter hook input priority 0; policy accept;\n"
+            f"    {family} saddr {address} drop\n"
+            f"    {family} daddr {address} drop\n"
+            "  }\n"
+            "}\n"
+        )
+        r = subprocess.run(
+            [*self.prefix, "nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
+        )
+        if r.returncode != 0:
+            raise AssertionError(f"nft in {self.name}: exit {r.returncode}: {r.stderr.strip()}")
+
+    def undrop(self) -> None:
+        """Remove what drop() added: the address answers again."""
+        subprocess.run(
+            [*self.prefix, "nft", "delete", "table", "inet", "flbtest"], capture_output=True, timeout=30
+        )
+
     def delete(self) -> None:
         """Kill what still runs inside (by pid: only processes of this namespace), then delete it."""
         if not self.created:

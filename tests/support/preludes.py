@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -231,3 +232,34 @@ def tls_request(
                 break
             out += d
         return out.decode()
+
+
+# PROXY v2's family/transport byte (HAProxy's doc/proxy-protocol.txt, section 2.2): the values the
+# spec defines; "other values are unspecified and ... must be rejected as invalid by receivers".
+V2_FAMILIES = {
+    0x00: "UNSPEC",
+    0x11: "TCP4",
+    0x12: "UDP4",
+    0x21: "TCP6",
+    0x22: "UDP6",
+    0x31: "UNIX_STREAM",
+    0x32: "UNIX_DGRAM",
+}
+V2_STREAM_FAMILIES = {0x00, 0x11, 0x21, 0x31}  # what can describe a connection on a TCP listener
+V2_ADDR_LEN = {1: 12, 2: 36, 3: 216}  # address block by family nibble
+
+
+def v2_accepted_on_tcp(command: int, fam: int) -> bool:
+    """Does a TCP listener accept a v2 header with this command (0 LOCAL, 1 PROXY) and family byte?
+    LOCAL: the receiver "must discard the protocol block including the family which is ignored";
+    PROXY: only the stream transports (and UNSPEC) fit; a datagram transport (UDP4/UDP6/UNIX_DGRAM)
+    or an undefined value is malformed."""
+    return command == 0 or fam in V2_STREAM_FAMILIES
+
+
+def v2_header(command: int, fam: int, body: bytes | None = None) -> bytes:
+    """A v2 header with this command and family byte; body defaults to a zeroed address block of the
+    size the family nibble asks for (none for UNSPEC or undefined families)."""
+    if body is None:
+        body = b"\x00" * V2_ADDR_LEN.get(fam >> 4, 0)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20 | command, fam]) + struct.pack("!H", len(body)) + body

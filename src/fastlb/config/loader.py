@@ -43,8 +43,18 @@ from fastlb.config.model import (
     ListenerConfig,
     OutlierConfig,
     PoolConfig,
+    default_state_file,
 )
 from fastlb.config.observe import ACCESS_LOG_KEYS, parse_access_log
+from fastlb.config.protect import BACKEND_KEYS as _PROTECT_BACKEND_KEYS
+from fastlb.config.protect import LISTENER_KEYS as _PROTECT_LISTENER_KEYS
+from fastlb.config.protect import POOL_KEYS as _PROTECT_POOL_KEYS
+from fastlb.config.protect import (
+    backend_priority,
+    listener_protect_fields,
+    pool_priorities,
+    pool_protect_fields,
+)
 from fastlb.config.rollouts import parse_rollouts
 from fastlb.config.routes import (
     LISTENER_KEYS as _ROUTE_LISTENER_KEYS,
@@ -155,6 +165,8 @@ _GLOBAL_KEYS = (
     "metrics",
     "reload_takeover",
     *ANNOUNCE_GLOBAL_KEYS,
+    "user",
+    "group",
 )
 _LISTENER_KEYS = (
     "bind",
@@ -168,6 +180,7 @@ _LISTENER_KEYS = (
     "protocol",
     *UDP_LISTENER_KEYS,
     *ANNOUNCE_LISTENER_KEYS,
+    *_PROTECT_LISTENER_KEYS,
 )
 MAX_HALF_CLOSE_TIMEOUT = 1000 * 3600.0  # milliseconds of it must fit the record's u32
 _POOL_KEYS = (
@@ -184,9 +197,15 @@ _POOL_KEYS = (
     "outlier_detection",
     "discover",
     "send_proxy",
+    *_PROTECT_POOL_KEYS,
 )
-_BACKEND_KEYS = ("name", "address", "weight")
-_OUTLIER_KEYS = ("consecutive_failures", "base_ejection_time", "max_ejection_percent")
+_BACKEND_KEYS = ("name", "address", "weight", *_PROTECT_BACKEND_KEYS)
+_OUTLIER_KEYS = (
+    "consecutive_failures",
+    "base_ejection_time",
+    "max_ejection_percent",
+    "successful_active_health_check_uneject_host",
+)
 _HEALTH_COMMON_KEYS = ("type", "interval", "timeout", "rise", "fall", "port", "address", "send_proxy")
 _HEALTH_TYPE_KEYS = {
     "tcp": (),
@@ -208,7 +227,7 @@ def _global(data: object, file: str) -> GlobalConfig:
         raise t.error("control_socket", "path contains a NUL character")
     if len(sock.encode("utf-8", "surrogatepass")) > MAX_SUN_PATH:
         raise t.error("control_socket", f"path is longer than {MAX_SUN_PATH} bytes (the unix socket limit)")
-    state_file = t.get_str("state_file", d.state_file)
+    state_file = t.get_str("state_file", default_state_file(sock))
     if not state_file.startswith("/") or "\0" in state_file:
         raise t.error("state_file", f"{_quote(state_file)} must be an absolute path (no NUL)")
     access_log = parse_access_log(t)
@@ -227,7 +246,34 @@ def _global(data: object, file: str) -> GlobalConfig:
         metrics=_metrics_address(t, file),
         reload_takeover=t.get_bool("reload_takeover", d.reload_takeover),
         announce=parse_announce(t),
+        **_run_as(t),
     )
+
+
+def _run_as(t: _Table) -> dict:
+    """[global] user / group: who the workers run as (resolved now: an unknown name is a config
+    error).  user alone also takes the user's primary group."""
+    import grp
+    import pwd
+
+    user = t.get_str("user", "") if "user" in t.data else None
+    group = t.get_str("group", "") if "group" in t.data else None
+    if user is None and group is None:
+        return {}
+    uid = gid = -1
+    if user is not None:
+        try:
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except (KeyError, ValueError, OverflowError):
+            raise t.error("user", f"unknown user {_quote(user)} (not in the user database)") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if group is not None:
+        try:
+            gr = grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
+        except (KeyError, ValueError, OverflowError):
+            raise t.error("group", f"unknown group {_quote(group)} (not in the group database)") from None
+        gid = gr.gr_gid
+    return {"user": user, "group": group, "run_as": (uid, gid)}
 
 
 def _stall_timeout(t: _Table, default: float) -> float:
@@ -290,6 +336,7 @@ def _listeners(
             routes=routes,
             **listener_prelude(t, routes or d.routes),
             announce=listener_announce(t, bind, announce),
+            **listener_protect_fields(t),
         )
         check_udp_routes(t, udp["protocol"], listeners[name].needs_sni)
     return listeners
@@ -367,6 +414,7 @@ def _pool(name: str, t: _Table, file: str, backends_before: int) -> PoolConfig:
         outlier_detection=_outlier(t.data.get("outlier_detection", {}), t.key("outlier_detection"), file),
         discover=discover,
         send_proxy=send_proxy,
+        **pool_protect_fields(t),
     )
 
 
@@ -403,8 +451,8 @@ def _backends(pool: _Table, file: str, backends_before: int) -> tuple[BackendCon
             )
         addresses[address] = name
         weight = t.get_int("weight", 1, 0, MAX_WEIGHT)
-        backends.append(BackendConfig(name=name, address=address, weight=weight))
-    return tuple(backends)
+        backends.append(BackendConfig(name=name, address=address, weight=weight, **backend_priority(t)))
+    return pool_priorities(pool, tuple(backends))
 
 
 def _health_check(data: object, path: str, file: str, pool_send_proxy: str = "off") -> HealthCheckConfig:
@@ -512,4 +560,7 @@ def _outlier(data: object, path: str, file: str) -> OutlierConfig:
         consecutive_failures=t.get_int("consecutive_failures", d.consecutive_failures, 0, MAX_THRESHOLD),
         base_ejection_time=t.get_duration("base_ejection_time", d.base_ejection_time, positive=True),
         max_ejection_percent=t.get_int("max_ejection_percent", d.max_ejection_percent, 0, 100),
+        successful_active_health_check_uneject_host=t.get_bool(
+            "successful_active_health_check_uneject_host", d.successful_active_health_check_uneject_host
+        ),
     )

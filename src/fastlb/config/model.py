@@ -52,6 +52,8 @@ MAX_ROUTES = 64  # per listener
 MAX_SPLIT = 15  # FLB_MAX_SPLIT: pools in one route's split
 MAX_MATCH_ENTRIES = 1024  # source prefixes or sni patterns in one route (and proxy_protocol_from)
 MAX_SNI_BYTES = 253  # a DNS name
+MAX_PRIORITY = 65535  # a backend's priority group (an SRV record's priority field)
+BACKUP_PRIORITY = 65536  # FLB_PRIORITY_BACKUP: `backup = true`, after every numbered group
 
 
 def _default_workers() -> int:
@@ -109,6 +111,12 @@ class BackendConfig:
     name: str
     address: Address
     weight: int = 1  # 0..1000; 0 = no new connections
+    priority: int = 0  # priority group, lower first (0..65535; backup = BACKUP_PRIORITY): config/protect.py
+    backup: bool = False  # `backup = true`: the group after every other one
+
+    @property
+    def priority_name(self) -> str:
+        return "backup" if self.backup else str(self.priority)
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,18 @@ class OutlierConfig:
     consecutive_failures: int = 5  # 0 = disabled
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 50  # 0..100
+    # a passing active health check ends an ejection at once (Envoy's name and default)
+    successful_active_health_check_uneject_host: bool = True
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    """TCP keepalive of one side (config/protect.py): client_keepalive on a listener,
+    backend_keepalive on a pool.  Whole seconds (the kernel counts TCP_KEEPIDLE/INTVL in seconds)."""
+
+    idle: int = 60  # TCP_KEEPIDLE: seconds without traffic before the first probe
+    interval: int = 10  # TCP_KEEPINTVL: seconds between unanswered probes
+    count: int = 6  # TCP_KEEPCNT: unanswered probes before the connection is reset
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,7 @@ class DiscoverConfig:
     min_interval: float = 1.0  # re-resolve at the record's TTL, bounded by these
     max_interval: float = 300.0
     max_backends: int = 64  # backend slots reserved for what DNS returns
+    initial_timeout: float = 5.0  # no static backends: wait this long for the first answer at start
 
 
 @dataclass(frozen=True)
@@ -160,6 +181,14 @@ class AdminConfig:
     token_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    header_timeout: float = 10.0  # a connection's first request head must be in by then
+    keepalive_timeout: float = 30.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 256  # open at once; one more is accepted and closed at once
+
+    @property
+    def read_only(self) -> bool:
+        """No token: GET /v1/status, /v1/rollout-status and /metrics only; every change is 401."""
+        return self.token_file is None
 
 
 @dataclass(frozen=True)
@@ -178,6 +207,8 @@ class PoolConfig:
     outlier_detection: OutlierConfig = OutlierConfig()
     discover: DiscoverConfig | None = None
     send_proxy: str = "off"  # "off" | "v1" | "v2": PROXY header written to the backends first
+    backend_keepalive: KeepaliveConfig | None = None  # None: no keepalive on backend sockets
+    tcp_user_timeout: float = 0.0  # backend sockets' TCP_USER_TIMEOUT, seconds; 0 = the kernel's
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -228,6 +259,8 @@ class ListenerConfig:
     sni_timeout: float = 5.0  # how long the prelude (PROXY header, ClientHello) may take
     sni_policy: str = "default"  # key sni_no_match (alias sni_policy): no server name: "default" | "reject"
     announce: bool = False  # keep a /32 or /128 route for the bind address (fleet/announce.py)
+    client_keepalive: KeepaliveConfig | None = None  # None: no keepalive on accepted sockets
+    tcp_user_timeout: float = 0.0  # accepted sockets' TCP_USER_TIMEOUT, seconds; 0 = the kernel's
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -243,6 +276,24 @@ class ListenerConfig:
     def sni_no_match(self) -> str:
         """The config key's name for sni_policy."""
         return self.sni_policy
+
+
+STATE_DIRECTORY = "/var/lib/fastlb"  # the shipped unit's StateDirectory=fastlb
+
+
+def default_state_file(control_socket: str) -> str:
+    """`[global] state_file` when the file does not set it: one per control socket (two instances
+    on a host never share one), and /var/lib/fastlb/state.json for the default control socket (so
+    existing installs keep their state): e.g. /run/fastlb/edge.sock ->
+    /var/lib/fastlb/edge-<8 hex digits of the socket path's SHA-256>.state.json."""
+    if control_socket == GlobalConfig.control_socket:
+        return f"{STATE_DIRECTORY}/state.json"
+    import hashlib
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(control_socket)).removesuffix(".sock")
+    digest = hashlib.sha256(control_socket.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{STATE_DIRECTORY}/{(name or 'control')[:40]}-{digest}.state.json"
 
 
 @dataclass(frozen=True)
@@ -263,7 +314,9 @@ class GlobalConfig:
     control_socket: str = "/run/fastlb/control.sock"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
-    state_file: str = "/var/lib/fastlb/state.json"  # runtime changes kept across reload/restart
+    # runtime changes kept across reload/restart; the loader derives it from control_socket
+    # (default_state_file) when the file does not set it
+    state_file: str = "/var/lib/fastlb/state.json"
     admin: AdminConfig | None = None
     access_log: str = "off"  # "off" | "stdout" | an absolute path
     access_log_format: str = "json"  # "json" | "text"
@@ -275,6 +328,11 @@ class GlobalConfig:
     # workers, pools added or removed, ...) starts `fastlb serve --takeover` to apply them
     reload_takeover: bool = True
     announce: AnnounceConfig = AnnounceConfig()
+    # workers drop to these after their sockets are open (fastlb.worker.drop_privileges); the
+    # control process keeps its own (takeovers, binds on reload).  run_as: (uid or -1, gid or -1)
+    user: str | None = None
+    group: str | None = None
+    run_as: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

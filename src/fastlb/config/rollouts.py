@@ -5,7 +5,7 @@ serve the command line (fastlb.deploy.cli), so a key means the same in both plac
   [rollouts.web-v2]
   listener = "web"            route = "default"         to = "v2"        from = "v1" (optional)
   steps = [5, 10, 25, 50, 100]  interval = "30s"        pause_at = [25]  threshold = 2
-  max_failure_rate = "1%"     max_early_reset_rate = "1%"   max_unhealthy = "0%"
+  max_failure_rate = "1%"     max_early_reset_rate = "1%"   max_reset_rate = "1%"   max_unhealthy = "0%"
   max_connect_time = "50ms"   min_connections = 10      check = "curl -fsS http://..."  check_timeout = "10s"
 
 Rates are percentages: "1%", "0.5%", or a number (1 = 1%); "off" turns a gate off.
@@ -32,13 +32,14 @@ ROLLOUT_KEYS = (
     "threshold",
     "max_failure_rate",
     "max_early_reset_rate",
+    "max_reset_rate",
     "max_unhealthy",
     "max_connect_time",
     "min_connections",
     "check",
     "check_timeout",
 )
-RATE_KEYS = ("max_failure_rate", "max_early_reset_rate", "max_unhealthy")
+RATE_KEYS = ("max_failure_rate", "max_early_reset_rate", "max_reset_rate", "max_unhealthy")
 MAX_STEPS = 100
 MAX_THRESHOLD = 100
 MAX_MIN_CONNECTIONS = 1_000_000_000

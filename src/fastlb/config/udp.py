@@ -21,6 +21,9 @@ TCP_ONLY_LISTENER_KEYS = (
     "sni_timeout",
     "sni_no_match",
     "sni_policy",
+    # TCP keepalive and user timeout (issue 21, config/protect.py)
+    "client_keepalive",
+    "tcp_user_timeout",
 )
 UDP_HEALTH_CHECK_TYPES = ("udp_send_expect", "dns")
 UDP_HEALTH_TYPE_KEYS = {"udp_send_expect": ("send", "expect"), "dns": ("query",)}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 MAX_WEIGHT = 1000
@@ -41,11 +42,22 @@ class ControlError(Exception):
 class ControlClient:
     """Talks to one fastlb control socket."""
 
-    __slots__ = ("path", "timeout")
+    __slots__ = ("path", "timeout", "on_warning")
 
     def __init__(self, path: str, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout
+        # called with a reply's "warning" (a change applied but not kept across a restart)
+        self.on_warning: Callable[[str], None] | None = None
+
+    def _checked(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """The reply if it says ok (its warning passed to on_warning), else ControlError."""
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply, dict) else None
+            raise ControlError(error or "request refused")
+        if reply.get("warning") and self.on_warning is not None:
+            self.on_warning(str(reply["warning"]))
+        return reply
 
     def request(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -65,9 +77,7 @@ class ControlClient:
             reply = json.loads(buf)
         except ValueError:
             raise ControlError(f"garbled reply from {self.path}") from None
-        if not reply.get("ok"):
-            raise ControlError(reply.get("error", "request refused"))
-        return reply
+        return self._checked(reply)
 
     def status(self) -> dict[str, Any]:
         return self.request({"cmd": "status"})["status"]
@@ -104,7 +114,7 @@ class ControlClient:
     ) -> dict[str, Any]:
         """Start a canary rollout of pool `to` on ROUTE of LISTENER (or rollout=NAME for a
         [rollouts.NAME] table).  options: from_ (or "from"), name, steps, interval, pause_at,
-        threshold, max_failure_rate, max_early_reset_rate, max_unhealthy, max_connect_time,
+        threshold, max_failure_rate, max_early_reset_rate, max_reset_rate, max_unhealthy, max_connect_time,
         min_connections, check, check_timeout, in the config file's forms ("30s", "1%")."""
         if "from_" in options:
             options["from"] = options.pop("from_")

@@ -48,6 +48,11 @@ class ControlTarget(Protocol):
 
 MAX_NAME = 63  # config names are 1..63 bytes (FLB_NAME_LEN with its NUL)
 ADMIN_FOR = {"drain": "drain", "enable": "ready", "disable": "maint"}
+# Request keys whose value the control process runs as a command (a rollout's gate, through
+# /bin/sh).  Only the config file and the control socket (0600, its owner) may give one: a remote
+# request carrying one is refused (fastlb.fleet.admin passes remote=True).  A named [rollouts.NAME]
+# table brings its own `check` from the config file, which stays allowed.
+COMMAND_KEYS = ("check",)
 DEPLOY_COMMANDS = (
     "rollout-start",
     "rollout-status",
@@ -103,8 +108,23 @@ def _set_split(sup: ControlTarget, req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
-    """Apply one request line; never raises, never half-applies."""
+CHANGES = ("set-weight", *ADMIN_FOR, "set-split", *(c for c in DEPLOY_COMMANDS if c != "rollout-status"))
+
+
+def handle_request(sup: ControlTarget, line: bytes, remote: bool = False) -> dict[str, Any]:
+    """Apply one request line; never raises, never half-applies.  The reply of a runtime change
+    that will not survive a restart (the state file cannot be written) carries a "warning".
+    `remote`: it came through the admin API, which may not carry a command (COMMAND_KEYS)."""
+    seen: list[str] = []
+    reply = _handle(sup, line, seen, remote)
+    if reply.get("ok") and seen and seen[0] in CHANGES:
+        warning = getattr(sup, "persist_warning", lambda: None)()
+        if warning:
+            reply["warning"] = warning
+    return reply
+
+
+def _handle(sup: ControlTarget, line: bytes, seen: list[str], remote: bool) -> dict[str, Any]:
     try:
         if len(line) > MAX_REQUEST:
             raise ControlError("request too long")
@@ -117,6 +137,14 @@ def handle_request(sup: ControlTarget, line: bytes) -> dict[str, Any]:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             raise ControlError("request must be a JSON object with a string 'cmd'")
         cmd = req["cmd"]
+        seen.append(cmd)
+        if remote:
+            for key in COMMAND_KEYS:
+                if key in req:
+                    raise ControlError(
+                        f"{key!r} (a shell command) is not accepted through the admin API: commands come only "
+                        "from the config file ([rollouts.NAME] tables, started by name) or the local control socket"
+                    )
         if cmd == "status":
             return {"ok": True, "status": sup.status()}
         if cmd == "set-weight":

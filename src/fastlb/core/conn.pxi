@@ -21,6 +21,52 @@ cdef inline void backend_succeeded(flb_backend_t *b) noexcept nogil:
         flb_store64(&b.consecutive_failures, 0)
 
 
+cdef int sock_keepalive(int fd, uint32_t idle_s, uint32_t intvl_s, uint32_t cnt,
+                        uint32_t uto_ms) noexcept nogil:
+    """Protections (issue 21): TCP keepalive on fd when idle_s > 0 (SO_KEEPALIVE, TCP_KEEPIDLE,
+    TCP_KEEPINTVL, TCP_KEEPCNT), and TCP_USER_TIMEOUT when uto_ms > 0.  Values come from the
+    listener's or pool's shared record (the config checked their ranges).  Returns 0, or -errno of
+    the first call that failed (counted in worker.sockopt_errors; the connection goes on with the
+    kernel's defaults for what failed)."""
+    cdef int one = 1, v, rc = 0
+    if idle_s > 0:
+        if setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0:
+            rc = -errno
+        v = <int>idle_s
+        if setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+        v = <int>intvl_s
+        if setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+        v = <int>cnt
+        if setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+    if uto_ms > 0:
+        v = <int>uto_ms
+        if setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof(v)) < 0 and rc == 0:
+            rc = -errno
+    if rc < 0:
+        W.me.sockopt_errors += 1
+    return rc
+
+
+cdef inline void sock_protect_client(int fd, flb_listener_t *ls) noexcept nogil:
+    """client_keepalive / tcp_user_timeout of listener record ls on accepted fd: two loads and no
+    call when neither is configured.  Side effects only."""
+    cdef uint32_t idle = flb_load32(&ls.ka_idle_s)
+    cdef uint32_t uto = flb_load32(&ls.user_timeout_ms)
+    if idle != 0 or uto != 0:
+        sock_keepalive(fd, idle, flb_load32(&ls.ka_interval_s), flb_load32(&ls.ka_count), uto)
+
+
+cdef inline void sock_protect_backend(int fd, flb_pool_t *p) noexcept nogil:
+    """backend_keepalive / tcp_user_timeout of pool record p on a new backend socket fd."""
+    cdef uint32_t idle = flb_load32(&p.ka_idle_s)
+    cdef uint32_t uto = flb_load32(&p.user_timeout_ms)
+    if idle != 0 or uto != 0:
+        sock_keepalive(fd, idle, flb_load32(&p.ka_interval_s), flb_load32(&p.ka_count), uto)
+
+
 cdef inline socklen_t addr_read(flb_backend_t *b, uint8_t *out) noexcept nogil:
     """Copy b's address under its seqlock, SEQLOCK_TRIES reads at most.  Returns its length, or 0
     when no read saw the same even seq before and after (a writer in progress, or one that died
@@ -70,9 +116,32 @@ cdef void addr_copies_refresh() noexcept nogil:
             W.addr_copy_len[i] = n
 
 
-cdef void conn_close(Conn *c, bint reset) noexcept nogil:
-    """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot."""
+cdef void linger_set(Conn *c, int side, bint on) noexcept nogil:
+    """Arm (on: SO_LINGER {1, 0}) or clear ({0, 0}) the reset-on-close of c's socket on `side`
+    (SIDE_CLIENT / SIDE_BACKEND), keeping F_C_LINGER / F_B_LINGER in step.  Armed, a close() - ours,
+    or the kernel's when this process dies (kill -9) - resets the peer instead of sending a FIN, so a
+    cut transfer never looks complete (issue 24, item 5).  A failed setsockopt is counted in
+    worker.linger_errors and leaves the flag as it was; no other side effect."""
     cdef linger lg
+    cdef int fd = c.cfd if side == SIDE_CLIENT else c.bfd
+    cdef uint32_t flag = F_C_LINGER if side == SIDE_CLIENT else F_B_LINGER
+    if fd < 0:
+        return
+    lg.l_onoff = 1 if on else 0
+    lg.l_linger = 0
+    if setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0:
+        W.me.linger_errors += 1
+        return
+    if on:
+        c.flags |= flag
+    else:
+        c.flags &= ~flag
+
+
+cdef void conn_close(Conn *c, bint reset) noexcept nogil:
+    """Close both sockets (with an RST when reset), release pipes, counters and timer; free the slot.
+    An orderly close (reset 0) first clears the SO_LINGER {1, 0} an established pair carries, so the
+    close() sends the FIN after every queued byte; a reset arms it on a socket that lacks it."""
     cdef Listener *l = &W.listeners[c.listener]
     if c.state == CS_UDP_FLOW or c.state == CS_UDP_SPARE:
         udp_conn_close(c)               # core/udp.pxi: a flow or a spare socket
@@ -80,13 +149,16 @@ cdef void conn_close(Conn *c, bint reset) noexcept nogil:
     if W.logring != NULL:
         log_conn(c, reset)
     if reset:
-        lg.l_onoff = 1
-        lg.l_linger = 0
-        if c.cfd >= 0:
-            setsockopt(c.cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
-        if c.bfd >= 0:
-            setsockopt(c.bfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        if not (c.flags & F_C_LINGER):
+            linger_set(c, SIDE_CLIENT, True)
+        if not (c.flags & F_B_LINGER):
+            linger_set(c, SIDE_BACKEND, True)
         W.me.resets += 1
+    else:
+        if c.flags & F_C_LINGER:
+            linger_set(c, SIDE_CLIENT, False)
+        if c.flags & F_B_LINGER:
+            linger_set(c, SIDE_BACKEND, False)
     close_fd(c.cfd)
     close_fd(c.bfd)
     c.cfd = -1
@@ -147,6 +219,7 @@ cdef int conn_connect(Conn *c) noexcept nogil:
             c.term = FLB_TERM_LOCAL_ERROR + 1
             return -1
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        sock_protect_backend(fd, p)
         flb_add64(&b.attempts, 1)
         rc = connect(fd, <sockaddr *>addr, alen)
         e = errno
@@ -216,6 +289,8 @@ cdef void conn_connected(Conn *c) noexcept nogil:
     c.connect_us = <uint32_t>(dt if dt < 4294967295ULL else 4294967295ULL)
     c.term = 0                          # connected: how it ends is decided from here on
     c.state = CS_ESTABLISHED
+    if W.listeners[c.listener].linger:
+        linger_set(c, SIDE_BACKEND, True)   # a pair: if this worker dies, the backend is reset too
     c.active_ms = W.now_ms
     # the wheel holds c at its connect deadline; the idle deadline may come sooner
     if W.listeners[c.listener].idle_timeout_ms != 0:
@@ -428,6 +503,8 @@ cdef void conn_run(Conn *c) noexcept nogil:
             return
     if c.closer == 0 and c.flags & (F_C_EOF | F_B_EOF):
         c.closer = 1 if c.flags & F_C_EOF else 2
+        if c.closer == 2:
+            flb_add64(&b.backend_first_closes, 1)   # its FIN before the client's (bytes moved)
     if (c.flags & (F_B_SHUT | F_C_SHUT)) == (F_B_SHUT | F_C_SHUT) and c.c2b.bytes == 0 and c.b2c.bytes == 0:
         conn_close(c, False)            # both directions finished
         return

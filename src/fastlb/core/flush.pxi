@@ -28,6 +28,17 @@ cdef inline bint backend_holds_bytes(Conn *c) noexcept nogil:
     return recv(c.bfd, &ch, 1, MSG_PEEK | MSG_DONTWAIT) > 0
 
 
+cdef inline bint sock_timed_out(int fd) noexcept nogil:
+    """Did the kernel give up on fd's peer (pending SO_ERROR ETIMEDOUT: keepalive probes
+    unanswered, tcp_user_timeout or retransmissions exhausted)?  Reset path only; reading SO_ERROR
+    clears it, which nothing after this needs."""
+    cdef int err = 0
+    cdef socklen_t n = sizeof(err)
+    if fd < 0 or getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
+        return False
+    return err == ETIMEDOUT
+
+
 cdef void conn_early_close(Conn *c) noexcept nogil:
     """c's backend closed or reset before any byte moved either way: count a failure for passive
     ejection (early_closes, consecutive_failures), drop the backend and connect c to another one,
@@ -37,12 +48,15 @@ cdef void conn_early_close(Conn *c) noexcept nogil:
     cdef Listener *l = &W.listeners[c.listener]
     flb_add64(&b.early_closes, 1)
     flb_add64(&b.consecutive_failures, 1)
+    if c.flags & F_B_LINGER:
+        linger_set(c, SIDE_BACKEND, False)  # its FIN is answered by ours, as before
     close_fd(c.bfd)
     c.bfd = -1
     lb_drop(c.backend)
     c.backend = FLB_NONE
     pipe_put(&c.b2c)
-    c.flags &= ~(F_B_RD | F_B_WR | F_B_EOF | F_B_ERR | F_B_HUP | F_B_SHUT | F_B2C_BULK | F_B_DATA | F_B_OK)
+    c.flags &= ~(F_B_RD | F_B_WR | F_B_EOF | F_B_ERR | F_B_HUP | F_B_SHUT | F_B2C_BULK | F_B_DATA | F_B_OK
+                 | F_B_LINGER)
     if c.flags & F_C_ERR:
         c.term = FLB_TERM_CLIENT_RESET + 1
         conn_close(c, True)                 # the client is gone too: nothing to retry for
@@ -56,26 +70,38 @@ cdef void conn_early_close(Conn *c) noexcept nogil:
 cdef void conn_abort(Conn *c, int dead) noexcept nogil:
     """Established c saw an error or reset on side `dead` (SIDE_NONE: a local failure; reset at
     once).  Before the backend's first byte this is counted on the backend (`resets`), and with
-    nothing moved either way it is an early close (retried).  Otherwise c goes to CS_FLUSHING:
+    nothing moved either way it is an early close (retried); after it, in `late_resets`.  Otherwise c goes to CS_FLUSHING:
     what the dead side still holds is forwarded before both sides are reset."""
     cdef flb_backend_t *b = &W.backends[c.backend]
+    cdef bint lost
     if dead == SIDE_NONE:
         c.term = FLB_TERM_LOCAL_ERROR + 1
         conn_close(c, True)
         return
-    if dead == SIDE_BACKEND and not (c.flags & F_B_DATA) and not backend_holds_bytes(c):
-        flb_add64(&b.resets, 1)
-        if not (c.flags & F_C2B_SENT):
-            conn_early_close(c)
-            return
+    # read before anything else looks at the socket: a recv() would consume the pending error
+    lost = sock_timed_out(c.bfd if dead == SIDE_BACKEND else c.cfd)
+    if dead == SIDE_BACKEND:
+        if (c.flags & F_B_DATA) or backend_holds_bytes(c):
+            flb_add64(&b.late_resets, 1)    # after its first byte: the crash-after-greeting case
+        else:
+            flb_add64(&b.resets, 1)
+            if not (c.flags & F_C2B_SENT):
+                conn_early_close(c)
+                return
     c.state = CS_FLUSHING
     # the live side must see a reset after the bytes, as it would directly: never a FIN
     if dead == SIDE_BACKEND:
         c.flags |= F_FLUSH_B | F_C_SHUT
         c.term = FLB_TERM_BACKEND_RESET + 1
+        if lost:
+            c.term = FLB_TERM_BACKEND_LOST + 1
+            W.me.backends_lost += 1
     else:
         c.flags |= F_FLUSH_C | F_B_SHUT
         c.term = FLB_TERM_CLIENT_RESET + 1
+        if lost:
+            c.term = FLB_TERM_CLIENT_LOST + 1
+            W.me.clients_lost += 1
     c.active_ms = W.now_ms
     timer_schedule(c, W.now_ms + TICK_MS)
     flush_run(c)

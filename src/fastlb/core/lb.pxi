@@ -7,6 +7,11 @@
 # compact local array (or binary-search it, for the weighted random draws) and read shared memory
 # only for what the other workers change all the time: active counts and connect times.  The hash
 # tables are read in place.  A pick never returns a backend the connection already tried.
+#
+# Priorities (issue 21): the view holds only the lowest priority group with a usable backend (backups
+# last); a second view holds the next usable group.  A connection that has tried every backend of
+# the first group (refused, timed out: the control process has not ejected them yet) goes on to the
+# second, so a dead primary costs a retry, never a failed client; the next publish moves the groups.
 
 
 cdef inline bint be_ok(flb_backend_t *b, uint32_t panic) noexcept nogil:
@@ -53,34 +58,50 @@ cdef int lb_setup() noexcept nogil:
     cdef uint32_t pi, cap
     cdef PoolView *v
     W.views = <PoolView *>calloc(W.hdr.n_pools + 1, sizeof(PoolView))
+    W.fviews = <PoolView *>calloc(W.hdr.n_pools + 1, sizeof(PoolView))
     W.ok = <uint8_t *>calloc(W.hdr.n_backends + 1, 1)
     W.rr = <uint32_t *>calloc(W.hdr.n_pools + 1, sizeof(uint32_t))
     W.addr_copy = <uint8_t *>calloc(W.hdr.n_backends + 1, FLB_ADDR_LEN)
     W.addr_copy_len = <uint32_t *>calloc(W.hdr.n_backends + 1, sizeof(uint32_t))
-    if W.views == NULL or W.ok == NULL or W.rr == NULL or W.addr_copy == NULL or W.addr_copy_len == NULL:
+    if W.views == NULL or W.fviews == NULL or W.ok == NULL or W.rr == NULL or W.addr_copy == NULL \
+            or W.addr_copy_len == NULL:
         return -ENOMEM
     for pi in range(W.hdr.n_pools):
-        v = &W.views[pi]
         cap = W.pools[pi].n_backends + 1
-        v.idx = <uint32_t *>calloc(cap, sizeof(uint32_t))
-        v.w = <uint32_t *>calloc(cap, sizeof(uint32_t))
-        v.cum = <uint64_t *>calloc(cap, sizeof(uint64_t))
-        v.cw = <int64_t *>calloc(cap, sizeof(int64_t))
-        if v.idx == NULL or v.w == NULL or v.cum == NULL or v.cw == NULL:
+        if view_alloc(&W.views[pi], cap) < 0 or view_alloc(&W.fviews[pi], cap) < 0:
             return -ENOMEM
         W.rr[pi] = <uint32_t>W.index      # workers start their round-robin at different places
     return 0
 
 
+cdef int view_alloc(PoolView *v, uint32_t cap) noexcept nogil:
+    """Arrays for a view of up to cap backends.  Returns 0 or -ENOMEM (lb_free frees what was made)."""
+    v.idx = <uint32_t *>calloc(cap, sizeof(uint32_t))
+    v.w = <uint32_t *>calloc(cap, sizeof(uint32_t))
+    v.cum = <uint64_t *>calloc(cap, sizeof(uint64_t))
+    v.cw = <int64_t *>calloc(cap, sizeof(int64_t))
+    if v.idx == NULL or v.w == NULL or v.cum == NULL or v.cw == NULL:
+        return -ENOMEM
+    return 0
+
+
+cdef void view_free(PoolView *v) noexcept nogil:
+    free(v.idx)
+    free(v.w)
+    free(v.cum)
+    free(v.cw)
+
+
 cdef void lb_free() noexcept nogil:
     cdef uint32_t pi
-    if W.views != NULL:
-        for pi in range(W.hdr.n_pools):
-            free(W.views[pi].idx)
-            free(W.views[pi].w)
-            free(W.views[pi].cum)
-            free(W.views[pi].cw)
+    for pi in range(W.hdr.n_pools):
+        if W.views != NULL:
+            view_free(&W.views[pi])
+        if W.fviews != NULL:
+            view_free(&W.fviews[pi])
     free(W.views)
+    free(W.fviews)
+    W.fviews = NULL
     free(W.ok)
     free(W.rr)
     W.views = NULL
@@ -89,35 +110,64 @@ cdef void lb_free() noexcept nogil:
 
 
 cdef void lb_refresh() noexcept nogil:
-    """The control process published a change: rebuild every pool's view (and restart the
-    smooth-WRR rounds).  Called after the acquire-load that saw the new generation."""
-    cdef uint32_t pi, idx, n, wt, panic
-    cdef uint64_t total
+    """The control process published a change: rebuild every pool's views (and restart the
+    smooth-WRR rounds).  Called after the acquire-load that saw the new generation.  views[pi]: the
+    usable backends of the lowest priority group that has one; fviews[pi]: those of the next group."""
+    cdef uint32_t pi, idx, pr, first, second, panic
     cdef flb_pool_t *p
-    cdef PoolView *v
     for pi in range(W.hdr.n_pools):
         p = &W.pools[pi]
-        v = &W.views[pi]
         panic = flb_load32(&p.panic)
-        n = 0
-        total = 0
+        first = FLB_NONE
+        second = FLB_NONE
         for idx in range(p.first_backend, p.first_backend + p.n_backends):
             W.ok[idx] = 0
         for idx in range(p.first_backend, p.first_backend + scan_len(p)):
             if not be_ok(&W.backends[idx], panic):
                 continue
+            pr = flb_load32(&W.backends[idx].priority)
+            if pr < first:
+                second = first
+                first = pr
+            elif pr > first and pr < second:
+                second = pr
+        view_build(&W.views[pi], p, panic, first, True)
+        view_build(&W.fviews[pi], p, panic, second, False)
+
+
+cdef void view_build(PoolView *v, flb_pool_t *p, uint32_t panic, uint32_t prio, bint mark) noexcept nogil:
+    """Fill v with pool p's usable backends of priority group prio (FLB_NONE: none - v is empty);
+    mark: set W.ok for them (the hash tables' candidates).  Side effects only."""
+    cdef uint32_t idx, n = 0, wt, full
+    cdef uint64_t total = 0
+    cdef bint rr = p.algorithm == FLB_ALG_ROUND_ROBIN
+    v.ramp = 0
+    if prio != FLB_NONE:
+        for idx in range(p.first_backend, p.first_backend + scan_len(p)):
+            if flb_load32(&W.backends[idx].priority) != prio or not be_ok(&W.backends[idx], panic):
+                continue
             wt = flb_load32(&W.backends[idx].eff_weight)
             if wt == 0:
                 continue                  # changed since be_ok(): the next publish brings it back
-            W.ok[idx] = 1
+            if mark:
+                W.ok[idx] = 1
+            if rr:
+                # round robin gives every backend the same share, a ramping one the part of it that
+                # its slow start has reached (issue 21, item 8)
+                full = flb_load32(&W.backends[idx].weight)
+                if full > wt:
+                    wt = <uint32_t>((<uint64_t>wt * 1000 + full - 1) // full)
+                    v.ramp = 1
+                else:
+                    wt = 1000
             total += wt
             v.idx[n] = idx
             v.w[n] = wt
             v.cum[n] = total
             v.cw[n] = 0
             n += 1
-        v.n = n
-        v.total = total
+    v.n = n
+    v.total = total
 
 
 cdef uint32_t pick_round_robin(Conn *c, PoolView *v, uint32_t pi) noexcept nogil:
@@ -135,7 +185,8 @@ cdef uint32_t pick_round_robin(Conn *c, PoolView *v, uint32_t pi) noexcept nogil
 
 cdef uint32_t pick_smooth_wrr(Conn *c, PoolView *v) noexcept nogil:
     # nginx's smooth weighted round robin: every candidate gains its weight, the richest wins and
-    # pays the total.  5:3:2 gives a b a c a b a b a c - no bursts to the heavy backend.
+    # pays the total (ties to the first).  5:3:2 gives a b c a a b a c b a - no bursts to the heavy
+    # backend (tests/test_wrr_share.py checks this against the worker's real picks).
     cdef uint32_t j
     cdef int64_t best = -1, total = 0
     for j in range(v.n):
@@ -308,8 +359,9 @@ cdef uint32_t pick_least_response_time(Conn *c, PoolView *v, uint32_t pi) noexce
     return FLB_NONE if best < 0 else v.idx[best]
 
 
-cdef uint32_t lb_pick(Conn *c, uint32_t pi) noexcept nogil:
-    """The backend for c's next connect attempt in pool pi, or FLB_NONE when none can take it."""
+cdef uint32_t lb_pick_group(Conn *c, uint32_t pi) noexcept nogil:
+    """The backend for c's next connect attempt among pool pi's first usable priority group (the
+    whole pool without priorities), or FLB_NONE when none of it can take c."""
     cdef flb_pool_t *p = &W.pools[pi]
     cdef PoolView *v = &W.views[pi]
     cdef uint32_t alg = p.algorithm
@@ -319,6 +371,8 @@ cdef uint32_t lb_pick(Conn *c, uint32_t pi) noexcept nogil:
     if alg == FLB_ALG_WEIGHTED_ROUND_ROBIN:
         return pick_smooth_wrr(c, v)
     if alg == FLB_ALG_ROUND_ROBIN:
+        if v.ramp:
+            return pick_smooth_wrr(c, v)    # a slow start runs: shares by ramp progress
         return pick_round_robin(c, v, pi)
     if alg == FLB_ALG_LEAST_CONN:
         return pick_least_conn(c, v, pi)
@@ -338,6 +392,16 @@ cdef uint32_t lb_pick(Conn *c, uint32_t pi) noexcept nogil:
         # the table has no live candidate (being rebuilt, or all tried): keep the promise of a
         # working connection over affinity
         idx = pick_random(c, v)
+    return idx
+
+
+cdef uint32_t lb_pick(Conn *c, uint32_t pi) noexcept nogil:
+    """The backend for c's next connect attempt in pool pi, or FLB_NONE when none can take it:
+    the pool's algorithm over the first usable priority group; once a retry has tried all of that
+    group, a weighted draw from the next group (W.fviews; empty without priorities)."""
+    cdef uint32_t idx = lb_pick_group(c, pi)
+    if idx == FLB_NONE and W.fviews[pi].n > 0:
+        idx = pick_random(c, &W.fviews[pi])
     return idx
 
 

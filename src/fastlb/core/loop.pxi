@@ -48,6 +48,8 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         c = slab_alloc()
         c.cfd = fd
         c.listener = li
+        if l.linger:
+            c.flags |= F_C_LINGER       # inherited from the listening socket: no syscall
         c.accepted_us = W.now_us
         c.peer_len = <uint8_t>(plen if plen <= FLB_ADDR_LEN else FLB_ADDR_LEN)
         memcpy(c.peer, &peer, c.peer_len)
@@ -57,6 +59,7 @@ cdef void accept_ready(Listener *l, uint32_t li) noexcept nogil:
         W.me.accepted += 1
         flb_add64(&l.shm.accepted, 1)
         # TCP_NODELAY comes from the listening socket (accepted sockets inherit it)
+        sock_protect_client(fd, l.shm)
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.u64 = conn_tag(c, SIDE_CLIENT)
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fd, &ev) < 0:
@@ -233,6 +236,7 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
     cdef int i, rc
     cdef int32_t capacity
     cdef Pipe first
+    cdef linger lg
     cdef flb_listener_t *sl
     memset(&W, 0, sizeof(Worker))
     W.base = base
@@ -328,6 +332,15 @@ cdef int worker_setup(char *base, int index, int *fds, int nfds) noexcept nogil:
         W.listeners[i].udp_pktinfo = sl.udp_pktinfo
         W.listeners[i].backlog = sl.backlog  # the control process listened with it
         W.listeners[i].pending = 1
+        if sl.protocol != FLB_PROTO_UDP:
+            # accepted sockets inherit SO_LINGER {1, 0}: a client is reset, not sent a FIN, when
+            # this worker dies (kill -9); every orderly close clears it first (core/conn.pxi)
+            lg.l_onoff = 1
+            lg.l_linger = 0
+            if setsockopt(fds[i], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) == 0:
+                W.listeners[i].linger = 1
+            else:
+                W.me.linger_errors += 1
         ev.events = EPOLLIN | EPOLLET
         ev.data.u64 = TAG_SPECIAL | <uint64_t>i
         if epoll_ctl(W.ep, EPOLL_CTL_ADD, fds[i], &ev) < 0:

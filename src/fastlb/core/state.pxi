@@ -38,6 +38,9 @@ cdef enum:
     F_FLUSH_B = 0x40000  # CS_FLUSHING: the backend is the dead side (its bytes go to the client)
     F_FLUSH_C = 0x80000  # CS_FLUSHING: the client is the dead side
     F_FLUSH_END = 0x100000 # CS_FLUSHING: the dead side is read to its end
+    F_C_LINGER = 0x200000  # the client socket has SO_LINGER {1, 0} (inherited from the listener):
+                           # if this process dies, the kernel resets it (core/conn.pxi linger_set)
+    F_B_LINGER = 0x400000  # the backend socket has SO_LINGER {1, 0} (set once it connected)
 
 cdef enum:
     MAX_TRIES = 11       # 1 + the largest `retries` the config accepts
@@ -108,6 +111,8 @@ ctypedef struct PoolView:
     uint64_t *cum           # prefix sums of w, for weighted random draws
     int64_t *cw             # smooth-WRR current weights
     uint64_t total          # sum of w
+    uint32_t ramp           # round_robin: 1 while a backend's effective weight is below its weight
+                            # (slow start): w then holds 1000 x eff_weight / weight, picked by smooth WRR
 
 
 ctypedef struct RouteView:
@@ -147,6 +152,7 @@ ctypedef struct Listener:
     uint32_t udp_pktinfo
     uint32_t udp_ovfl_seen  # the listening socket's kernel drop count last read (SO_RXQ_OVFL)
     bint retime             # a reload shortened a timeout: move established timers (core/reload.pxi)
+    bint linger             # fd has SO_LINGER {1, 0}: accepted sockets inherit it (core/conn.pxi)
 
 
 ctypedef struct Worker:
@@ -190,6 +196,7 @@ ctypedef struct Worker:
     # selection state (per worker)
     uint32_t *rr            # per pool round-robin cursor
     PoolView *views         # per pool: what may take new connections (rebuilt on publish)
+    PoolView *fviews        # per pool: the next priority group, for retries that tried all of views
     uint8_t *ok             # per backend: 1 if in its pool's view
     # routes (core/routes.pxi)
     flb_route_t *routes

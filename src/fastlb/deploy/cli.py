@@ -129,6 +129,11 @@ GATE_OPTIONS = (
         "max_early_reset_rate",
         'Resets/closes before any byte per attempt (default 1%; "off").',
     ),
+    (
+        "--max-reset-rate",
+        "max_reset_rate",
+        'Resets after the backend\'s first byte per connection (default 1%; "off").',
+    ),
     ("--max-unhealthy", "max_unhealthy", 'Share of canary backends down or ejected (default 0%; "off").'),
     ("--max-connect-time", "max_connect_time", 'Average connect time, e.g. "50ms" (default off).'),
     (
@@ -177,10 +182,13 @@ def _register_rollout(main: click.Group, control_options, client, run_control) -
         if as_json:
             click.echo(json.dumps(v, indent=2))
             return
+        split = " ".join(f"{p}={w}" for p, w in v["split"].items())
+        if v["next_judgement_in"] is None:  # a single step (--steps 100): promoted at once
+            click.echo(f"rollout {v['name']}: {v['status']} at {v['share']}% (split {split})")
+            return
         click.echo(
             f"rollout {v['name']}: started: {v['canary']} at {v['share']}% "
-            f"(split {' '.join(f'{p}={w}' for p, w in v['split'].items())}), "
-            f"next judgement in {v['next_judgement_in']:.1f}s"
+            f"(split {split}), next judgement in {v['next_judgement_in']:.1f}s"
         )
 
     start.__doc__ = """Start a canary rollout of pool --to on ROUTE of LISTENER (or a [rollouts.NAME] table

@@ -23,17 +23,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from fastlb.deploy import DeployError
 from fastlb.deploy.gates import COUNTERS, CheckOutcome
+from fastlb.deploy.requests import handle
 from fastlb.deploy.rollout import Rollout, RolloutSpec
 
 log = logging.getLogger("fastlb")
 
 TICK = 0.1  # seconds: the shortest sleep of the rollout task (a judgement is due within it)
 FINISHED_KEPT = 20  # finished rollouts kept for `rollout status`
-
-
-class DeployError(Exception):
-    """A deployment request that cannot be done; str() is the one-line reason."""
 
 
 class Splits(Protocol):
@@ -149,17 +147,32 @@ class DeployManager:
         if routes is None:
             return
         self._settle_splits()
-        for name, rec in list(self.sup.state.rollouts.items()):
+        restored = list(self.sup.state.rollouts.items())
+        for name, (rec, why) in list(self.sup.state.rejected_rollouts.items()):  # skipped by the loader
+            self._untrusted(name, rec, why)
+        for name, rec in restored:
             try:
                 r = Rollout.from_dict(rec)
                 self._check_spec(r.spec)
-            except (ValueError, KeyError, TypeError, DeployError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, DeployError) as exc:
                 self._untrusted(name, rec, str(exc.args[0]) if exc.args else type(exc).__name__)
                 continue
             self.rollouts[name] = r
             if r.active:
                 r.resumed_after_restart(self.clock(), self._pair(r))
-                log.warning("rollout %s: resumed after a restart at %d%% (%s)", name, r.share, r.status)
+                if r.spec.gates.check and r.status == "progressing" and not self.sup.state.commands_trusted:
+                    # its command came from a file this fastlb cannot vouch for (issue 24 item 1)
+                    r.pause(self.clock())
+                    log.warning(
+                        "rollout %s: paused after a restart: its check command comes from the state file "
+                        "%s, which is not owned by this fastlb's uid or is writable by others; resume it "
+                        "(fastlb rollout resume %s) if the command is yours",
+                        name,
+                        self.sup.state.path,
+                        name,
+                    )
+                else:
+                    log.warning("rollout %s: resumed after a restart at %d%% (%s)", name, r.share, r.status)
                 self._apply(r)
                 self._save(r)
 
@@ -174,6 +187,7 @@ class DeployManager:
             return
         log.error("rollout %s: its saved state cannot be trusted (%s); rolling back", name, why)
         spec = rec.get("spec", {}) if isinstance(rec, dict) else {}
+        spec = spec if isinstance(spec, dict) else {}
         listener, route, to, frm = (spec.get(k) for k in ("listener", "route", "to", "from"))
         if all(isinstance(x, str) for x in (listener, route, to, frm)):
             with contextlib.suppress(DeployError):
@@ -221,13 +235,15 @@ class DeployManager:
 
     def after_reload(self, new: Any) -> list[str]:
         """After the routes applied the file's splits: runtime splits by the rule, then every active
-        rollout's split again (it owns its route).  Returns what it re-applied, for the reload's
-        report."""
+        rollout's split again (it owns its route).  Returns the file's split changes a running
+        rollout kept from being applied, for the reload's report (the reload itself names the
+        splits that changed)."""
         self._reloading = False
-        self.config = new
+        old_config, self.config = self.config, new
         if getattr(self.sup, "routes", None) is None:
             return []
-        notes = self._settle_splits()
+        self._settle_splits()
+        notes: list[str] = []
         for r in self.rollouts.values():
             if not r.active:
                 continue
@@ -239,9 +255,11 @@ class DeployManager:
                 continue
             if norm(self._split(r.spec.listener, r.spec.route)) != norm(r.split()):
                 log.info("rollout %s: reload: its split %s applied again", r.spec.name, _fmt(r.split()))
+            filed = file_split(new, r.spec.listener, r.spec.route)
+            if filed is not None and filed != file_split(old_config, r.spec.listener, r.spec.route):
                 notes.append(
-                    f"listeners.{r.spec.listener}.routes.{r.spec.route}.split: {_fmt(r.split())} "
-                    f"(rollout {r.spec.name} running)"
+                    f"listeners.{r.spec.listener}.routes.{r.spec.route}.split: the file's {_fmt(filed)} "
+                    f"waits: rollout {r.spec.name} is running and keeps {_fmt(r.split())}"
                 )
             self._apply(r)
         return notes
@@ -271,12 +289,15 @@ class DeployManager:
         if old is not None and old.active:
             raise DeployError(f"rollout {spec.name} is already running")
         base = self._split(spec.listener, spec.route)
+        self._check_canary(spec, base)
         self._unretire(spec.to_pool)
         r = Rollout.begin(
             spec, base, now, {"canary": self.counters(spec.to_pool), "stable": self.counters(spec.from_pool)}
         )
         self.rollouts[spec.name] = r
         self._apply(r)
+        if not r.active:  # a single step (--steps 100): promoted at once, the old pool drains
+            self._after(r)
         log.info(
             "rollout %s: started on %s/%s: %s -> %s, steps %s every %gs, threshold %d",
             spec.name,
@@ -291,6 +312,32 @@ class DeployManager:
         self._save(r)
         return r.view(now)
 
+    def _check_canary(self, spec: RolloutSpec, base: dict[str, int]) -> None:
+        """Refuse a rollout that would move traffic the wrong way: --to already has the whole split
+        (the rollout would hand 95% to the other pool), or --to has no backend that can take a
+        connection (not removed, weight > 0, healthy, in service or drained by fastlb itself, which
+        the start puts back)."""
+        where = f"{spec.listener}/{spec.route}"
+        if {p for p, w in base.items() if w > 0} == {spec.to_pool}:
+            raise DeployError(
+                f"{where}: pool {spec.to_pool} already has the whole split ({_fmt(norm(base))}): "
+                "nothing to roll out"
+            )
+        retired = self.retired.get(spec.to_pool) or []
+        usable = [
+            s
+            for s in self.sup.pools[spec.to_pool].slots.values()
+            if not s.removed
+            and s.weight > 0
+            and s.health == "up"
+            and (s.admin == "ready" or (s.admin == "drain" and s.name in retired))
+        ]
+        if not usable:
+            raise DeployError(
+                f"{where}: pool {spec.to_pool} has no usable backend (none in service, healthy and with a "
+                "weight above 0): nothing to roll out to"
+            )
+
     def default_from(self, listener: str, route: str, to_pool: str) -> str:
         """--from left out: the pool with the largest weight in the route's split, other than --to."""
         split = self._split(listener, route)
@@ -304,8 +351,12 @@ class DeployManager:
             active = [r for r in self.rollouts.values() if r.active]
             if len(active) == 1:
                 return active[0]
+            if active:
+                raise DeployError("name the rollout: " + ", ".join(r.spec.name for r in active))
+            last = list(self.rollouts.values())[-1:]
             raise DeployError(
-                "name the rollout: " + (", ".join(self.rollouts) if self.rollouts else "no rollouts")
+                "no rollout is running"
+                + (f" (the last one, {last[0].spec.name}, is {last[0].status})" if last else "")
             )
         r = self.rollouts.get(name)
         if r is None:
@@ -542,8 +593,6 @@ class DeployManager:
 
     def request(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
         """A control-socket request (fastlb.deploy.requests); ControlError on a bad one."""
-        from fastlb.deploy.requests import handle
-
         return handle(self, cmd, req)
 
     def mark_routes(self, listener: str, routes: list[dict[str, Any]]) -> list[dict[str, Any]]:

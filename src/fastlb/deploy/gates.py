@@ -5,6 +5,8 @@ the same window), judged against thresholds.  Pure functions over counter snapsh
 Figures per window (INTERFACES.md section 4; deltas of the sums over a pool's backend slots):
   failure_rate     (connect_errors + connect_timeouts) / attempts       refused, timed out
   early_reset_rate (resets + early_closes) / attempts, at most 1        reset or closed before any byte
+  reset_rate       late_resets / total, at most 1                       reset after the backend's first
+                   byte (a canary that greets, then crashes: issue 24)
   unhealthy        share of the canary's backends down or ejected, at judgement time
   connect_time     connect_time_sum_us / total (seconds)                average connect time
 
@@ -28,6 +30,7 @@ COUNTERS = (
     "resets",
     "early_closes",
     "connect_time_sum_us",
+    "late_resets",
 )
 
 
@@ -35,6 +38,7 @@ COUNTERS = (
 class Gates:
     max_failure_rate: float | None = 0.01  # fraction; None = gate off
     max_early_reset_rate: float | None = 0.01
+    max_reset_rate: float | None = 0.01  # resets after the backend's first byte, per connection
     max_unhealthy: float | None = 0.0  # fraction of the canary's backends down or ejected
     max_connect_time: float | None = None  # seconds
     min_connections: int = 10  # canary connect attempts per window, below: inconclusive
@@ -78,6 +82,10 @@ def early_reset_rate(w: dict[str, int]) -> float | None:
     return min(1.0, (w["resets"] + w["early_closes"]) / w["attempts"]) if w["attempts"] else None
 
 
+def reset_rate(w: dict[str, int]) -> float | None:
+    return min(1.0, w["late_resets"] / w["total"]) if w["total"] else None
+
+
 def connect_time(w: dict[str, int]) -> float | None:
     return w["connect_time_sum_us"] / w["total"] / 1e6 if w["total"] else None
 
@@ -93,6 +101,7 @@ def _ms(x: float | None) -> str:
 RATE_GATES = (
     ("failure_rate", "max_failure_rate", failure_rate, _pct),
     ("early_reset_rate", "max_early_reset_rate", early_reset_rate, _pct),
+    ("reset_rate", "max_reset_rate", reset_rate, _pct),
     ("connect_time", "max_connect_time", connect_time, _ms),
 )
 

@@ -3,7 +3,7 @@
 
   {"cmd": "rollout-start", "listener": L, "route": R, "to": P, ["from": P], [options...]}
   {"cmd": "rollout-start", "rollout": NAME, [options...]}      a [rollouts.NAME] table; options override
-      options: name, steps, interval, pause_at, threshold, max_failure_rate, max_early_reset_rate,
+      options: name, steps, interval, pause_at, threshold, max_failure_rate, max_early_reset_rate, max_reset_rate,
       max_unhealthy, max_connect_time, min_connections, check, check_timeout - in the config file's
       forms ("30s", "1%", [5, 10, 100] or "5,10,100"; numbers are seconds / percent)
   {"cmd": "rollout-status", ["name": N]}  -> {"rollouts": [...]}
@@ -15,12 +15,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from fastlb.config import ConfigError
+from fastlb.config import Config, ConfigError
 from fastlb.config.rollouts import ROLLOUT_KEYS, parse_option
 from fastlb.control import ControlError
-from fastlb.deploy.engine import DeployError, DeployManager
+from fastlb.deploy import DeployError
 from fastlb.deploy.gates import Gates
 from fastlb.deploy.rollout import DEFAULT_INTERVAL, DEFAULT_STEPS, DEFAULT_THRESHOLD, RolloutSpec
 
@@ -34,6 +34,21 @@ COMMANDS = (
     "switch",
 )
 _NAME_MAX = 63
+
+
+class DeployManager(Protocol):
+    """What the requests need of fastlb.deploy.engine.DeployManager (which imports this module;
+    this one imports nothing of it)."""
+
+    config: Config
+
+    def default_from(self, listener: str, route: str, to_pool: str) -> str: ...
+    def start(self, spec: RolloutSpec, from_given: bool = True) -> dict[str, Any]: ...
+    def status(self, name: str | None = None) -> list[dict[str, Any]]: ...
+    def act(self, name: str | None, action: str) -> dict[str, Any]: ...
+    def switch(
+        self, listener: str, route: str, pool: str | None, drain_old: bool, back: bool
+    ) -> dict[str, Any]: ...
 
 
 def _str(req: dict[str, Any], key: str, required: bool = True) -> str | None:
@@ -77,6 +92,7 @@ def spec_from_request(mgr: DeployManager, req: dict[str, Any]) -> RolloutSpec:
     gates = Gates(
         max_failure_rate=opts.get("max_failure_rate", d.max_failure_rate),
         max_early_reset_rate=opts.get("max_early_reset_rate", d.max_early_reset_rate),
+        max_reset_rate=opts.get("max_reset_rate", d.max_reset_rate),
         max_unhealthy=opts.get("max_unhealthy", d.max_unhealthy),
         max_connect_time=opts.get("max_connect_time", d.max_connect_time),
         min_connections=opts.get("min_connections", d.min_connections),

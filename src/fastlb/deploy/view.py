@@ -22,7 +22,13 @@ def _split(split: dict[str, int]) -> str:
     return " ".join(f"{p}={w}" for p, w in split.items())
 
 
-GATE_FORMAT = {"failure_rate": _pct, "early_reset_rate": _pct, "connect_time": _ms, "unhealthy": _pct}
+GATE_FORMAT = {
+    "failure_rate": _pct,
+    "early_reset_rate": _pct,
+    "reset_rate": _pct,
+    "connect_time": _ms,
+    "unhealthy": _pct,
+}
 
 
 def format_rollout(v: dict[str, Any], history: int = 10) -> str:

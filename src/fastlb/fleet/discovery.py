@@ -5,10 +5,15 @@ BackendConfig named deterministically from the record (`target:port` for SRV, `a
 A/AAAA), so every fastlb instance that sees the same answer builds the same Maglev table.  The list
 goes to the backend manager's ordinary lifecycle (added: slow start; vanished: drained with
 drain_timeout; weight changed: applied).  A failing or empty answer keeps the last good set: the
-pool is never emptied by DNS trouble (logged, and counted in `failures`).
+pool is never emptied by DNS trouble (logged, and counted in `failures`), not across a restart in
+place either: a successor starts from its predecessor's last good set (runtime/handover.py) and
+serves it before its own first answer.  A fresh start with only discovered backends waits for
+the first answer (`initial_timeout`) before it opens its listeners (`wait_first`).
 
-SRV: only the records of the lowest priority are used (higher priorities are backups, RFC 2782);
-their weight (0..65535) becomes the backend weight, clamped to 1..1000.  A target's address comes
+SRV: every record becomes a backend; its priority (RFC 2782: lower first, higher ones are backups)
+becomes the backend's priority group (new connections go to the lowest group with a usable backend,
+the same mechanism as `priority` / `backup = true` in the file), and its weight (0..65535) the
+backend weight, clamped to 1..1000.  A target listed under two priorities counts at the lower one.  A target's address comes
 from the answer's additional section or from an A (then AAAA) lookup; its first address is used.
 """
 
@@ -53,17 +58,24 @@ class PoolDiscovery:
     failures: int = 0  # failed or empty answers since start
     resolutions: int = 0
     next_in: float = 0.0  # seconds until the next resolution (as last scheduled)
+    inherited_from: int = 0  # the predecessor whose last good set this pool started from
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # set at the first good answer
 
     def status(self) -> dict:
         return {
-            "query": f"{self.config.kind.upper()} {self.config.name}",
+            "query": self.query,
             "backends": [b.name for b in self.backends],
             "last_ok": self.last_ok,
             "last_error": self.last_error,
             "failures": self.failures,
             "resolutions": self.resolutions,
             "next_in": round(self.next_in, 3),
+            **({"inherited_from": self.inherited_from} if self.inherited_from else {}),
         }
+
+    @property
+    def query(self) -> str:
+        return f"{self.config.kind.upper()} {self.config.name}"
 
 
 def backend_name(host: str, port: int) -> str:
@@ -151,15 +163,12 @@ async def _resolve_srv(
     records = list(ans)
     if not records:
         raise dns.resolver.NoAnswer()
-    best = min(r.priority for r in records)
     additional: dict[str, list[str]] = {}
     for rrset in ans.response.additional:
         if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             additional.setdefault(rrset.name.to_text().lower(), []).extend(sorted(r.address for r in rrset))
     found: dict[str, BackendConfig] = {}
-    for r in records:
-        if r.priority != best:
-            continue
+    for r in sorted(records, key=lambda r: r.priority):
         target = r.target.to_text().lower()
         if target == ".":
             continue  # "service decidedly not available" (RFC 2782)
@@ -174,8 +183,10 @@ async def _resolve_srv(
         host = addrs[0]
         fam = 10 if ":" in host else 2
         name = backend_name(target, r.port)
+        if name in found:
+            continue  # already there at a lower (preferred) priority
         weight = max(1, min(MAX_WEIGHT, r.weight))
-        found[name] = BackendConfig(name, Address(host, r.port, fam), weight)
+        found[name] = BackendConfig(name, Address(host, r.port, fam), weight, priority=r.priority)
     if not found:
         raise DiscoveryError(f"{dc.name}: no SRV target with an address")
     return [found[k] for k in sorted(found)], ttl
@@ -191,9 +202,54 @@ class Discovery:
         self.pools = {name: PoolDiscovery(name, dc) for name, dc in pools.items()}
         self._tasks: list[asyncio.Task] = []
 
+    def inherit(self, pool: str, backends: list[BackendConfig], predecessor: int) -> None:
+        """Start `pool` from a predecessor's last good set (a takeover): applied now, refreshed by
+        the first answer, kept if that fails."""
+        pd = self.pools.get(pool)
+        if pd is None or not backends:
+            return
+        pd.backends = list(backends)
+        pd.inherited_from = predecessor
+        pd.answered.set()
+        log.info(
+            "discovery for pool %s: serving the %d backends pid %d discovered (%s) until the first answer",
+            pool,
+            len(backends),
+            predecessor,
+            ", ".join(b.name for b in backends),
+        )
+        self.apply(pool, list(backends))
+
     def start(self) -> None:
         for pd in self.pools.values():
             self._tasks.append(asyncio.create_task(self._loop(pd), name=f"discovery-{pd.pool}"))
+
+    async def wait_first(self, pools: list[str]) -> None:
+        """Wait for each pool's first good answer, up to its initial_timeout; one line per pool
+        that got none (its listeners open anyway)."""
+
+        async def one(pd: PoolDiscovery) -> None:
+            timeout = pd.config.initial_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    await pd.answered.wait()
+            except TimeoutError:
+                why = f": {pd.last_error}" if pd.last_error else ""
+                log.warning(
+                    "discovery for pool %s: no answer within initial_timeout %gs%s; opening the listeners "
+                    "without backends",
+                    pd.pool,
+                    timeout,
+                    why,
+                )
+
+        waiting = [
+            pd
+            for pd in (self.pools[p] for p in pools if p in self.pools)
+            if not pd.answered.is_set() and pd.config.initial_timeout > 0  # 0: do not wait
+        ]
+        if waiting:
+            await asyncio.gather(*(one(pd) for pd in waiting))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -240,14 +296,15 @@ class Discovery:
             log.info("discovery for pool %s: answering again", pd.pool)
         pd.last_error = None
         pd.last_ok = time.time()
-        if [(b.name, b.address, b.weight) for b in backends] != [
-            (b.name, b.address, b.weight) for b in pd.backends
+        pd.answered.set()
+        if [(b.name, b.address, b.weight, b.priority) for b in backends] != [
+            (b.name, b.address, b.weight, b.priority) for b in pd.backends
         ]:
             log.info(
                 "discovery for pool %s: %s -> %s",
                 pd.pool,
                 ", ".join(b.name for b in pd.backends) or "none",
-                ", ".join(f"{b.name}={b.address}/{b.weight}" for b in backends),
+                ", ".join(f"{b.name}={b.address}/{b.weight}/priority {b.priority}" for b in backends),
             )
             pd.backends = backends
             self.apply(pd.pool, backends)

@@ -216,7 +216,9 @@ class Lab:
         )
 
     def start(self) -> Lab:
-        (self.workdir / "token").write_text(TOKEN + "\n")
+        token = self.workdir / "token"
+        token.write_text(TOKEN + "\n")
+        token.chmod(0o600)  # the admin API refuses a token file others can read
         self.procs["be"] = self._popen(
             "be", "backends", [sys.executable, "-m", "fastlb.fleet.lab", "backend", *self.backends]
         )

@@ -11,7 +11,9 @@
  *        whole buffer (the parser keeps no state between calls).
  *   < 0  a negative errno, and the connection must be dropped:
  *          -EBADMSG   not a PROXY header at all (neither signature)
- *          -EINVAL    malformed (bad token, address, port, version, command, family, TLV bounds)
+ *          -EINVAL    malformed (bad token, address, port, version, command, family, TLV bounds;
+ *                     v2 PROXY: a family/transport byte other than 0x00, 0x11, 0x21, 0x31 - a
+ *                     datagram or unspecified transport does not fit a stream listener)
  *          -EMSGSIZE  oversized (v1 longer than FLB_PP_V1_MAX, v2 longer than FLB_PP_V2_MAX)
  *   It reads only buf[0 .. len) (never past it, whatever the header claims) and writes only *out.
  *
@@ -179,8 +181,15 @@ static int flb_pp_parse_v2(const uint8_t *buf, size_t len, flb_proxy_result *out
         return -EINVAL;              /* only LOCAL (0) and PROXY (1) exist */
     af = fam >> 4;
     tp = fam & 0x0F;
-    if (af > 3 || tp > 2)
+    /* The spec's family/transport byte: 0x00 UNSPEC, 0x11 TCP4, 0x12 UDP4, 0x21 TCP6, 0x22 UDP6,
+     * 0x31 UNIX_STREAM, 0x32 UNIX_DGRAM; every other value "must be rejected as invalid".  This
+     * parser serves stream listeners: a PROXY header announcing a datagram transport (0x12, 0x22,
+     * 0x32) describes a connection that cannot be this one, so it is malformed here too.  LOCAL
+     * "discards the protocol block including the family, which is ignored": any byte, body skipped. */
+    if ((ver_cmd & 0x0F) == 1 && fam != 0x00 && fam != 0x11 && fam != 0x21 && fam != 0x31)
         return -EINVAL;
+    if ((ver_cmd & 0x0F) == 0)
+        af = 0;
     if (total > FLB_PP_V2_MAX)
         return -EMSGSIZE;
     if (len < total)

@@ -86,6 +86,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_CLOEXEC
         SOL_SOCKET
         SO_ERROR
+        SO_KEEPALIVE
         SO_LINGER
         SO_REUSEADDR
         SO_REUSEPORT
@@ -174,6 +175,10 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
+        TCP_KEEPIDLE
+        TCP_KEEPINTVL
+        TCP_KEEPCNT
+        TCP_USER_TIMEOUT
 
 
 cdef extern from "<signal.h>" nogil:

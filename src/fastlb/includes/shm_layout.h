@@ -41,13 +41,14 @@
 #include <stdint.h>
 
 #define FLB_SHM_MAGIC      0x314D48534246534CULL   /* "LSFBSHM1" read as little-endian bytes */
-#define FLB_LAYOUT_VERSION 2u
+#define FLB_LAYOUT_VERSION 3u
 #define FLB_NAME_LEN       64
 #define FLB_ADDR_LEN       28                     /* sizeof(struct sockaddr_in6) */
 #define FLB_NONE           0xFFFFFFFFu            /* "no backend" in tables and picks */
 #define FLB_HIST_BUCKETS   16                     /* connect-time histogram buckets per backend */
 #define FLB_MAX_SPLIT      15                     /* pools in one route's split */
 #define FLB_SNI_LEN        256                    /* a server-name pattern, lower case, NUL-padded */
+#define FLB_PRIORITY_BACKUP 65536u                /* backend.priority of `backup = true` (after every SRV priority) */
 
 /* Upper bounds (microseconds, inclusive) of the connect-time histogram buckets; the last is +Inf.
  * A worker increments exactly one bucket per established connection; readers accumulate them
@@ -240,7 +241,15 @@ typedef struct {
     uint64_t udp_drop_reply_rcvbuf; /* backend datagrams the kernel dropped: a flow's backend socket's
                                     receive buffer was full (SO_RXQ_OVFL) */
     uint64_t _ucpad[4];
-} flb_listener_t;                /* 640 bytes */
+    /* protections (issue 21): TCP keepalive and user timeout of the accepted client sockets -
+       configuration (control writes before fork; a reload rewrites them: single 32-bit stores,
+       applied to connections accepted afterwards) - own cache line (offset 640) */
+    uint32_t ka_idle_s;          /* client_keepalive.idle (TCP_KEEPIDLE); 0 = keepalive off */
+    uint32_t ka_interval_s;      /* client_keepalive.interval (TCP_KEEPINTVL) */
+    uint32_t ka_count;           /* client_keepalive.count (TCP_KEEPCNT) */
+    uint32_t user_timeout_ms;    /* tcp_user_timeout (TCP_USER_TIMEOUT); 0 = the kernel's default */
+    uint32_t _kpad[12];
+} flb_listener_t;                /* 704 bytes */
 
 typedef struct {
     char     name[FLB_NAME_LEN];
@@ -263,7 +272,14 @@ typedef struct {
     /* preludes (issue 10: PROXY protocol send) - configuration */
     uint32_t send_proxy;         /* enum flb_send_proxy: header written to the backend first */
     uint32_t _spad[15];
-} flb_pool_t;                    /* 256 bytes */
+    /* protections (issue 21): TCP keepalive and user timeout of the backend sockets - configuration
+       (single 32-bit stores; applied to connects started afterwards) - own cache line (offset 256) */
+    uint32_t ka_idle_s;          /* backend_keepalive.idle (TCP_KEEPIDLE); 0 = keepalive off */
+    uint32_t ka_interval_s;      /* backend_keepalive.interval (TCP_KEEPINTVL) */
+    uint32_t ka_count;           /* backend_keepalive.count (TCP_KEEPCNT) */
+    uint32_t user_timeout_ms;    /* tcp_user_timeout (TCP_USER_TIMEOUT); 0 = the kernel's default */
+    uint32_t _kpad[12];
+} flb_pool_t;                    /* 320 bytes */
 
 /* Table formats (uint32 entries):
  *   maglev:    table_len = M entries, each a global backend index (or FLB_NONE).
@@ -306,8 +322,19 @@ typedef struct {
     uint64_t udp_datagrams_out;  /* backend -> client */
     uint64_t udp_unreachable;    /* ICMP errors seen on a flow's socket (also in connect_errors and
                                     consecutive_failures: passive ejection sees them) */
-    uint64_t _ucpad[5];
-} flb_backend_t;                 /* 448 bytes */
+    /* issue 24: how established connections end on the backend's side (workers, atomic) */
+    uint64_t late_resets;        /* reset by the backend after its first byte (`resets` counts the
+                                    ones before it): the crash-after-greeting case */
+    uint64_t backend_first_closes; /* the backend's FIN came before the client's, after a byte
+                                    moved: a crash that leaves nothing unread, or a server-close
+                                    protocol (HTTP/1.0) by design */
+    uint64_t _ucpad[3];
+    /* protections (issue 21): configuration (control writes, single 32-bit store) - own cache line */
+    uint32_t priority;           /* priority group, lower first (backup = FLB_PRIORITY_BACKUP): a pick
+                                    uses only the lowest group with a usable backend; a retry that
+                                    has tried all of it goes on to the next group */
+    uint32_t _ppad[15];
+} flb_backend_t;                 /* 512 bytes */
 
 typedef struct {
     int32_t  pid;
@@ -352,8 +379,14 @@ typedef struct {
     uint64_t udp_tx_datagrams;   /* datagrams those calls sent */
     uint64_t udp_flow_capacity;  /* flows this worker's table can hold */
     uint64_t udp_socket_errors;  /* socket()/connect() for a flow failed (EMFILE, ENETUNREACH...) */
-    uint64_t _upad;
-} flb_worker_t;                  /* 320 bytes */
+    uint64_t linger_errors;      /* issue 24: setsockopt(SO_LINGER) failed: that socket closes as it was armed */
+    /* protections (issue 21) - own cache line (offset 320) */
+    uint64_t clients_lost;       /* connections reset because the kernel gave up on the client
+                                    (ETIMEDOUT: client_keepalive probes or tcp_user_timeout) */
+    uint64_t backends_lost;      /* the same for the backend side (backend_keepalive, tcp_user_timeout) */
+    uint64_t sockopt_errors;     /* keepalive / user-timeout setsockopt calls that failed */
+    uint64_t _kpad[5];
+} flb_worker_t;                  /* 384 bytes */
 
 /* Access log (observe/accesslog.py drains these).  One single-producer single-consumer ring per
  * worker: the worker writes record `head % slots`, then release-stores head + 1; the control process
@@ -381,6 +414,9 @@ enum flb_term {
     FLB_TERM_RESPONSES = 14,        /* every reply udp_responses expects arrived */
     FLB_TERM_BACKEND_UNREACHABLE = 15, /* the backend answered with an ICMP error */
     FLB_TERM_BACKEND_DOWN = 16,     /* its backend went down: the next datagram made a new flow */
+    /* protections (issue 21) */
+    FLB_TERM_CLIENT_LOST = 17,      /* the kernel gave up on the client (ETIMEDOUT: keepalive, user timeout) */
+    FLB_TERM_BACKEND_LOST = 18,     /* the kernel gave up on the backend (ETIMEDOUT) */
 };
 
 typedef struct {
@@ -460,13 +496,13 @@ typedef struct {
 } flb_route_t;                   /* 448 bytes */
 
 _Static_assert(sizeof(flb_header_t) == 192, "header size");
-_Static_assert(sizeof(flb_listener_t) == 640, "listener size");
-_Static_assert(sizeof(flb_pool_t) == 256, "pool size");
+_Static_assert(sizeof(flb_listener_t) == 704, "listener size");
+_Static_assert(sizeof(flb_pool_t) == 320, "pool size");
 _Static_assert(sizeof(flb_cidr_t) == 32, "cidr size");
 _Static_assert(sizeof(flb_sni_t) == 320, "sni size");
 _Static_assert(sizeof(flb_split_t) == 128, "split size");
 _Static_assert(sizeof(flb_route_t) == 448, "route size");
-_Static_assert(sizeof(flb_backend_t) == 448, "backend size");
-_Static_assert(sizeof(flb_worker_t) == 320, "worker size");
+_Static_assert(sizeof(flb_backend_t) == 512, "backend size");
+_Static_assert(sizeof(flb_worker_t) == 384, "worker size");
 
 #endif

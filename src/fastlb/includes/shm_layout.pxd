@@ -12,6 +12,7 @@ cdef extern from "shm_layout.h" nogil:
         FLB_MAX_SPLIT
         FLB_SNI_LEN
     uint32_t FLB_NONE
+    uint32_t FLB_PRIORITY_BACKUP
 
     cdef enum flb_algorithm:
         FLB_ALG_ROUND_ROBIN
@@ -153,6 +154,11 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_drop_unexpected
         uint64_t udp_drop_rcvbuf
         uint64_t udp_drop_reply_rcvbuf
+        # protections (issue 21): keepalive and user timeout of accepted sockets
+        uint32_t ka_idle_s
+        uint32_t ka_interval_s
+        uint32_t ka_count
+        uint32_t user_timeout_ms
         # preludes: counters
         uint64_t proxy_accepted
         uint64_t proxy_refused
@@ -178,6 +184,11 @@ cdef extern from "shm_layout.h" nogil:
         uint32_t scan_len
         uint64_t no_backend
         uint32_t send_proxy
+        # protections (issue 21): keepalive and user timeout of backend sockets
+        uint32_t ka_idle_s
+        uint32_t ka_interval_s
+        uint32_t ka_count
+        uint32_t user_timeout_ms
 
     ctypedef struct flb_backend_t:
         uint32_t seq
@@ -207,6 +218,9 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_datagrams_in
         uint64_t udp_datagrams_out
         uint64_t udp_unreachable
+        uint64_t late_resets
+        uint64_t backend_first_closes
+        uint32_t priority
 
     ctypedef struct flb_worker_t:
         int32_t pid
@@ -243,6 +257,10 @@ cdef extern from "shm_layout.h" nogil:
         uint64_t udp_tx_datagrams
         uint64_t udp_flow_capacity
         uint64_t udp_socket_errors
+        uint64_t linger_errors
+        uint64_t clients_lost
+        uint64_t backends_lost
+        uint64_t sockopt_errors
 
     cdef enum flb_term:
         FLB_TERM_CLIENT_CLOSE
@@ -262,6 +280,8 @@ cdef extern from "shm_layout.h" nogil:
         FLB_TERM_RESPONSES
         FLB_TERM_BACKEND_UNREACHABLE
         FLB_TERM_BACKEND_DOWN
+        FLB_TERM_CLIENT_LOST
+        FLB_TERM_BACKEND_LOST
 
     ctypedef struct flb_logring_t:
         uint64_t head

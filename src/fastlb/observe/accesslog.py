@@ -50,6 +50,8 @@ TERMINATIONS = (
     "responses",
     "backend_unreachable",
     "backend_down",
+    "client_lost",
+    "backend_lost",
 )
 FORMATS = ("json", "text")
 

@@ -29,7 +29,17 @@ def listener_settings(li: dict[str, Any]) -> dict[str, Any]:
         "idle_timeout_ms": li["idle_timeout_ms"],
         "max_connections": li["max_connections"],
         "backlog": li["backlog"],
+        **keepalive_settings(li, "client_keepalive"),
     }
+
+
+def keepalive_settings(rec: dict[str, Any], key: str) -> dict[str, Any]:
+    """TCP keepalive (`key`: client_keepalive of a listener, backend_keepalive of a pool; None = off)
+    and tcp_user_timeout_ms (0 = the kernel's default) as the workers apply them now (issue 21)."""
+    keepalive = None
+    if rec["ka_idle_s"]:
+        keepalive = {"idle_s": rec["ka_idle_s"], "interval_s": rec["ka_interval_s"], "count": rec["ka_count"]}
+    return {key: keepalive, "tcp_user_timeout_ms": rec["user_timeout_ms"]}
 
 
 def check_status(check: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -55,8 +65,27 @@ def backend_extras(b: dict[str, Any], slot: Any, check: dict[str, Any] | None) -
     return {
         "attempts": b["attempts"],
         "early_closes": b["early_closes"],
+        "late_resets": b["late_resets"],
+        "backend_first_closes": b["backend_first_closes"],
         "connect_time_sum_us": b["connect_time_sum_us"],
         "ejections": slot.ejections,
         "drains": slot.drains,
+        "priority": slot.priority,
+        "backup": slot.backup,
         "check": check_status(check),
     }
+
+
+def refused(li: dict[str, Any]) -> dict[str, Any]:
+    """A listener's `rejected` (every connection it refused) and `rejected_by`, from its
+    shared-memory record: connections closed without a backend (the data plane's own `rejected`:
+    no route, `sni_no_match = "reject"`, no pool of the split usable, no eligible backend, retries
+    exhausted) plus the PROXY-protocol refusals, which are reset before any route is picked
+    (untrusted senders; missing, malformed or cut-short headers).  max_connections refuses none:
+    connections beyond it wait in the kernel's backlog (`paused_full` counts the pauses)."""
+    by = {
+        "no_backend": li["rejected"],
+        "proxy_refused": li.get("proxy_refused", 0),
+        "proxy_errors": li.get("proxy_errors", 0),
+    }
+    return {"rejected": sum(by.values()), "rejected_by": by}

@@ -38,6 +38,7 @@ BACKEND_STATES = ("up", "down", "ejected", "drain", "maint")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_HEAD = 8192  # bytes of request line + headers a scrape may send
 REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request
+MAX_CONNECTIONS = 256  # scrapes open at once; one more is accepted and closed at once
 
 
 class MetricsSource(Protocol):
@@ -54,7 +55,7 @@ _LISTENER = [
     (
         "rejected",
         "connections_rejected",
-        "Connections closed without a backend (none eligible, retries exhausted).",
+        "Connections refused: without a backend (no route, none eligible, retries exhausted) or PROXY refusals.",
         True,
     ),
     ("paused_full", "max_connections_pauses", "Times a worker stopped accepting at max_connections.", True),
@@ -75,9 +76,17 @@ _BACKEND = [
         "Connections closed or reset by the backend before any byte moved.",
         True,
     ),
+    ("late_resets", "late_resets", "Connections the backend reset after its first byte.", True),
+    (
+        "backend_first_closes",
+        "backend_first_closes",
+        "Connections whose backend sent its FIN before the client's, after a byte moved.",
+        True,
+    ),
     ("ejections", "ejections", "Times passive ejection (outlier detection) took the backend out.", True),
     ("drains", "drains", "Times a drain of the backend began.", True),
     ("weight", "weight", "Configured weight (or the last set-weight).", False),
+    ("priority", "priority", "Priority group, lower first (65536: backup = true).", False),
     ("effective_weight", "effective_weight", "Weight the workers use now (slow start, 0 = none).", False),
     ("consecutive_failures", "consecutive_failures", "Failed connects since the last success.", False),
 ]
@@ -105,6 +114,21 @@ _WORKER = [
     ("flushed_resets", "flushed_resets", "Resets delivered after forwarding what the dead side sent.", True),
     ("seqlock_fallbacks", "seqlock_fallbacks", "Backend addresses read from the last good copy.", True),
     ("pipes_small", "pipes_small", "Pipes smaller than the default 64 KiB.", True),
+    ("linger_errors", "linger_errors", "setsockopt(SO_LINGER) failures (reset-on-death not set).", True),
+    # issue 21: the kernel gave up on a peer (ETIMEDOUT: keepalive probes or tcp_user_timeout)
+    (
+        "clients_lost",
+        "clients_lost",
+        "Connections reset because the client stopped answering (keepalive, user timeout).",
+        True,
+    ),
+    (
+        "backends_lost",
+        "backends_lost",
+        "Connections reset because the backend stopped answering (keepalive, user timeout).",
+        True,
+    ),
+    ("sockopt_errors", "sockopt_errors", "Keepalive / user-timeout setsockopt calls that failed.", True),
 ]
 
 
@@ -185,6 +209,14 @@ class FastlbCollector:
         for result in ("ok", "failed"):
             fam.add_metric([result], reload.get(f"{result}_total", 0))
         yield fam
+        sf = st.get("state_file")
+        if sf is not None:
+            yield GaugeMetricFamily(
+                "fastlb_state_file_writable",
+                "1 if the last write of the state file succeeded; 0: runtime changes are not kept "
+                "across a restart.",
+                1 if sf["writable"] else 0,
+            )
         yield from self._access_log(st)
         yield from self._listeners(st)
         yield from self._pools(st)
@@ -242,10 +274,16 @@ class FastlbCollector:
         panic = GaugeMetricFamily(
             "fastlb_pool_panic", "1 while every backend is down and all_down = panic.", labels=["pool"]
         )
+        active = GaugeMetricFamily(
+            "fastlb_pool_active_priority",
+            "The priority group taking new connections (-1: none usable).",
+            labels=["pool"],
+        )
         for p in st["pools"]:
             no_backend.add_metric([p["name"]], p["no_backend"])
             panic.add_metric([p["name"]], 1 if p["panic"] else 0)
-        yield from (no_backend, panic)
+            active.add_metric([p["name"]], -1 if p["active_priority"] is None else p["active_priority"])
+        yield from (no_backend, panic, active)
         # pool totals: sums over the pool's backends (removed ones included while they drain)
         pool_rows = []
         for p in st["pools"]:
@@ -404,8 +442,27 @@ async def _serve(
         writer.close()
 
 
-async def start_metrics_server(source: MetricsSource, sock: socket.socket) -> asyncio.AbstractServer:
-    """Serve /metrics on the listening socket; one response per connection (Connection: close)."""
-    return await asyncio.start_server(
-        lambda r, w: _serve(lambda: render(source), r, w), sock=sock, limit=MAX_REQUEST_HEAD
-    )
+class MetricsServer:
+    """The /metrics listener: one response per connection (Connection: close), at most
+    MAX_CONNECTIONS open, the request head within REQUEST_TIMEOUT (fastlb.fleet.http_guard: the
+    same limits as the admin API's defaults, so slow scrapers never pin the control process)."""
+
+    def __init__(self, source: MetricsSource, sock: socket.socket) -> None:
+        from fastlb.fleet.http_guard import GuardedServer, HttpLimits
+
+        def protocol() -> asyncio.StreamReaderProtocol:
+            reader = asyncio.StreamReader(limit=MAX_REQUEST_HEAD)
+            return asyncio.StreamReaderProtocol(reader, lambda r, w: _serve(lambda: render(source), r, w))
+
+        self.guard = GuardedServer(sock, protocol, HttpLimits(REQUEST_TIMEOUT, MAX_CONNECTIONS), "metrics")
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (a takeover has handed a copy on)."""
+        self.guard.close(close_socket=True)
+
+
+async def start_metrics_server(source: MetricsSource, sock: socket.socket) -> MetricsServer:
+    """Serve /metrics on the listening socket."""
+    server = MetricsServer(source, sock)
+    server.guard.start()
+    return server

@@ -72,17 +72,31 @@ def format_status(st: dict[str, Any]) -> str:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    sf = st.get("state_file") or {}
     if runtime:
-        lines.append("* set at runtime (kept in the state file), not the config file's value")
+        lines.append(
+            "* set at runtime (kept in the state file), not the config file's value"
+            if sf.get("writable", True)
+            else "* set at runtime, NOT kept across a restart (the state file cannot be written), "
+            "not the config file's value"
+        )
+    if not sf.get("writable", True):
+        lines.append(
+            f"state file {sf['path']}: cannot be written ({sf.get('error')}): runtime changes will "
+            "not survive a restart"
+        )
+    rollouts = running_rollouts(st)
     for li in st["listeners"]:
         if li.get("protocol") == "udp":
             lines.append(_udp_line(li))
         else:
+            target = f" -> {li['pool']}" if not routed(li) else ""
             lines.append(
-                f"listener {li['name']} {li['bind']} -> {li['pool']}: active {li['active']}, "
-                f"accepted {li['accepted']}, rejected {li['rejected']}"
+                f"listener {li['name']} {li['bind']}{target}: active {li['active']}, "
+                f"accepted {li['accepted']}, rejected {li['rejected']}{_rejected_by(li)}"
             )
-        lines.extend(_route_lines(li.get("routes", [])))
+            lines.extend(_prelude_lines(li.get("preludes")))
+        lines.extend(_route_lines(li.get("routes", []), rollouts))
     if st.get("deploy"):
         from fastlb.deploy.view import format_deploy
 
@@ -121,6 +135,11 @@ def _announce_lines(rows: list[dict[str, Any]]) -> list[str]:
 def format_reload(r: dict[str, Any]) -> str:
     """`fastlb reload`'s output: what was applied in place, what a takeover applies, and what
     needs a restart."""
+    if r.get("deferred") or r.get("forwarded"):  # a takeover is under way (runtime/handover.py)
+        pid = r.get("successor") or r.get("forwarded")
+        return (
+            f"reload of {r['file']} left to pid {pid}, which is taking over: it re-reads the file once ready"
+        )
     lines = [f"reloaded {r['file']}: {len(r['applied'])} changes applied"]
     lines += [f"  applied: {a}" for a in r["applied"]]
     lines += [f"  ignored: {a}" for a in r.get("ignored", [])]
@@ -140,8 +159,55 @@ def format_reload(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _route_lines(routes: list[dict[str, Any]]) -> list[str]:
-    """One line per route: its match, split (weight and connections per pool) and affinity."""
+def routed(li: dict[str, Any]) -> bool:
+    """Whether a listener's traffic goes by routes and splits (several routes, or one whose split
+    names several pools): then its `pool` (the first) says little, the route lines say it all."""
+    routes = li.get("routes") or []
+    return len(routes) > 1 or any(len(r.get("split") or {}) > 1 for r in routes)
+
+
+def running_rollouts(st: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rollouts in progress (progressing or paused), by (listener, route)."""
+    return {
+        (v["listener"], v["route"]): v
+        for v in (st.get("deploy") or {}).get("rollouts", [])
+        if v.get("status") in ("progressing", "paused")
+    }
+
+
+def _rejected_by(li: dict[str, Any]) -> str:
+    """What the refused connections were refused for, when any was (document.refused)."""
+    by = {k: v for k, v in (li.get("rejected_by") or {}).items() if v}
+    if not by:
+        return ""
+    return " (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in by.items()) + ")"
+
+
+def _prelude_lines(p: dict[str, Any] | None) -> list[str]:
+    """A listener with a prelude: its PROXY-protocol and SNI counters (one line each)."""
+    if not p:
+        return []
+    lines = []
+    if p.get("proxy_protocol", "off") != "off":
+        senders = ",".join(p.get("proxy_protocol_from") or []) or "anyone"
+        lines.append(
+            f"  proxy {p['proxy_protocol']} from {senders}: accepted {p['proxy_accepted']}, "
+            f"refused {p['proxy_refused']}, errors {p['proxy_errors']}, timeouts {p['prelude_timeouts']}"
+        )
+    if p.get("sni"):
+        lines.append(
+            f"  sni (no match: {p['sni_no_match']}): found {p['sni_found']}, missing {p['sni_missing']}, "
+            f"rejected {p['sni_rejected']}"
+            + (f", timeouts {p['prelude_timeouts']}" if p.get("proxy_protocol", "off") == "off" else "")
+        )
+    return lines
+
+
+def _route_lines(
+    routes: list[dict[str, Any]], rollouts: dict[tuple[str, str], dict[str, Any]] | None = None
+) -> list[str]:
+    """One line per route: its match, split (weight and connections per pool), affinity, and the
+    rollout in progress on it."""
     lines = []
     for r in routes:
         match = [f"source {','.join(r['match']['source'])}"] if r["match"]["source"] else []
@@ -150,8 +216,10 @@ def _route_lines(routes: list[dict[str, Any]]) -> list[str]:
         affinity = f", affinity {r['split_affinity']}" if r["split_affinity"] != "none" else ""
         if r.get("split_source") == "runtime":
             split += " *"  # set at runtime (state file), not the config file's split
+        ro = (rollouts or {}).get((r.get("listener", ""), r["name"]))
+        running = f"; rollout {ro['name']}: {ro['canary']} {ro['status']} at {ro['share']}%" if ro else ""
         lines.append(
             f"  route {r['name']} [{'; '.join(match) or 'default'}]: {split}{affinity}; "
-            f"{r['connections']} connections"
+            f"{r['connections']} connections{running}"
         )
     return lines

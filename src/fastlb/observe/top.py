@@ -24,6 +24,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from fastlb.observe.status import routed, running_rollouts
+
 Status = dict[str, Any]
 
 
@@ -35,6 +37,18 @@ def _rate(n: float) -> str:
             return f"{n:.0f}{unit}"
         n /= 1000
     return f"{n:.0f}T"
+
+
+def _count(n: int) -> str:
+    """A total in at most 4 characters: 999, 1.2k, 12k, 3.4M."""
+    if n < 1000:
+        return str(n)
+    x = float(n)
+    for unit in ("k", "M", "G"):
+        x /= 1000
+        if x < 1000:
+            return f"{x:.1f}{unit}" if x < 10 else f"{x:.0f}{unit}"
+    return f"{x:.0f}T"
 
 
 def _bytes_rate(n: float) -> str:
@@ -100,6 +114,7 @@ def _header(st: Status, source: str) -> Text:
 
 
 def _listeners(st: Status, rates: Rates, budget: int) -> tuple[Table, int]:
+    rollouts = running_rollouts(st)
     t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
     for col, just in (
         ("LISTENER", "left"),
@@ -117,19 +132,25 @@ def _listeners(st: Status, rates: Rates, budget: int) -> tuple[Table, int]:
             break
         routes = li.get("routes") or []
         target = li.get("pool", "")
-        if len(routes) == 1 and routes[0].get("name") == "default":
+        if not routed(li):  # one pool takes everything: "-> pool" says it all
             routes = []
         t.add_row(
             li["name"],
             li["bind"],
-            f"-> {target}" if target else "",
+            f"-> {target}" if target and not routes else "",
             str(li["active"]),
             _rate(rates.listeners.get(li["name"], 0.0)),
         )
         rows += 1
         for r in routes:
-            split = " ".join(f"{pool}={w}" for pool, w in (r.get("split") or {}).items())
-            t.add_row("", "", f" {r['name']}: {split}", "", "")
+            # every pool of the split: its weight now and the connections the route sent there
+            split = " ".join(
+                f"{pool}={w}({_count(r.get('pools', {}).get(pool, 0))})"
+                for pool, w in (r.get("split") or {}).items()
+            )
+            # a rollout on the route: "*" here, its line under the backends says which and where
+            mark = "*" if (li["name"], r["name"]) in rollouts else ""
+            t.add_row("", "", Text(f" {r['name']}{mark}: {split}"), "", "")  # Text: no markup
             rows += 1
     return t, rows
 
@@ -191,9 +212,12 @@ def _activity(st: Status) -> list[str]:
             if b["state"] == "drain":
                 what = "removed, draining" if b.get("removed") else "draining"
                 lines.append(f"{p['name']}/{b['name']} {what}: {b['active']} open")
-    for r in st.get("rollouts") or []:
-        fields = ", ".join(f"{k} {v}" for k, v in r.items() if k != "name" and not isinstance(v, dict | list))
-        lines.append(f"rollout {r.get('name', '?')}: {fields}")
+    for r in running_rollouts(st).values():
+        nxt = r.get("next_judgement_in")
+        lines.append(
+            f"rollout {r['name']} {r['listener']}/{r['route']} {r['stable']} -> {r['canary']}: "
+            f"{r['status']} at {r['share']}%" + (f", next judged in {nxt:.0f}s" if nxt is not None else "")
+        )
     return lines
 
 
@@ -209,7 +233,7 @@ def render(st: Status, rates: Rates, source: str, height: int) -> Group:
         shown = activity[:4]
         if len(activity) > 4:
             shown[-1] = f"+{len(activity) - 3} more drains/rollouts"
-        parts.append(Text("\n".join(shown), style="yellow"))
+        parts.append(Text("\n".join(shown), style="yellow", no_wrap=True, overflow="ellipsis"))
     return Group(*parts)
 
 
@@ -219,7 +243,16 @@ def _key_pressed(timeout: float) -> str:
 
 
 def run_top(fetch: Callable[[], Status], source: str, interval: float = 1.0) -> int:
-    """Draw until `q`; fetch() returns a status document (raises to end with a message)."""
+    """Draw until `q`; fetch() returns a status document (raises to end with a message).  Without a
+    terminal to draw on it says so and returns 1 at once (a live view piped or redirected would
+    print nothing, forever)."""
+    if not sys.stdout.isatty():
+        print(
+            "fastlb top: stdout is not a terminal (it draws a live view); "
+            "use `fastlb status` or `fastlb status --json` instead",
+            file=sys.stderr,
+        )
+        return 1
     console = Console()
     rates = Rates()
     tty_in = sys.stdin.isatty()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from fastlb._shm import Region
 from fastlb.config import BackendConfig, Config, PoolConfig
+from fastlb.config.protect import keepalive_record
 from fastlb.runtime.health import CheckTarget, OutlierTracker
 from fastlb.runtime.statefile import StateFile
 from fastlb.runtime.tables import TablePublisher, table_capacity
@@ -42,6 +43,8 @@ class BackendSlot:
     eff_weight: int = 0
     ejections: int = 0  # times passive ejection took it out (metrics, status)
     drains: int = 0  # times a drain began (operator, or removed from the config)
+    priority: int = 0  # priority group, lower first (BACKUP_PRIORITY for backup = true)
+    backup: bool = False
 
     @property
     def health(self) -> str:
@@ -136,6 +139,17 @@ class BackendManager:
             return slot.weight
         return max(1, round(slot.weight * max(SLOW_START_FLOOR, frac)))
 
+    def active_priority(self, ps: PoolState) -> int | None:
+        """The priority group that takes new connections now: the lowest one with a usable backend
+        (what every worker computes from the same records in core/lb.pxi lb_refresh); None if none."""
+        panic = ps.all_down and ps.config.all_down == "panic"
+        usable = [
+            s.priority
+            for s in ps.slots.values()
+            if not s.removed and s.admin == "ready" and s.eff_weight > 0 and (s.health == "up" or panic)
+        ]
+        return min(usable, default=None)
+
     def _write_pool(self, ps: PoolState, now: float, ramp_tick: bool = False) -> None:
         """Weights, states, panic and the hash table of one pool (without the generation bump).
         ramp_tick: called by tick(), so a hash-table change that only advances slow-start ramps may
@@ -147,6 +161,7 @@ class BackendManager:
             r.set_weight(slot.index, slot.weight, slot.eff_weight)
             r.set_admin(slot.index, slot.admin)
             r.set_health(slot.index, slot.health)
+            r.set_priority(slot.index, slot.priority)
         live = [s for s in ps.slots.values() if not s.removed]
         all_down = bool(live) and all(s.health != "up" for s in live)
         if all_down != ps.all_down:
@@ -162,6 +177,7 @@ class BackendManager:
                 log.info("pool %s: a backend is up again; panic/reject over", ps.config.name)
         r.set_panic(ps.index, all_down and ps.config.all_down == "panic")
         if ps.config.algorithm in ("maglev", "ring_hash"):
+            group = self.active_priority(ps)  # the table holds the first usable priority group only
             names, weights, ramping = [], [], []
             by_index = {s.index: s for s in ps.slots.values()}
             for i in range(ps.first, ps.first + ps.n_slots):
@@ -172,8 +188,10 @@ class BackendManager:
                     ramping.append(False)
                     continue
                 names.append(slot.name)
-                ok = slot.admin == "ready" and (
-                    slot.health == "up" or (all_down and ps.config.all_down == "panic")
+                ok = (
+                    slot.admin == "ready"
+                    and (slot.health == "up" or (all_down and ps.config.all_down == "panic"))
+                    and slot.priority == group
                 )
                 weights.append(slot.eff_weight if ok else 0)
                 ramping.append(ramp_tick and ok and slot.slow_start_from is not None)
@@ -272,6 +290,29 @@ class BackendManager:
         if up:
             slot.slow_start_from = time.monotonic()
         self.publish_pool(ps)
+
+    def on_check_success(self, target: CheckTarget) -> None:
+        """A passing active check of an up backend: it ends the backend's outlier ejection at once
+        (outlier_detection.successful_active_health_check_uneject_host, default on) - else a
+        restarted backend whose checks pass would stay out for the whole ejection time."""
+        ps = self.pools.get(target.pool)
+        slot = ps.slots.get(target.backend) if ps else None
+        if slot is None or slot.removed or not slot.ejected or ps.outlier is None:
+            return
+        if not ps.config.outlier_detection.successful_active_health_check_uneject_host:
+            return
+        now = time.monotonic()
+        ps.outlier.uneject(slot.name, now)
+        slot.ejected = False
+        slot.slow_start_from = now
+        log.info("pool %s backend %s: active health check passed; ejection over", ps.config.name, slot.name)
+        self.publish_pool(ps)
+
+    def ejected_until(self, slot: BackendSlot) -> float | None:
+        """Unix time the backend's ejection ends (None while it is not ejected)."""
+        tracker = self.pools[slot.pool].outlier
+        until = tracker.ejected_until(slot.name) if tracker is not None and slot.ejected else None
+        return None if until is None else time.time() + (until - time.monotonic())
 
     # --- periodic work -----------------------------------------------------------------------------
 
@@ -418,6 +459,12 @@ class BackendManager:
                     )
                     done.append(f"pools.{name}.backends.{bc.name}.weight: {slot.weight} -> {weight}")
                     slot.weight = weight
+                if (slot.priority, slot.backup) != (bc.priority, bc.backup):
+                    done.append(
+                        f"pools.{name}.backends.{bc.name}.priority: "
+                        f"{'backup' if slot.backup else slot.priority} -> {bc.priority_name}"
+                    )
+                    slot.priority, slot.backup = bc.priority, bc.backup
                 if slot.address != str(bc.address):
                     self.region.set_backend(
                         slot.index,
@@ -443,7 +490,14 @@ class BackendManager:
                 continue
             self.region.set_backend(index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
             ps.slots[bc.name] = BackendSlot(
-                index, name, bc.name, str(bc.address), bc.weight, slow_start_from=now
+                index,
+                name,
+                bc.name,
+                str(bc.address),
+                bc.weight,
+                slow_start_from=now,
+                priority=bc.priority,
+                backup=bc.backup,
             )
             log.info("pool %s backend %s: added (%s, weight %d)", name, bc.name, bc.address, bc.weight)
             done.append(f"pools.{name}.backends.{bc.name}: added ({bc.address}, weight {bc.weight})")
@@ -467,6 +521,12 @@ class BackendManager:
             if name not in new.pools
         ]
         now = time.monotonic()
+        weights = {
+            (s.pool, s.name): s.weight
+            for ps in self.pools.values()
+            for s in ps.slots.values()
+            if not s.removed
+        }
         for name, pc in new.pools.items():
             ps = self.pools.get(name)
             if ps is None:
@@ -487,6 +547,13 @@ class BackendManager:
                 members = list(pc.backends) + self.extra_backends(name)
                 ps.outlier.set_pool_size(len(members), [b.name for b in members])
         self.restore_state()
+        # a weight the file changed wins over a runtime value (restore_state's rule): a change too
+        for ps in self.pools.values():
+            for slot in ps.slots.values():
+                was = weights.get((slot.pool, slot.name))
+                line = f"pools.{slot.pool}.backends.{slot.name}.weight: {was} -> {slot.weight}"
+                if was is not None and was != slot.weight and not slot.removed and line not in applied:
+                    applied.append(line + " (the file's new value replaces the runtime one)")
         self.publish_all()
         return applied, needs_restart
 
@@ -503,6 +570,8 @@ _POOL_KEYS = (
     "drain_timeout",
     "health_check",
     "outlier_detection",
+    "backend_keepalive",  # issue 21: backend connects started from then on
+    "tcp_user_timeout",
 )
 
 
@@ -535,4 +604,5 @@ def _pool_settings(region: Region, ps: PoolState, new: PoolConfig) -> tuple[Pool
     if changed:
         log.info("pool %s: reload applied %s", old.name, ", ".join(changed))
     region.set_pool_runtime(ps.index, merged.algorithm, merged.hash_key, merged.retries, merged.all_down)
+    region.set_pool_keepalive(ps.index, *keepalive_record(merged.backend_keepalive, merged.tcp_user_timeout))
     return merged, applied, restart

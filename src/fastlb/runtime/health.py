@@ -390,12 +390,15 @@ class HealthChecker:
         max_concurrency: int = 256,
         jitter: float = 0.1,
         logger: logging.Logger | None = None,
+        on_success: Callable[[CheckTarget], None] | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         if not 0.0 <= jitter < 1.0:
             raise ValueError("jitter must be in [0, 1)")
         self._on_transition = on_transition
+        # every passing check of a backend that is up (issue 21: it ends an outlier ejection)
+        self._on_success = on_success
         self._max_concurrency = max_concurrency
         self._jitter = jitter
         self._log = logger or LOG
@@ -584,7 +587,13 @@ class HealthChecker:
                 result.reason,
             )
             return
-        if not update_state(target, result):
+        changed = update_state(target, result)
+        if result.ok and target.up and self._on_success is not None:
+            try:
+                self._on_success(target)
+            except Exception:
+                self._log.exception("on_success failed for pool %s backend %s", target.pool, target.backend)
+        if not changed:
             if not result.ok:
                 self._log.debug(
                     "pool %s backend %s check failed (%d/%d): %s",
@@ -706,6 +715,17 @@ class OutlierTracker:
         st.ejected_until = now + min(base * st.times, cap)
         st.baseline = consecutive_failures
         st.healthy_since = None
+        return True
+
+    def uneject(self, backend: str, now: float) -> bool:
+        """End ``backend``'s ejection now (a passing active health check, Envoy's
+        successful_active_health_check_uneject_host); True iff it was ejected.  Its ejection
+        multiplier stays and decays as after an expiry."""
+        st = self._state.get(backend)
+        if st is None or st.ejected_until is None:
+            return False
+        st.ejected_until = None
+        st.healthy_since = now
         return True
 
     def expire(self, now: float) -> list[str]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastlb.config import Address, Config
 
 if TYPE_CHECKING:
-    from fastlb.observe.metrics import MetricsSource
+    from fastlb.observe.metrics import MetricsServer, MetricsSource
 
 log = logging.getLogger("fastlb")
 
@@ -43,7 +43,7 @@ class OpsServices:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._metrics: asyncio.AbstractServer | None = None
+        self._metrics: MetricsServer | None = None
         self._metrics_sock: socket.socket | None = None  # what a takeover's handover passes on
         self.inherited: dict[str, socket.socket] = {}  # from a predecessor (runtime/takeover.py)
         self._tasks: set[asyncio.Task] = set()
@@ -87,11 +87,19 @@ class OpsServices:
             s.close()
         self.inherited.clear()
 
-    def stop_serving(self) -> None:
-        """Taken over: stop answering scrapes (the successor serves the same socket from now on)."""
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+    async def hand_over_metrics(self, grace: float) -> None:
+        """Taken over: stop accepting scrapes (the successor serves the same socket from now on),
+        and answer the ones already accepted (up to grace seconds) before this process lets go."""
+        from fastlb.runtime.handover import stop_accepting
+
+        server, self._metrics = self._metrics, None
+        if server is None:
+            return
+        await stop_accepting(server)
+        deadline = time.monotonic() + grace
+        # asyncio's Server counts its live connections (_active_count); each ends after its answer
+        while getattr(server, "_active_count", 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def move_metrics(self, source: MetricsSource, addr: Address | None) -> None:
         """Reload: serve metrics on addr (None: off) instead; raises OSError if it cannot listen."""

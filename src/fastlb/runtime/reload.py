@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastlb.config import Config, ConfigError, GlobalConfig, ListenerConfig, load_config
+from fastlb.config.protect import keepalive_record
 
 log = logging.getLogger("fastlb")
 
@@ -63,6 +64,7 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
         notify(f"READY=1\nSTATUS=reload failed: {busy}")
         return result
     ignored: list[str] = []
+    splits_before = _splits(sup)
     g_applied, g_restart, running_global = _global(sup, new, ignored)
     deploy = getattr(sup, "deploy", None)  # runtime values: fastlb.runtime.statefile's rule
     if deploy is not None:
@@ -75,9 +77,10 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
         )
     l_applied, l_restart, listeners = _listeners(sup, new)
     applied, needs_restart = g_applied + l_applied + b_applied, g_restart + l_restart + b_restart
-    needs_restart += _routes(sup, new, not l_restart, applied)
+    needs_restart += _routes(sup, new, not l_restart)
     if deploy is not None:
-        applied += deploy.after_reload(new)  # runtime splits kept; running rollouts keep theirs
+        ignored += deploy.after_reload(new)  # runtime splits kept; running rollouts keep theirs
+    applied += _split_changes(sup, splits_before)  # what the splits are now against before
     sup.config = Config(
         file=path,
         global_=running_global,
@@ -95,6 +98,10 @@ def reload_config(sup: Any, notify: Callable[[str], None]) -> dict[str, Any]:
             lc.max_connections,
             lc.backlog,
             round(getattr(lc, "half_close_timeout", 0.0) * 1000),
+        )
+        sup.region.set_listener_keepalive(
+            i,
+            *keepalive_record(getattr(lc, "client_keepalive", None), getattr(lc, "tcp_user_timeout", 0.0)),
         )
     sup.region.publish()
     if sup.checker is not None:
@@ -215,7 +222,7 @@ def _global(sup: Any, new: Config, ignored: list[str]) -> tuple[list[str], list[
         )
     for key in _fields(g):
         if key not in _GLOBAL_HANDLED and getattr(g, key) != getattr(old, key):
-            restart.append(f"global.{key}: {getattr(old, key)!r} -> {getattr(g, key)!r} (read at start)")
+            restart += _global_changes(key, getattr(old, key), getattr(g, key), " (read at start)")
             running = replace(running, **{key: getattr(old, key)})
     return applied, restart, running
 
@@ -238,6 +245,8 @@ _LISTENER_APPLIED = (
     "half_close_timeout",
     "max_connections",
     "backlog",
+    "client_keepalive",  # issue 21: connections accepted from then on
+    "tcp_user_timeout",
 )
 # listener keys handled elsewhere: bind (above), routes and preludes (runtime/routes.py via _routes)
 _LISTENER_ELSEWHERE = (
@@ -289,15 +298,15 @@ def _listeners(sup: Any, new: Config) -> tuple[list[str], list[str], dict[str, L
                 and key not in _LISTENER_ELSEWHERE
                 and getattr(lc, key) != getattr(nc, key)
             ):
-                restart.append(
-                    f"listeners.{name}.{key}: {getattr(lc, key)!r} -> {getattr(nc, key)!r} (read at start)"
+                restart += _changes(
+                    f"listeners.{name}.{key}", getattr(lc, key), getattr(nc, key), " (read at start)"
                 )
                 nc = replace(nc, **{key: getattr(lc, key)})
         running[name] = nc
     return applied, restart, running
 
 
-def _routes(sup: Any, new: Config, same_listeners: bool, applied: list[str]) -> list[str]:
+def _routes(sup: Any, new: Config, same_listeners: bool) -> list[str]:
     """Routes and splits (issue 10, fastlb.runtime.routes, once present as sup.routes): the file's
     routes replace the published ones; prelude settings (PROXY protocol, SNI) need a restart."""
     routes = getattr(sup, "routes", None)
@@ -309,19 +318,90 @@ def _routes(sup: Any, new: Config, same_listeners: bool, applied: list[str]) -> 
         if name in new.listeners and routes.prelude_changed(lc, new.listeners[name])
     ]
     if same_listeners and not restart:
-        before = {(r["listener"], r["name"]): r["split"] for r in routes.routes_status()}
         restart += routes.reload(new)
-        for r in routes.routes_status():
-            old = before.get((r["listener"], r["name"]))
-            if old is not None and old != r["split"]:
-                applied.append(
-                    f"listeners.{r['listener']}.routes.{r['name']}.split: {_split(old)} -> {_split(r['split'])}"
-                )
     return restart
+
+
+def _splits(sup: Any) -> dict[tuple[str, str], dict[str, int]]:
+    """Every route's split now, by (listener, route)."""
+    routes = getattr(sup, "routes", None)
+    if routes is None:
+        return {}
+    return {(r["listener"], r["name"]): dict(r["split"]) for r in routes.routes_status()}
+
+
+def _split_changes(sup: Any, before: dict[tuple[str, str], dict[str, int]]) -> list[str]:
+    """The splits the reload changed, once the file's splits, the runtime splits the state file
+    keeps and the running rollouts' splits are all applied: only a split that differs from the one
+    before the reload is a change (a runtime split the reload put back is none)."""
+    out = []
+    for key, now in _splits(sup).items():
+        old = before.get(key)
+        if old is not None and {p: w for p, w in old.items() if w} != {p: w for p, w in now.items() if w}:
+            out.append(f"listeners.{key[0]}.routes.{key[1]}.split: {_split(old)} -> {_split(now)}")
+    return out
 
 
 def _split(weights: dict[str, int]) -> str:
     return " ".join(f"{pool}={w}" for pool, w in weights.items())
+
+
+def _changes(key: str, old: Any, new: Any, note: str = "") -> list[str]:
+    """`key: old -> new` lines in the config file's terms: a table (admin, discover, ...) changed
+    in part is one line per key that changed; values are shown as written in the file."""
+    if _is_table(old) and type(old) is type(new):
+        return [
+            line
+            for f in dataclasses.fields(old)
+            if getattr(old, f.name) != getattr(new, f.name)
+            for line in _changes(f"{key}.{f.name}", getattr(old, f.name), getattr(new, f.name), note)
+        ]
+    return [f"{key}: {config_value(old)} -> {config_value(new)}{note}"]
+
+
+# the [global] keys of the admin API, by AdminConfig field (config/fleet.py parse_admin)
+_ADMIN_KEYS = {
+    "bind": "admin",
+    "token_file": "admin_token_file",
+    "tls_cert": "admin_tls_cert",
+    "tls_key": "admin_tls_key",
+}
+
+
+def _global_changes(key: str, old: Any, new: Any, note: str) -> list[str]:
+    """_changes() of a [global] key; the admin API's settings under their own keys (admin,
+    admin_token_file, ...), as in the file."""
+    if key != "admin":
+        return _changes(f"global.{key}", old, new, note)
+    out = []
+    for field, name in _ADMIN_KEYS.items():
+        a, b = getattr(old, field, None), getattr(new, field, None)
+        if a != b:
+            out.append(f"global.{name}: {config_value(a)} -> {config_value(b)}{note}")
+    return out
+
+
+def _is_table(v: Any) -> bool:
+    """A config dataclass that stands for a table of keys (an Address, which prints as the file
+    writes it, is a value)."""
+    return dataclasses.is_dataclass(v) and not isinstance(v, type) and type(v).__str__ is object.__str__
+
+
+def config_value(v: Any) -> str:
+    """A config value as the file spells it: off for an absent table or address, true/false,
+    durations and numbers without trailing zeros, lists comma-separated, tables inline."""
+    if v is None:
+        return "off"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple | list | frozenset | set):
+        return "[" + ", ".join(config_value(x) for x in v) + "]"
+    if _is_table(v):
+        items = [(f.name, getattr(v, f.name)) for f in dataclasses.fields(v)]
+        return "{" + ", ".join(f"{k} = {config_value(x)}" for k, x in items if x is not None) + "}"
+    return str(v)
 
 
 def _answers(path: str) -> bool:

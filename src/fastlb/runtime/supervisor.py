@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -26,11 +25,18 @@ from typing import TYPE_CHECKING
 from fastlb import worker
 from fastlb._shm import Region
 from fastlb.config import Config
+from fastlb.config.protect import keepalive_record
 from fastlb.control.server import handle_request
 from fastlb.deploy.engine import DeployManager
 from fastlb.fleet.announce import orphan_withdraw_env
-from fastlb.observe.document import backend_extras, listener_settings, worker_status
-from fastlb.runtime import runfile, takeover
+from fastlb.observe.document import (
+    backend_extras,
+    keepalive_settings,
+    listener_settings,
+    refused,
+    worker_status,
+)
+from fastlb.runtime import handover, runfile, takeover
 from fastlb.runtime.backends import BackendManager, BackendSlot, PoolState
 from fastlb.runtime.control_socket import ControlServer, ControlSocketError
 from fastlb.runtime.dataplane import DataPlaneWatch
@@ -40,7 +46,7 @@ from fastlb.runtime.ops import OpsServices
 from fastlb.runtime.preludes import prelude_status
 from fastlb.runtime.reload import reload_config
 from fastlb.runtime.routes import RouteManager, route_layout
-from fastlb.runtime.statefile import StateFile
+from fastlb.runtime.statefile import StateFile, StateFileInUse
 from fastlb.runtime.tables import table_capacity
 from fastlb.runtime.udp import udp_listener_fields, udp_listener_status
 from fastlb.runtime.watchdog import Watchdog
@@ -91,7 +97,6 @@ class Supervisor:
         self.config = config
         self.n_workers = workers or config.global_.workers
         self.workers_override = workers
-        self.successor_pid = 0  # an upgrade (SIGUSR2) in progress: the new instance's pid
         self.shutdown_timeout = config.global_.shutdown_timeout
         self.pools: dict[str, PoolState] = {}
         self.pids: dict[int, int] = {}  # pid -> worker index
@@ -109,12 +114,16 @@ class Supervisor:
         self.control_pid = os.getpid()  # what a worker watches (it must not read it after fork)
         self._control_ino = 0
         self.predecessor = predecessor or takeover.Predecessor()
+        self.handover = handover.Handover(self)  # what a successor gets from this process
         self.listeners = ListenerSockets(config, self.n_workers)
         self.runfile_path = runfile.path_for(config.global_.control_socket)
         self.watchdog = Watchdog(self, config.global_.worker_stall_timeout)
         self.region = self._build_region()
-        self.state = StateFile(config.global_.state_file, config.file)
-        self.state.load()
+        self.state = StateFile(config.global_.state_file, config.file, config.global_.control_socket)
+        try:
+            self.state.load()
+        except StateFileInUse as exc:
+            raise StartupError(str(exc)) from None
         self.backends = BackendManager(self.region, self.pools, self.state)
         self.routes = RouteManager(self.region, config, {n: ps.index for n, ps in self.pools.items()})
         self.dataplane = DataPlaneWatch(self.region, self.n_workers)
@@ -159,8 +168,17 @@ class Supervisor:
             region.set_pool(
                 ps.index, pc.name, pc.algorithm, pc.hash_key, pc.retries, ps.first, ps.n_slots, pc.all_down
             )
+            region.set_pool_keepalive(ps.index, *keepalive_record(pc.backend_keepalive, pc.tcp_user_timeout))
             for k, bc in enumerate(pc.backends):
-                slot = BackendSlot(ps.first + k, pc.name, bc.name, str(bc.address), bc.weight)
+                slot = BackendSlot(
+                    ps.first + k,
+                    pc.name,
+                    bc.name,
+                    str(bc.address),
+                    bc.weight,
+                    priority=bc.priority,
+                    backup=bc.backup,
+                )
                 ps.slots[bc.name] = slot
                 region.set_backend(slot.index, ps.index, bc.name, sockaddr_bytes(bc.address), bc.weight)
         for i, lc in enumerate(cfg.listeners.values()):
@@ -176,6 +194,7 @@ class Supervisor:
                 round(lc.half_close_timeout * 1000),
                 **udp_listener_fields(lc),
             )
+            region.set_listener_keepalive(i, *keepalive_record(lc.client_keepalive, lc.tcp_user_timeout))
         return region
 
     # --- workers -----------------------------------------------------------------------------
@@ -250,6 +269,9 @@ class Supervisor:
         argv = worker.command(
             index, region_fd, fds, self.shutdown_timeout, g.orphan_timeout, self.control_pid
         )
+        os.environ.pop(worker.RUN_AS_ENV, None)  # ([global] user/group) only ever from the config
+        if g.run_as is not None:  # the worker drops to them once its sockets are open (worker.py)
+            os.environ[worker.RUN_AS_ENV] = f"{g.run_as[0]}:{g.run_as[1]}"
         os.execv(argv[0], argv)
         return 70  # not reached: execv raises on failure
 
@@ -264,7 +286,7 @@ class Supervisor:
         """Collect dead workers; restart them (with back-off if they keep dying) unless stopping."""
         # only our workers and an upgrade's successor: waitpid(-1) would also reap the children
         # asyncio waits for (a rollout's --check command)
-        for pid in [*self.pids, *([self.successor_pid] if self.successor_pid else [])]:
+        for pid in [*self.pids, *self.handover.children()]:
             try:
                 got, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:  # gone without a status (cannot happen to a live child)
@@ -273,10 +295,7 @@ class Supervisor:
                 continue
             index = self.pids.pop(pid, None)
             if index is None:
-                if pid == self.successor_pid and not self.stopping:
-                    self.successor_pid = 0
-                    why = f"the new instance exited ({_describe_exit(os.waitstatus_to_exitcode(status))})"
-                    self.ops.upgrade_failed(pid, why)
+                self.handover.reaped(pid, status)
                 continue
             self.write_runfile()
             code = os.waitstatus_to_exitcode(status)
@@ -312,6 +331,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._all_exited = asyncio.Event()
         self._tick_wake = asyncio.Event()
+        await self._start_discovery()  # only discovered backends: their first answer comes first
         self.open_listeners()
         await self._start_control_socket()  # before any worker: without it, serve does not start
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -341,7 +361,9 @@ class Supervisor:
         await self.ops.start(self)
         tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self.deploy.run())]
         targets = self.backends.check_targets()
-        self.checker = HealthChecker(targets, self._on_check_transition)
+        self.checker = HealthChecker(
+            targets, self._on_check_transition, on_success=self.backends.on_check_success
+        )
         tasks.append(asyncio.create_task(self.checker.run()))
         self._start_fleet_services()
         self._start_announce()
@@ -349,13 +371,21 @@ class Supervisor:
         if not self.stopping:
             listeners = ", ".join(f"{lc.name}={lc.bind}" for lc in self.config.listeners.values())
             log.info("ready: %d workers, listeners: %s", self.n_workers, listeners)
-            sd_notify("READY=1")
+            # a successor announces itself as the main process too (NotifyAccess=all, a crash takeover)
+            sd_notify("READY=1" if self.predecessor.kind == "none" else f"READY=1\nMAINPID={os.getpid()}")
+            if self.predecessor.carried.pending_reload:
+                log.info(
+                    "reload: pid %d was asked to reload during the takeover; re-reading now",
+                    self.predecessor.pid,
+                )
+                self.reload()
         if self.stopping and not self.pids:
             self._all_exited.set()
         await self._all_exited.wait()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.handover.services_released()  # taken over: HTTP requests in flight answered
         await self._stop_fleet_services()
         if self.announce is not None:
             self.announce.close()
@@ -385,6 +415,7 @@ class Supervisor:
                 self.dataplane.check()
                 if self.announce is not None:
                     self.announce.tick()
+                self.state.retry()
             except Exception:
                 log.exception("periodic backend update failed")
             self.watchdog.check()
@@ -414,15 +445,32 @@ class Supervisor:
 
         return render(self), CONTENT_TYPE
 
-    def _start_fleet_services(self) -> None:
-        """DNS discovery for the pools that have it, and the remote admin API if configured."""
-        # imported only when used: dnspython and aiohttp cost the control process memory (and OpenSSL)
+    async def _start_discovery(self) -> None:
+        """DNS discovery for the pools that have it, from the predecessor's last good sets (a
+        takeover); a pool with no static backends and nothing inherited waits for its first answer
+        (discover.initial_timeout) before the listeners open."""
+        # imported only when used: dnspython costs the control process memory
         discovering = {n: p.discover for n, p in self.config.pools.items() if p.discover is not None}
-        if discovering:
-            from fastlb.fleet.discovery import Discovery
+        if not discovering:
+            return
+        from fastlb.fleet.discovery import Discovery
 
-            self.discovery = Discovery(discovering, self._on_discovered)
-            self.discovery.start()
+        self.discovery = Discovery(discovering, self._on_discovered)
+        for name, pd in self.discovery.pools.items():
+            inherited = handover.inherited_backends(self.predecessor.carried, name, pd.query)
+            self.discovery.inherit(name, inherited, self.predecessor.pid)
+            if inherited:  # served before: full weight at once, as static backends at start
+                for slot in self.pools[name].slots.values():
+                    slot.slow_start_from = None
+                self.backends.publish_pool(self.pools[name])
+        self.discovery.start()
+        await self.discovery.wait_first(
+            [n for n, p in self.config.pools.items() if p.discover and not p.backends]
+        )
+
+    def _start_fleet_services(self) -> None:
+        """The remote admin API if configured (DNS discovery started before the listeners)."""
+        # imported only when used: aiohttp costs the control process memory (and OpenSSL)
         if self.config.global_.admin is not None:
             from fastlb.fleet.admin import AdminServer
 
@@ -471,8 +519,9 @@ class Supervisor:
 
     def reload(self) -> dict:
         """SIGHUP / `fastlb reload`: re-read the config, apply what can be applied, name the rest
-        (fastlb.runtime.reload); a bad file changes nothing and says why."""
-        return reload_config(self, sd_notify)
+        (fastlb.runtime.reload); a bad file changes nothing and says why.  During a takeover it is
+        left to the successor (runtime/handover.py)."""
+        return self.handover.reload(lambda: reload_config(self, sd_notify))
 
     def service_sockets(self) -> list[dict]:
         """The HTTP services' listening sockets for a handover (runtime/takeover.py): /metrics and
@@ -480,27 +529,21 @@ class Supervisor:
         admin = self.admin.service_sockets() if self.admin is not None else []
         return self.ops.service_sockets() + admin
 
+    @property
+    def successor_pid(self) -> int:
+        return self.handover.successor_pid
+
     def upgrade(self, reason: str = "upgrade") -> str | None:
         """SIGUSR2, `fastlb upgrade` or a reload that needs new sockets: restart in place without
-        refusing a connection (runtime/takeover.py).  Returns None, or why it did not start one."""
-        if self.stopping or self.successor_pid:
-            why = "stopping" if self.stopping else f"an upgrade to pid {self.successor_pid} is in progress"
-            log.warning("upgrade not started: %s", why)
-            return why
-        try:
-            self.successor_pid = takeover.spawn_successor(self.config.file, self.workers_override)
-        except OSError as exc:
-            log.error("upgrade failed: cannot start a new instance: %s", exc)
-            return f"cannot start a new instance: {exc}"
-        self.ops.record_upgrade(self.successor_pid, reason)
-        log.info("%s: started pid %d with --takeover", reason, self.successor_pid)
-        return None
+        refusing a connection (runtime/handover.py).  Returns None, or why it did not start one."""
+        return self.handover.upgrade(reason)
 
     def begin_shutdown(self, sig: signal.Signals | None, successor: int | None = None) -> None:
         """Stop accepting (close the listening sockets: new connections are refused, unless a
         successor holds them too), tell the workers to drain, exit when they are gone.
         successor: the pid of the fastlb that took over; systemd is told it is the main process."""
         if self.stopping:
+            self.handover.forward(sig)  # the foreground: a stop meant for whichever instance serves
             return
         if self.announce is not None and self.announce.delay_stop(self.begin_shutdown, sig, successor):
             return  # routes withdrawn first: called again after announce_withdraw_delay
@@ -516,9 +559,7 @@ class Supervisor:
         if successor is None:
             sd_notify("STOPPING=1")
         else:  # the successor serves /metrics and the admin API on the sockets it was handed
-            self.ops.stop_serving()
-            if self.admin is not None:
-                self.ops.spawn(self.admin.stop())
+            self.handover.release_services()
         self.listeners.close()
         self.region.set_stopping()
         for pid in list(self.pids):
@@ -545,14 +586,19 @@ class Supervisor:
         except ControlSocketError as exc:
             raise StartupError(str(exc)) from None
 
+    def persist_warning(self) -> str | None:
+        """For the reply of a runtime change (fastlb.control.server): None, or that the change
+        will not survive a restart because the state file cannot be written."""
+        return self.state.warning()
+
     def _control_request(self, line: bytes, writer: asyncio.StreamWriter) -> dict | None:
         """One request line from the control socket: its reply (written by the ControlServer)."""
-        req = _takeover_request(line)
+        req = handover.takeover_request(line)
         if req is None:
             reply = handle_request(self, line)
             self.poke()
             return reply
-        reply = takeover.answer(self, req, writer)
+        reply = self.handover.answer(req, writer)
         if reply is None:
             return None  # the handover reply went out with its descriptors
         if req.get("cmd") == "shutdown" and reply.get("successor"):
@@ -596,6 +642,7 @@ class Supervisor:
                         "removed": slot.removed,
                         "weight_source": self.backends.value_source(slot, "weight"),
                         "admin_source": self.backends.value_source(slot, "admin"),
+                        "ejected_until": self.backends.ejected_until(slot),
                         **backend_extras(b, slot, checks.get((ps.config.name, slot.name))),
                         **_check_counts(checks.get((ps.config.name, slot.name))),
                     }
@@ -611,6 +658,8 @@ class Supervisor:
                     "all_down_policy": ps.config.all_down,
                     "rise": ps.config.health_check.rise if ps.config.health_check else 0,
                     "slow_start": ps.config.slow_start,
+                    **keepalive_settings(p, "backend_keepalive"),
+                    "active_priority": self.backends.active_priority(ps),
                     "backends": backends,
                     **(
                         {"discovery": self.discovery.pools[ps.config.name].status()}
@@ -629,7 +678,7 @@ class Supervisor:
                     "pool": lc.pool,
                     "active": li["active"],
                     "accepted": li["accepted"],
-                    "rejected": li["rejected"],
+                    **refused(li),
                     "paused_full": li["paused_full"],
                     "accept_errors": li["accept_errors"],
                     **listener_settings(li),
@@ -671,6 +720,7 @@ class Supervisor:
             "generation": r.generation,
             "deploy": self.deploy.status_view(),
             "config_file": self.config.file,
+            "state_file": self.state.status(),
             "listeners": listeners,
             "pools": pools,
             "workers": workers,
@@ -693,19 +743,6 @@ def _state_name(b: dict) -> str:
     return "up"
 
 
-def _takeover_request(line: bytes) -> dict | None:
-    """The request if it is one runtime/takeover.py answers (TAKEOVER_COMMANDS), else None."""
-    if not any(c.encode() in line for c in takeover.TAKEOVER_COMMANDS):
-        return None
-    try:
-        req = json.loads(line)
-    except (ValueError, RecursionError):
-        return None  # handle_request answers it (with the one-line error)
-    if isinstance(req, dict) and req.get("cmd") in takeover.TAKEOVER_COMMANDS:
-        return req
-    return None
-
-
 def _check_counts(check: dict | None) -> dict:
     """Health checks run and passing in a row (fastlb wait --healthy needs fresh rise checks)."""
     return {"checks": check["checks"], "checks_ok": check["consecutive_ok"]} if check else {}
@@ -725,9 +762,15 @@ def serve(config: Config, workers: int | None = None, takeover_: bool = False) -
     except takeover.TakeoverError as exc:
         print(f"fastlb: {exc}", file=sys.stderr, flush=True)
         return 1
-    sup = Supervisor(config, workers, predecessor)
+    handover.set_title()  # `fastlb serve`, not `python3`, in ps and top (a successor too)
     try:
-        return asyncio.run(sup.run())
+        sup = Supervisor(config, workers, predecessor)
+    except StartupError as exc:
+        log.error("%s", exc)
+        predecessor.abandon(str(exc))
+        return 1
+    try:
+        code = asyncio.run(sup.run())
     except StartupError as exc:
         log.error("%s", exc)
         predecessor.abandon(str(exc))
@@ -736,3 +779,6 @@ def serve(config: Config, workers: int | None = None, takeover_: bool = False) -
                 os.kill(pid, signal.SIGKILL)
         runfile.remove_if_mine(sup.runfile_path)
         return 1
+    if sup.handover.keep and sup.handover.handed_to:  # the foreground: stay, for the successor
+        handover.become_keeper(sup.handover.handed_to, sup.runfile_path)
+    return code

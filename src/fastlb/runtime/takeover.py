@@ -1,4 +1,5 @@
-"""One fastlb per address and control socket; taking over from a running or crashed predecessor.
+"""One fastlb per address and control socket; the successor's side of taking over from a running or
+crashed predecessor (what is handed over, and the predecessor's side: runtime/handover.py).
 
 Before a new `fastlb serve` opens anything, `prepare()` looks at what already runs for this config:
 
@@ -6,8 +7,8 @@ Before a new `fastlb serve` opens anything, `prepare()` looks at what already ru
   line naming its pid).  With `--takeover` it is a live takeover: the new process asks for the
   listening sockets (`{"cmd": "handover"}`, answered with the descriptors over SCM_RIGHTS and a
   table saying which is which; the /metrics and admin API sockets too, as worker -1), starts its
-  own workers on them, replaces the control socket path,
-  and then sends `{"cmd": "shutdown"}` on the same connection: the old instance stops accepting and
+  own workers on them (and serves the discovered backend sets it was handed), replaces the control
+  socket path, and then sends `{"cmd": "shutdown"}` on the same connection: the old instance stops accepting and
   drains its connections up to its shutdown_timeout.
 * The runtime file (runtime/runfile.py) names a dead control process whose workers still run
   (orphans, core/orphan.pxi): a crash takeover.  Their listening sockets are fetched with
@@ -27,24 +28,19 @@ import ctypes
 import json
 import logging
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastlb.config import Config
 from fastlb.runtime import runfile
+from fastlb.runtime.handover import HANDOVER_TIMEOUT, SCM_MAX, Carried
 from fastlb.runtime.listeners import BindError, Key, bind_key, check_free, is_listening_on
 
 log = logging.getLogger("fastlb")
 
-SCM_MAX = 250  # descriptors per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253)
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (Linux 5.6)
-HANDOVER_TIMEOUT = 10.0
-TAKEOVER_COMMANDS = ("handover", "shutdown", "upgrade", "abandon")  # answered by answer() below
 
 
 class TakeoverError(Exception):
@@ -64,6 +60,7 @@ class Predecessor:
     shared: set[str] = field(default_factory=set)  # bind addresses the predecessor holds
     # the HTTP services' listening sockets ("metrics/ADDR", "admin/ADDR"), worker -1 in the table
     services: dict[str, socket.socket] = field(default_factory=dict)
+    carried: Carried = field(default_factory=Carried)  # discovered sets, a pending reload (handover.py)
     _conn: socket.socket | None = None  # live: the handover connection, kept for "shutdown"
     _orphans: list[tuple[int, int]] = field(default_factory=list)  # (pid, pidfd)
 
@@ -79,6 +76,7 @@ class Predecessor:
                     )
                 else:
                     log.info("takeover: old instance %d stops accepting and drains", self.pid)
+                    self.carried.pending_reload = reply.get("pending_reload") is True
             except (OSError, ValueError) as exc:
                 log.error("takeover: telling old instance %d to shut down failed: %s", self.pid, exc)
             finally:
@@ -176,7 +174,8 @@ def _live_handover(path: str, pid: int) -> Predecessor:
         for fd in fds:
             os.close(fd)
         raise TakeoverError(f"takeover: fastlb pid {pid} refused the handover: {reply.get('error')}")
-    pred = Predecessor(kind="live", pid=int(reply.get("pid", pid)), _conn=s)
+    carried = Carried.from_message(reply.get("carried"))
+    pred = Predecessor(kind="live", pid=int(reply.get("pid", pid)), carried=carried, _conn=s)
     entries = reply.get("listeners", [])
     for entry, fd in zip(entries, fds, strict=False):
         sock = socket.socket(fileno=fd)
@@ -239,75 +238,7 @@ def _crash_takeover(rf: runfile.RunFile, orphans: list[runfile.WorkerEntry]) -> 
     return pred
 
 
-# --- the running instance's side: the handover and shutdown requests -------------------------------
-
-
-def spawn_successor(config_file: str, workers: int | None) -> int:
-    """SIGUSR2 (the upgrade signal): start `fastlb serve -c FILE --takeover` from the fastlb installed
-    now (a new build if it was upgraded) as a child of this process, in this service's cgroup; it
-    takes the sockets over and tells this instance to drain.  Returns its pid (raises OSError)."""
-    argv = [sys.executable, "-m", "fastlb", "serve", "-c", config_file, "--takeover"]
-    if workers is not None:
-        argv += ["--workers", str(workers)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)  # noqa: S603
-    return proc.pid
-
-
-def answer(sup: Any, req: dict[str, Any], writer: Any) -> dict[str, Any] | None:
-    """Handle a takeover request on the control socket of the running instance.
-
-    "upgrade": start `fastlb serve --takeover` from this process (as SIGUSR2 does); the reply names
-    the new pid ("successor"), which is not ready yet.  "abandon": that successor failed to start
-    (its "error" is kept for `fastlb status`'s "upgrade"); this instance goes on.
-    "handover": send the reply line with every listening socket attached (SCM_RIGHTS) straight on
-    the connection's socket and return None (already answered).  "shutdown": begin a graceful
-    shutdown (like SIGTERM) after the reply; with "successor": PID, systemd is told that PID is the
-    service's main process now.  Returns the reply for anything else to send, or None."""
-    cmd = req.get("cmd")
-    if cmd == "handover":
-        table = sup.listeners.table() + sup.service_sockets()
-        fds = [t["fd"] for t in table]
-        reply = {"ok": True, "pid": os.getpid(), "listeners": table, "fds": len(fds)}
-        sock = writer.get_extra_info("socket")
-        raw = socket.socket(fileno=os.dup(sock.fileno()))
-        try:
-            _send_with_fds(raw, json.dumps(reply).encode() + b"\n", fds)
-        finally:
-            raw.close()
-        log.info("handover: sent %d listening sockets to pid %s", len(fds), req.get("pid"))
-        return None
-    if cmd == "upgrade":
-        why = sup.upgrade()
-        if why is not None:
-            return {"ok": False, "error": f"upgrade not started: {why}"}
-        return {"ok": True, "pid": os.getpid(), "successor": sup.successor_pid}
-    if cmd == "abandon":  # the successor gave up before taking over: this instance keeps running
-        successor, error = req.get("successor"), req.get("error")
-        if isinstance(successor, int) and not isinstance(successor, bool):
-            sup.ops.upgrade_failed(successor, str(error) if error else "the new instance did not start")
-        return {"ok": True, "pid": os.getpid()}
-    if cmd == "shutdown":
-        successor = req.get("successor")
-        if not isinstance(successor, int) or isinstance(successor, bool):
-            successor = None
-        return {"ok": True, "pid": os.getpid(), "successor": successor}
-    return {"ok": False, "error": f"unknown command {cmd!r}"}
-
-
-def _send_with_fds(s: socket.socket, line: bytes, fds: list[int]) -> None:
-    """line with the first SCM_MAX fds, then one NUL byte per further SCM_MAX fds (a stream socket
-    never merges data across messages that carry descriptors)."""
-    chunks = [fds[i : i + SCM_MAX] for i in range(0, len(fds), SCM_MAX)] or [[]]
-    for k, chunk in enumerate(chunks):
-        data = line if k == 0 else b"\0"
-        while data:
-            select.select([], [s], [], HANDOVER_TIMEOUT)
-            try:
-                n = socket.send_fds(s, [data], chunk) if chunk else s.send(data)
-            except BlockingIOError:
-                continue
-            data = data[n:]
-            chunk = []
+# --- the wire: one JSON line each way (the handover reply: handover.send_with_fds) ---------------
 
 
 def _send_line(s: socket.socket, req: dict[str, Any]) -> None:
@@ -335,4 +266,4 @@ def _recv_reply(s: socket.socket, n_fds: int) -> tuple[dict[str, Any], list[int]
         buf += data
 
 
-__all__ = ["Predecessor", "TakeoverError", "answer", "is_listening_on", "prepare"]
+__all__ = ["Predecessor", "TakeoverError", "is_listening_on", "prepare"]

@@ -1,6 +1,6 @@
 """The long fuzz run of the config loader and the control-request handler (not part of the suite).
 
-    python tests/fuzz_long.py --inputs 1000000 [--seed S] [--seeds 2000]
+    .venv/bin/python tests/support/fuzz_long.py --inputs 1000000 [--seed S] [--seeds 2000]
 
 Hypothesis builds a corpus of seed inputs from tests/support/fuzz.py's strategies (config documents
 over the real key set, raw TOML-ish text, control requests); then a plain random mutator (delete,
@@ -22,7 +22,11 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# run as a script, sys.path[0] is tests/support/, where support's own fastlb.py would shadow the
+# fastlb package: put tests/ there instead, so `support` is a package and `fastlb` is fastlb
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
 
 from hypothesis import given, settings  # noqa: E402
 
