@@ -437,6 +437,12 @@ def mutate(doc: Any, rng: Any, n: int) -> Any:
     """`doc` with n random nodes replaced (an odd JSON value, a deep nest, a node of itself) or
     deleted: documents that pass most checks and fail a few.  rng: a random.Random."""
     doc = json.loads(json.dumps(doc))
+
+    def odd() -> Any:
+        # a fresh copy each time: the same list placed twice would let a later step nest it in
+        # itself (a cycle the walk below never leaves) and would change JSON_ODD for every caller
+        return json.loads(json.dumps(rng.choice(JSON_ODD)))
+
     for _ in range(n):
         paths: list[tuple[Any, Any]] = []
         todo = [doc]
@@ -449,20 +455,20 @@ def mutate(doc: Any, rng: Any, n: int) -> Any:
                 paths.append((node, k))
                 todo.append(node[k])
         if not paths:
-            return rng.choice(JSON_ODD)
+            return odd()
         node, k = rng.choice(paths)
         roll = rng.random()
         if roll < 0.15 and isinstance(node, dict):
             del node[k]
         elif roll < 0.25:
-            deep: Any = rng.choice(JSON_ODD)
+            deep: Any = odd()
             for _ in range(rng.choice((2, 70, 300))):
                 deep = [deep]
             node[k] = deep
         elif roll < 0.35 and isinstance(node, dict):
             node[
                 rng.choice(["weight:web/a", "admin:x/y", "split:web/r", "weight:bad name/a", "rollouts", "x"])
-            ] = rng.choice(JSON_ODD)
+            ] = odd()
         else:
-            node[k] = rng.choice(JSON_ODD)
+            node[k] = odd()
     return doc
