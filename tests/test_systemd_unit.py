@@ -148,3 +148,12 @@ def test_privileges_and_sandbox(unit):
     assert sorted(svc["RestrictAddressFamilies"][0].split()) == ["AF_INET", "AF_INET6", "AF_UNIX"]
     # the data plane needs splice, epoll, accept4, signalfd, timerfd: all in @system-service
     assert "@system-service" in svc["SystemCallFilter"]
+
+
+def test_the_unit_gives_the_state_file_a_writable_directory(unit):
+    """ProtectSystem=strict makes /var/lib read-only: without StateDirectory= the default state file
+    (/var/lib/fastlb/state.json) cannot be written and runtime changes are lost at a restart."""
+    from fastlb.config.model import GlobalConfig, default_state_file
+
+    assert unit["Service"]["StateDirectory"] == ["fastlb"]
+    assert default_state_file(GlobalConfig.control_socket).startswith("/var/lib/fastlb/")
