@@ -278,14 +278,14 @@ def test_http_requests_accepted_before_the_handover_are_answered(backends, fastl
     )
     early = {p: socket.create_connection(("127.0.0.1", p), timeout=10) for p in (metrics, admin)}
     keep = socket.create_connection(("127.0.0.1", admin), timeout=10)
-    keep.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+    keep.sendall(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert keep.recv(65536).startswith(b"HTTP/1.1 200")
     time.sleep(0.3)  # observation window: the old instance's servers accept the early connections
     new = _upgrade(lb)
     wait_until(lambda: f"taken over by pid {new}" in lb.log_text(), 20, "the handover")
     for port, path in ((metrics, "/metrics"), (admin, "/v1/status")):
         s = early[port]
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk

@@ -165,9 +165,7 @@ class AdminServer:
         from fastlb.runtime.handover import stop_accepting
 
         self._handing_over = True
-        for site in list(runner.sites):
-            await stop_accepting(getattr(site, "_server", None))  # the successor holds its own copy
-            await site.stop()
+        await stop_accepting(self._server)  # the successor holds its own copy of the socket
         server = runner.server
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace

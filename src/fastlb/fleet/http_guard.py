@@ -139,6 +139,14 @@ class GuardedServer:
         if close_socket:
             self.sock.close()
 
+    async def stop_accepting(self) -> None:
+        """A takeover: stop accepting (the listening socket stays open: the successor serves a copy
+        of it) and wait until every connection accepted already has its protocol attached, so each is
+        answered by this process rather than dropped."""
+        self.close()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def deadline_of(self, transport: asyncio.BaseTransport) -> float:
         """When the connection's first request head must be in: header_timeout after its accept."""
         sock = transport.get_extra_info("socket")

@@ -460,6 +460,14 @@ class MetricsServer:
         """Stop accepting and close the listening socket (a takeover has handed a copy on)."""
         self.guard.close(close_socket=True)
 
+    async def stop_accepting(self) -> None:
+        """A takeover: stop accepting; every scrape accepted already is still answered."""
+        await self.guard.stop_accepting()
+
+    @property
+    def _active_count(self) -> int:  # what runtime/ops.py waits on: connections not yet closed
+        return self.guard.active
+
 
 async def start_metrics_server(source: MetricsSource, sock: socket.socket) -> MetricsServer:
     """Serve /metrics on the listening socket."""

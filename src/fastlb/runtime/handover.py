@@ -331,6 +331,9 @@ async def stop_accepting(server: asyncio.AbstractServer | None) -> None:
     So: stop watching the listening sockets first, let the accepted ones attach, then close."""
     if server is None:
         return
+    if hasattr(server, "stop_accepting"):  # fastlb.fleet.http_guard.GuardedServer (or its holder)
+        await server.stop_accepting()
+        return
     loop = asyncio.get_running_loop()
     for s in server.sockets or ():
         loop.remove_reader(s.fileno())
